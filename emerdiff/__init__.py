@@ -1,0 +1,14 @@
+"""emerdiff: training-free pixel-level segmentation from a frozen Stable Diffusion.
+
+Public API: :func:`load_pipeline`, :class:`EmerDiffConfig`, :class:`EmerDiff`,
+:class:`Segmentation`, :func:`load_image`.
+"""
+
+from .config import EmerDiffConfig
+from .images import ImageError, load_image
+from .models import ModelLoadError, SDModel, load_pipeline
+from .pipeline import EmerDiff, Segmentation
+
+__all__ = ["EmerDiff", "EmerDiffConfig", "Segmentation", "load_pipeline", "load_image",
+           "SDModel", "ModelLoadError", "ImageError"]
+__version__ = "0.1.0"

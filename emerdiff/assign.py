@@ -1,0 +1,75 @@
+"""Step D: difference maps -> pixel labels; the upsampling baselines; locality."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
+    """Normalised 1-D Gaussian with scipy's radius convention (int(truncate*sigma + 0.5))."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (k / k.sum()).float()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian filter of (K, H, W) maps, mirror padding (scipy mode='mirror').
+
+    Suppresses the VAE's 8x8 pixelation before the argmax. sigma = 0 is identity.
+    """
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma).to(maps.device, maps.dtype)
+    r = k.numel() // 2
+    x = maps[:, None]
+    h, w = x.shape[-2:]
+    if r >= min(h, w):  # reflect padding needs pad < size
+        x = F.pad(x, (r, r, r, r), mode="replicate")
+    else:
+        x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    x = F.conv2d(x, k.view(1, 1, -1, 1))
+    return x[:, 0]
+
+
+def assign_labels(difference_maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Label(p) = argmax_i blur(d_i)(p); (K, H, W) -> (H, W) long."""
+    return gaussian_blur(difference_maps.float(), sigma).argmax(0)
+
+
+def nearest_upsample(lowres_labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Baseline: nearest-neighbour upsampling of the low-res k-means labels."""
+    t = torch.as_tensor(lowres_labels)[None, None].float()
+    return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].long().numpy()
+
+
+def bilinear_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
+    """Baseline: bilinear upsampling of the per-cluster score maps, then argmax.
+
+    The score of cluster k at a token is minus the squared distance of its
+    query vector to centroid k; the K score maps are upsampled bilinearly to
+    ``size`` and each pixel takes the best cluster. (Cheaper than upsampling
+    the C-dimensional features and close to it.)
+    """
+    f = torch.as_tensor(features, dtype=torch.float32)
+    c = torch.as_tensor(centroids, dtype=torch.float32)
+    scores = -torch.cdist(f, c).pow(2).T.reshape(1, c.shape[0], *grid)
+    up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+    return up[0].argmax(0).numpy()
+
+
+def locality(difference_maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """Share of each difference map's energy (sum of d^2) inside its perturbed mask.
+
+    masks: (K, h*w) on the token grid, upsampled (nearest) to the maps' size.
+    A readout that localises scores near 1; one that ignores the mask scores
+    about the mask's area fraction.
+    """
+    k, h, w = difference_maps.shape
+    up = F.interpolate(masks.reshape(k, 1, *grid).float(), size=(h, w), mode="nearest")[:, 0]
+    energy = difference_maps.float().pow(2)
+    total = energy.flatten(1).sum(1).clamp_min(1e-12)
+    return (energy * up.to(energy.device)).flatten(1).sum(1) / total

@@ -1,0 +1,302 @@
+"""EmerDiff end to end: image -> latent -> low-res segments -> inversion ->
+batched modulated denoising -> difference maps -> full-resolution labels.
+
+    model = load_pipeline("tiny")                # or a SD folder / hub id
+    seg = EmerDiff(model, EmerDiffConfig(num_clusters=8, resolution=256)).segment("cat.png")
+    seg.labels        # (H, W) labels at the input's size
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .assign import assign_labels, bilinear_upsample, locality, nearest_upsample
+from .attention import AttentionController, controlled_attention
+from .config import EmerDiffConfig
+from .images import ImageInput, load_image, resize_labels, to_model_input
+from .inversion import Inversion, Schedule, invert
+from .lowres import LowResSegments, cluster_features
+from .models import SDModel, feature_resolution
+from .modulation import CallCounter, decode, difference_maps, modulated_latents, unet_forward
+
+
+@dataclass
+class Segmentation:
+    """Result of :meth:`EmerDiff.segment`. Label maps are numpy int arrays.
+
+    Attributes:
+        labels: (H, W) EmerDiff labels at the original image size.
+        lowres_labels: (h, w) k-means labels on the query layer's token grid.
+        nearest_labels, bilinear_labels: (H, W) upsampling baselines of the same segments.
+        mask_embeddings: (K', C) mean query vector inside each low-res mask.
+        query_features: (h*w, C) the clustered query vectors.
+        locality: (K',) share of each difference map's energy inside its mask.
+        difference_maps: (K', R, R) maps at the model resolution, if requested.
+        image_size: (H, W) of the input.
+        timings: seconds per stage; unet_calls / unet_samples: per stage.
+        config: the config used (dict); model: what was loaded.
+    """
+
+    labels: np.ndarray
+    lowres_labels: np.ndarray
+    nearest_labels: np.ndarray
+    bilinear_labels: np.ndarray
+    mask_embeddings: np.ndarray
+    query_features: np.ndarray
+    centroids: np.ndarray
+    locality: np.ndarray
+    image_size: tuple[int, int]
+    timings: dict[str, float]
+    unet_calls: dict[str, int]
+    unet_samples: dict[str, int]
+    config: dict[str, Any]
+    model: str
+    difference_maps: np.ndarray | None = None
+    images: np.ndarray | None = None  # (2K', 3, R, R) I+ / I- in [0, 1], if requested
+
+    @property
+    def num_segments(self) -> int:
+        return int(self.mask_embeddings.shape[0])
+
+    def save_npz(self, path: str) -> None:
+        """Write every array and the metadata to an .npz (not atomic; see cli for that)."""
+        import json
+
+        arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        meta = dict(image_size=self.image_size, timings=self.timings, unet_calls=self.unet_calls,
+                    unet_samples=self.unet_samples, config=self.config, model=self.model)
+        np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
+
+
+@dataclass
+class PreparedImage:
+    """Everything about one image that does not depend on the perturbation (cached by the inspector)."""
+
+    image: torch.Tensor  # (3, H, W) in [0, 1]
+    x0: torch.Tensor  # (1, C, h, w) scaled latent
+    inversion: Inversion
+    segments: LowResSegments
+    grid: tuple[int, int]
+    timings: dict[str, float] = field(default_factory=dict)
+    counter: CallCounter = field(default_factory=CallCounter)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return (int(self.image.shape[1]), int(self.image.shape[2]))
+
+    def masks(self, device: torch.device | None = None) -> torch.Tensor:
+        return torch.from_numpy(self.segments.masks()).to(device or self.x0.device)
+
+
+class _Clock:
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, stage: str) -> "_Clock":
+        self.stage = stage
+        return self
+
+    def __enter__(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.t0
+
+
+class EmerDiff:
+    """Training-free segmentation with a frozen Stable Diffusion model.
+
+    Args:
+        model: an :class:`SDModel` from :func:`emerdiff.load_pipeline`.
+        config: an :class:`EmerDiffConfig` (validated against the model here).
+    """
+
+    def __init__(self, model: SDModel, config: EmerDiffConfig | None = None) -> None:
+        self.model = model
+        self.config = config or EmerDiffConfig()
+        self.config.validate(model)
+        self.schedule = Schedule.from_scheduler(model.scheduler, self.config.num_inference_steps)
+
+    # -------------------------------------------------------------- stages
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """(3, H, W) in [0, 1] -> scaled VAE latent mean (1, C, R/8, R/8)."""
+        x = to_model_input(image, self.config.resolution).to(self.model.device, self.model.dtype)
+        with torch.no_grad():
+            dist = self.model.vae.encode(x).latent_dist
+        return dist.mean * self.model.vae.config.scaling_factor
+
+    def latent_size(self) -> int:
+        return self.config.resolution // self.model.vae_scale_factor
+
+    def query_grid(self, layer: str | None = None) -> tuple[int, int]:
+        return feature_resolution(self.model.unet, layer or self.config.query_layer, self.latent_size())
+
+    def prepare(self, image: ImageInput, t_stop: int | None = None, progress: bool = False) -> PreparedImage:
+        """Load, encode, invert (t <= t_stop, default the modulation timestep) and cluster."""
+        cfg = self.config
+        img = load_image(image)
+        clock = _Clock(self.model.device)
+        counter = CallCounter()
+        t_stop = cfg.modulation_timestep if t_stop is None else t_stop
+        with clock("encode"):
+            x0 = self.encode(img)
+        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        controller = AttentionController()
+        t_f = cfg.feature_timestep
+        bar = tqdm(total=len([t for t in self.schedule.timesteps if t <= t_stop]), desc="inversion",
+                   disable=not progress, leave=False)
+
+        def unet_fn(x: torch.Tensor, t: int) -> torch.Tensor:
+            # the inversion's own call at t_f gives the Step A features for free
+            controller.capture_layers = {cfg.query_layer} if t == t_f else set()
+            return unet_forward(self.model, x, t, counter, "inversion")
+
+        with clock("inversion"), controlled_attention(self.model.unet, controller):
+            inv = invert(unet_fn, self.schedule, x0, generator, t_stop=t_stop, progress=lambda t: bar.update(1))
+        bar.close()
+        with clock("features"):
+            queries = controller.captured.get(cfg.query_layer)
+            if queries is None or cfg.feature_noise_draws > 1:
+                queries = self.extract_queries(inv, [cfg.query_layer], t_f, cfg.feature_noise_draws,
+                                               generator, counter, include_stored=True)[cfg.query_layer]
+            else:
+                queries = queries[0]
+        grid = self.query_grid()
+        with clock("kmeans"):
+            segments = cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
+        return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter)
+
+    def extract_queries(
+        self,
+        inv: Inversion,
+        layers: Iterable[str],
+        timestep: int,
+        draws: int = 1,
+        generator: torch.Generator | None = None,
+        counter: CallCounter | None = None,
+        include_stored: bool = True,
+    ) -> dict[str, torch.Tensor]:
+        """Query vectors (tokens, C) of several layers at ``timestep``, averaged over noise draws.
+
+        Draw 0 is the inversion's own x_t (if ``include_stored``); the others are
+        fresh noise from ``generator``. All draws run as one batch.
+        """
+        layers = list(layers)
+        a = self.schedule.alpha(timestep)
+        xs = []
+        if include_stored and timestep in inv.noisy:
+            xs.append(inv.noisy[timestep])
+        gen = generator or torch.Generator("cpu").manual_seed(self.config.seed + 1)
+        while len(xs) < draws:
+            e = torch.randn(inv.x0.shape, generator=gen).to(inv.x0.device, inv.x0.dtype)
+            xs.append(a**0.5 * inv.x0 + (1 - a) ** 0.5 * e)
+        controller = AttentionController(capture_layers=set(layers))
+        with controlled_attention(self.model.unet, controller):
+            unet_forward(self.model, torch.cat(xs), timestep, counter, "features")
+        return {name: controller.captured[name].float().mean(0) for name in layers}
+
+    def perturb(
+        self,
+        prepared: PreparedImage,
+        mask_ids: list[int] | None = None,
+        *,
+        strength: float | None = None,
+        layer: str | None = None,
+        timestep: int | None = None,
+        keep_images: bool = False,
+        counter: CallCounter | None = None,
+        clock: _Clock | None = None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Difference maps (len(mask_ids), R, R) for the chosen masks (default all).
+
+        Overrides of strength / layer / timestep are for probes and the inspector;
+        the timestep must have been inverted (``prepare(t_stop=...)``).
+        """
+        cfg = self.config
+        t_m = cfg.modulation_timestep if timestep is None else timestep
+        layer = layer or cfg.modulation_layer
+        if t_m not in prepared.inversion.noise_maps:
+            raise ValueError(f"timestep {t_m} was not inverted; call prepare(image, t_stop={t_m})")
+        masks = prepared.masks()
+        if mask_ids is not None:
+            masks = masks[list(mask_ids)]
+        counter = counter or CallCounter()
+        clock = clock or _Clock(self.model.device)
+        steps = len([t for t in prepared.inversion.inverted_timesteps if t <= t_m])
+        if cfg.readout_steps is not None:
+            steps = min(steps, cfg.readout_steps)
+        chunks = -(-2 * masks.shape[0] // max(1, cfg.max_batch - 1))
+        bar = tqdm(total=chunks * steps + 2 * masks.shape[0], desc="modulation", disable=not progress, leave=False)
+        with clock("modulation"):
+            latents, _ = modulated_latents(
+                self.model, prepared.inversion, masks, prepared.grid, layer=layer, t_modulation=t_m,
+                strength=cfg.modulation_strength if strength is None else strength,
+                share_attention=cfg.attention_injection, max_batch=cfg.max_batch,
+                readout_steps=cfg.readout_steps, counter=counter, progress=bar,
+            )
+        with clock("decode"):
+            maps, images = difference_maps(self.model, latents, cfg.decode_batch, keep_images, progress=bar)
+        bar.close()
+        return maps, images
+
+    def reconstruct(self, prepared: PreparedImage) -> torch.Tensor:
+        """The unmodulated reconstruction decoded, (3, R, R) in [0, 1]."""
+        return ((decode(self.model, prepared.inversion.x0)[0].float() + 1) / 2).clamp(0, 1)
+
+    # ------------------------------------------------------------ segment
+    def segment(
+        self,
+        image: ImageInput,
+        return_difference_maps: bool = False,
+        keep_images: bool = False,
+        progress: bool = True,
+    ) -> Segmentation:
+        """Segment one image; labels come back at the image's original size."""
+        cfg = self.config
+        t_start = time.perf_counter()
+        prepared = self.prepare(image, progress=progress)
+        clock = _Clock(self.model.device)
+        clock.timings.update(prepared.timings)
+        counter = prepared.counter
+        maps, images = self.perturb(prepared, keep_images=keep_images, counter=counter, clock=clock,
+                                    progress=progress)
+        size = prepared.image_size
+        segs = prepared.segments
+        with clock("assign"):
+            model_res_labels = assign_labels(maps, cfg.blur_sigma)
+            labels = resize_labels(model_res_labels.cpu(), size)
+            loc = locality(maps, prepared.masks(maps.device), prepared.grid).cpu().numpy()
+        with clock("baselines"):
+            nearest = nearest_upsample(segs.labels, size)
+            bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, size)
+        clock.timings["total"] = time.perf_counter() - t_start
+        return Segmentation(
+            labels=labels,
+            lowres_labels=segs.labels,
+            nearest_labels=nearest,
+            bilinear_labels=bilinear,
+            mask_embeddings=segs.mask_embeddings(),
+            query_features=segs.features,
+            centroids=segs.centroids,
+            locality=loc,
+            image_size=size,
+            timings=clock.timings,
+            unet_calls=dict(counter.calls),
+            unet_samples=dict(counter.samples),
+            config=cfg.to_dict(),
+            model=self.model.source,
+            difference_maps=maps.cpu().numpy() if return_difference_maps else None,
+            images=(((images + 1) / 2).clamp(0, 1).cpu().numpy() if images is not None else None),
+        )
