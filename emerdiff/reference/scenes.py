@@ -16,7 +16,7 @@ A scene is a pure function of its seed: the random draws make a size-free
 :class:`SceneSpec` (geometry in normalised [0, 1] units, per-layer noise
 seeds), and :func:`render` turns it into pixels at any size.
 
-Seeds: training uses :func:`train_scene_seed` (4-element seed tuples tagged
+Seeds: training uses :func:`train_scene_seed` (5-element seed tuples tagged
 with the training stream), evaluation uses :func:`heldout_scene_seeds`
 (2-element tuples tagged with another stream), so held-out scenes are never
 seen in training whatever the run seed or step count.
@@ -49,9 +49,13 @@ Seed = Union[int, Sequence[int]]
 
 
 # ------------------------------------------------------------------ seeds
-def train_scene_seed(run_seed: int, step: int, index: int) -> tuple[int, int, int, int]:
-    """Seed of the ``index``-th scene of training step ``step`` (pure function: resumable)."""
-    return (TRAIN_STREAM, int(run_seed), int(step), int(index))
+def train_scene_seed(run_seed: int, step: int, index: int, purpose: int = 0) -> tuple[int, ...]:
+    """Seed of the ``index``-th scene of training step ``step`` (pure function: resumable).
+
+    ``purpose`` separates other draws from the training batches (1: the VAE
+    scaling-factor estimate, 2: the latent pool).
+    """
+    return (TRAIN_STREAM, int(run_seed), int(purpose), int(step), int(index))
 
 
 def heldout_scene_seeds(n: int, start: int = 0) -> list[tuple[int, int]]:
