@@ -216,7 +216,8 @@ class ImageRecord:
         return int(self.mask_embeddings.shape[0])
 
 
-def _get(seg: Any, name: str) -> Any:
+def segmentation_field(seg: Any, name: str) -> Any:
+    """Field `name` of a segmentation object or mapping (None if absent)."""
     return seg.get(name) if isinstance(seg, Mapping) else getattr(seg, name, None)
 
 
@@ -230,22 +231,22 @@ def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
     ``locality``, ``config``, ``model``.
     """
     gt = np.asarray(gt)
-    emb = np.asarray(_get(seg, "mask_embeddings"), dtype=np.float32)
-    feats = np.asarray(_get(seg, "query_features"), dtype=np.float32)
-    low = np.asarray(_get(seg, "lowres_labels")).astype(np.int64)
+    emb = np.asarray(segmentation_field(seg, "mask_embeddings"), dtype=np.float32)
+    feats = np.asarray(segmentation_field(seg, "query_features"), dtype=np.float32)
+    low = np.asarray(segmentation_field(seg, "lowres_labels")).astype(np.int64)
     k = emb.shape[0]
     if low.size != feats.shape[0]:
         raise ValueError(f"lowres_labels has {low.size} tokens but query_features {feats.shape[0]}")
     counts = {}
     for m in methods:
-        ids = _get(seg, METHOD_FIELDS[m])
+        ids = segmentation_field(seg, METHOD_FIELDS[m])
         if ids is None:
             raise ValueError(f"segmentation lacks {METHOD_FIELDS[m]!r} needed for method {m!r}")
         counts[m] = mask_class_counts(ids, gt, k, num_classes, ignore_index)
-    loc = _get(seg, "locality")
+    loc = segmentation_field(seg, "locality")
     meta = {}
     for key in ("config", "model"):
-        value = _get(seg, key)
+        value = segmentation_field(seg, key)
         if value is not None:
             meta[key] = value
     return ImageRecord(

@@ -1,0 +1,223 @@
+"""`emerdiff evaluate`: resume, accelerate multi-process, CLI wiring, tiny end-to-end run.
+
+Most tests inject a fake segmenter (colour quantisation on a 4x4 grid) so they
+do not depend on the diffusion pipeline; the last one runs the real tiny model.
+This file is also imported by the `accelerate launch` subprocess through the
+test-only EMERDIFF_TEST_SEGMENTER hook (``fake_factory``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emerdiff.evaluation_run import TEST_SEGMENTER_ENV, build_parser, load_record, record_path, run
+
+REPO = Path(__file__).resolve().parents[1]
+PALETTE = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 230, 50]], dtype=np.float64)
+GRID = 4
+
+
+# --------------------------------------------------------------------------- fake segmenter
+def fake_segment(image) -> SimpleNamespace:
+    """Deterministic stand-in for EmerDiff.segment: palette quantisation on a 4x4 token grid."""
+    img = np.asarray(Image.open(image).convert("RGB"), dtype=np.float64)
+    h, w = img.shape[:2]
+    bh, bw = h // GRID, w // GRID
+    tokens = img[: bh * GRID, : bw * GRID].reshape(GRID, bh, GRID, bw, 3).mean(axis=(1, 3))
+    feats = np.concatenate([tokens.reshape(-1, 3) / 255.0, np.ones((GRID * GRID, 1))], axis=1)
+    nearest_colour = np.argmin(((tokens[:, :, None, :] - PALETTE) ** 2).sum(-1), axis=-1)
+    _, low = np.unique(nearest_colour, return_inverse=True)  # renumber 0..K'-1
+    low = low.reshape(GRID, GRID)
+    k = int(low.max()) + 1
+    rows = np.minimum(np.arange(h) * GRID // h, GRID - 1)
+    cols = np.minimum(np.arange(w) * GRID // w, GRID - 1)
+    nearest = low[rows[:, None], cols[None, :]]
+    shifted = np.roll(nearest, 3, axis=1)  # a deliberately worse "bilinear" baseline
+    emb = np.stack([feats[low.reshape(-1) == m].mean(0) for m in range(k)])
+    return SimpleNamespace(labels=nearest, lowres_labels=low, nearest_labels=nearest,
+                           bilinear_labels=shifted, mask_embeddings=emb, query_features=feats,
+                           locality=np.full(k, 0.75), config={"fake": True, "grid": GRID},
+                           model="fake")
+
+
+def fake_factory(args):
+    """Factory named by EMERDIFF_TEST_SEGMENTER in subprocesses."""
+    return fake_segment
+
+
+def make_folder(root: Path, n: int = 6, size: int = 64) -> Path:
+    """Synthetic folder dataset: 4 palette classes on 16-px blocks, noise, an ignored strip."""
+    rng = np.random.RandomState(0)
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    (root / "classes.txt").write_text("red\ngreen\nblue\nyellow\n")
+    for i in range(n):
+        low = rng.randint(0, 4 if i % 2 else 3, size=(GRID, GRID))
+        label = np.kron(low, np.ones((size // GRID, size // GRID), dtype=np.uint8)).astype(np.uint8)
+        img = PALETTE[label] + rng.randn(size, size, 3) * 8
+        Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).save(root / "images" / f"im{i:02d}.png")
+        label[:, :2] = 255
+        Image.fromarray(label).save(root / "labels" / f"im{i:02d}.png")
+    return root
+
+
+def _args(data: Path, out: Path, *extra: str):
+    return build_parser().parse_args(["--data", str(data), "--out", str(out), "--quiet", *extra])
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())["rows"]
+
+
+# --------------------------------------------------------------------------- tests
+def test_run_writes_results_with_fake(tmp_path):
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    assert run(_args(data, out, "--protocol", "both"), segment_fn=fake_segment) == 0
+    rows = _rows(out)
+    assert [(r["protocol"], r["method"]) for r in rows] == [
+        (p, m) for p in ("hungarian", "concept") for m in ("emerdiff", "nearest", "bilinear")]
+    by = {(r["protocol"], r["method"]): r for r in rows}
+    # masks coincide with the GT regions: both protocols recover them exactly
+    assert by[("concept", "emerdiff")]["miou"] == pytest.approx(100.0)
+    assert by[("hungarian", "nearest")]["miou"] == pytest.approx(100.0)
+    assert by[("concept", "bilinear")]["miou"] < 100.0
+    assert by[("concept", "emerdiff")]["locality"] == pytest.approx(0.75)
+    assert by[("concept", "nearest")]["locality"] is None
+    csv_lines = (out / "results.csv").read_text().splitlines()
+    assert csv_lines[0].startswith("protocol,method,miou") and len(csv_lines) == 7
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["segmentation_config"] == {"fake": True, "grid": GRID}
+    assert payload["config"]["num_images"] == 6 and payload["config"]["layout"] == "folder"
+    rec = load_record(record_path(out, "im00"))
+    assert set(rec.counts) == {"emerdiff", "nearest", "bilinear"} and rec.lowres_gt.shape == (4, 4)
+    with np.load(record_path(out, "im00")) as z:
+        assert z["map_gt"].shape == (64, 64) and z["map_emerdiff"].shape == (64, 64)
+
+
+def test_resume_after_interruption_gives_same_numbers(tmp_path):
+    data = make_folder(tmp_path / "data")
+    full = tmp_path / "full"
+    run(_args(data, full, "--protocol", "both"), segment_fn=fake_segment)
+
+    calls = []
+
+    def dies_after_two(image):
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        calls.append(image)
+        return fake_segment(image)
+
+    out = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        run(_args(data, out, "--protocol", "both"), segment_fn=dies_after_two)
+    assert len(list((out / "per_image").glob("*.npz"))) == 2
+    assert not list((out / "per_image").glob(".*"))  # no temp files left behind
+    assert not (out / "results.json").exists()
+
+    seen = []
+
+    def counting(image):
+        seen.append(image)
+        return fake_segment(image)
+
+    assert run(_args(data, out, "--protocol", "both"), segment_fn=counting) == 0
+    assert len(seen) == 4  # only the images not done before
+    assert _rows(out) == _rows(full)
+    assert (out / "results.csv").read_text() == (full / "results.csv").read_text()
+
+
+def test_limit_and_changed_settings_are_refused(tmp_path):
+    data = make_folder(tmp_path / "data", n=3)
+    out = tmp_path / "out"
+    run(_args(data, out, "--limit", "2"), segment_fn=fake_segment)
+    assert _rows(out)[0]["num_images"] == 2
+    # same cache, different dataset root -> refused rather than mixed
+    other = make_folder(tmp_path / "other", n=3)
+    with pytest.raises(ValueError, match="different run"):
+        run(_args(other, out), segment_fn=fake_segment)
+
+
+def test_cli_evaluate_subcommand(tmp_path, monkeypatch):
+    cli = pytest.importorskip("emerdiff.cli")
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    monkeypatch.setenv(TEST_SEGMENTER_ENV, f"{__file__}:fake_factory")
+    rc = cli.main(["evaluate", "--data", str(data), "--out", str(out), "--protocol", "concept",
+                   "--quiet"])
+    assert rc == 0 and (out / "results.json").exists() and (out / "results.csv").exists()
+
+
+def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, env_extra=None) -> dict:
+    """`accelerate launch` 2 processes of the evaluation (CPU: the torchrun-based launcher)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env.pop(TEST_SEGMENTER_ENV, None)
+    env.update(env_extra or {})
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "emerdiff.evaluation_run", "--data", str(data), "--out", str(out),
+           "--protocol", "both", "--quiet", *extra]
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["num_processes"] == 2
+    return payload
+
+
+@pytest.mark.slow
+def test_accelerate_two_processes_match_single_process(tmp_path):
+    data = make_folder(tmp_path / "data", n=5)  # odd count: uneven shares
+    single = tmp_path / "single"
+    run(_args(data, single, "--protocol", "both"), segment_fn=fake_segment)
+    multi = tmp_path / "multi"
+    payload = _launch_two_processes(data, multi, tmp_path,
+                                    env_extra={TEST_SEGMENTER_ENV: f"{__file__}:fake_factory"})
+    assert payload["rows"] == _rows(single)
+    assert len(list((multi / "per_image").glob("*.npz"))) == 5
+
+
+@pytest.mark.skipif(importlib.util.find_spec("emerdiff.pipeline") is None,
+                    reason="emerdiff.pipeline not written yet")
+def test_end_to_end_tiny_model(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    args = _args(data, out, "--model", "tiny", "--resolution", "64", "--k", "3",
+                 "--protocol", "both", "--device", "cpu")
+    assert run(args) == 0
+    rows = _rows(out)
+    assert len(rows) == 6
+    for r in rows:
+        assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["pixel_accuracy"] <= 100.0
+    assert rows[0]["locality"] is not None
+    payload = json.loads((out / "results.json").read_text())
+    cfg = payload["config"]["segmentation_config"]
+    assert cfg["num_clusters"] == 3 and cfg["resolution"] == 64
+    assert (out / "results.csv").read_text().count("\n") == 7
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("emerdiff.pipeline") is None,
+                    reason="emerdiff.pipeline not written yet")
+def test_accelerate_tiny_model_matches_single_process(tmp_path):
+    import torch
+
+    torch.set_num_threads(1)
+    data = make_folder(tmp_path / "data", n=2)
+    tiny = ("--model", "tiny", "--resolution", "64", "--k", "3", "--device", "cpu")
+    single = tmp_path / "single"
+    assert run(_args(data, single, "--protocol", "both", *tiny)) == 0
+    payload = _launch_two_processes(data, tmp_path / "multi", tmp_path, *tiny)
+    assert payload["rows"] == _rows(single)
