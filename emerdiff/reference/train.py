@@ -4,7 +4,8 @@
     python -m emerdiff.reference.train --out runs/ref --stage vae  --steps 3000 --batch 16
     # 2. the UNet and text encoder on the frozen VAE's latents (captions, 10% dropped)
     python -m emerdiff.reference.train --out runs/ref --stage unet --steps 20000 --batch 16
-    # later: --resume continues either stage from its last checkpoint;
+    # --stop-at N checkpoints and exits after step N (sessions with a time limit);
+    # --resume continues either stage from its last checkpoint;
     # --export copies runs/ref/pipeline into emerdiff/reference/weights/
 
 SD trained its VAE first and the UNet on the frozen VAE's latents; we do the
@@ -88,6 +89,7 @@ class TrainArgs:
     amp: bool = False  # bfloat16 autocast (CUDA)
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
     resume: bool = False
+    stop_at: int = 0  # >0: checkpoint and stop after this step (continue later with --resume)
     export: bool = False
     progress: bool = True
 
@@ -176,6 +178,11 @@ def _load_eval_fn(spec: str) -> EvalFn | None:
     return getattr(importlib.import_module(module), name)
 
 
+def _end(args: TrainArgs) -> int:
+    """Last step (exclusive) of this invocation; the schedule still runs to ``args.steps``."""
+    return min(args.steps, args.stop_at) if args.stop_at > 0 else args.steps
+
+
 def _progress(args: TrainArgs, start: int) -> Any:
     from tqdm.auto import tqdm
 
@@ -202,7 +209,7 @@ def train_vae(args: TrainArgs) -> Path:
     size, crop = cfg["image_size"], min(args.crop, cfg["image_size"])
     log = _open_log(out / "log.jsonl", start)
     bar = _progress(args, start)
-    for step in range(start, args.steps):
+    for step in range(start, _end(args)):
         t0 = time.perf_counter()
         g = step_generator(args.seed, "vae", step)
         x, _ = scene_batch(args.seed, step, args.batch, size)
@@ -227,11 +234,13 @@ def train_vae(args: TrainArgs) -> Path:
         torch.nn.utils.clip_grad_norm_(vae.parameters(), args.grad_clip)
         opt.step()
         _log_step(log, bar, args, step, dict(loss=loss.item(), l1=rec_loss.item(), kl=kl.item()), t0)
-        if (step + 1) % args.ckpt_every == 0 or step + 1 == args.steps:
+        if (step + 1) % args.ckpt_every == 0 or step + 1 == _end(args):
             _save_ckpt(out / "ckpt.pt", dict(step=step + 1, args=dataclasses.asdict(args),
                                              models={"vae": vae.state_dict()}, opt=opt.state_dict()))
     bar.close()
     log.close()
+    if _end(args) < args.steps:
+        return out / "ckpt.pt"
     vae.eval()
     scale = latent_scaling_factor(vae, cfg, args.seed, device)
     vae.register_to_config(scaling_factor=scale)
@@ -307,7 +316,7 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
     latent_hw = cfg["image_size"] // _vae_factor(cfg)
     log = _open_log(out / "log.jsonl", start)
     bar = _progress(args, start)
-    for step in range(start, args.steps):
+    for step in range(start, _end(args)):
         t0 = time.perf_counter()
         g = step_generator(args.seed, "unet", step)
         if pool is None:
@@ -342,7 +351,7 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
             ema.update(step)
         _log_step(log, bar, args, step, dict(loss=loss.item()), t0)
         done = step + 1
-        if done % args.ckpt_every == 0 or done == args.steps:
+        if done % args.ckpt_every == 0 or done == _end(args):
             _save_ckpt(out / "ckpt.pt", dict(
                 step=done, args=dataclasses.asdict(args), opt=opt.state_dict(),
                 models={"unet": unet.state_dict(), "text": text.state_dict()},
@@ -355,6 +364,8 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
                 log.flush()
     bar.close()
     log.close()
+    if _end(args) < args.steps:
+        return out / "ckpt.pt"
     return _write_pipeline(args, Path(args.out) / "pipeline", unet, text, vae, ema, cfg, args.steps)
 
 
@@ -446,7 +457,7 @@ def main(argv: list[str] | None = None, eval_fn: EvalFn | None = None) -> Path:
         result = train_vae(args)
     else:
         result = train_unet(args, eval_fn=eval_fn or _load_eval_fn(args.eval_fn))
-        if args.export:
+        if args.export and result.name != "ckpt.pt":
             print(f"exported to {export(result)}")
     print(f"done: {result}")
     return result
