@@ -1,0 +1,163 @@
+"""EmerDiff end to end on the tiny pipeline: batching, lambda = 0, seeds, sizes, errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emerdiff import EmerDiff, EmerDiffConfig, Segmentation
+from emerdiff.modulation import CallCounter, difference_maps, expected_unet_calls, modulated_latents
+
+
+@pytest.fixture
+def prepared(tiny_model, fast_config, photo):
+    seg = EmerDiff(tiny_model, fast_config)
+    return seg, seg.prepare(photo)
+
+
+def _run(seg, prep, masks, **kw):
+    cfg = seg.config
+    args = dict(layer=cfg.modulation_layer, t_modulation=cfg.modulation_timestep,
+                strength=cfg.modulation_strength, share_attention=True, max_batch=cfg.max_batch)
+    args.update(kw)
+    return modulated_latents(seg.model, prep.inversion, masks, prep.grid, **args)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_batched_equals_per_mask_loop(prepared, share):
+    seg, prep = prepared
+    masks = prep.masks()
+    loop = torch.cat([_run(seg, prep, masks[i:i + 1], max_batch=3, share_attention=share)[0]
+                      for i in range(masks.shape[0])])
+    for max_batch in (2, 4, 16):
+        batched, _ = _run(seg, prep, masks, max_batch=max_batch, share_attention=share)
+        assert batched.shape == loop.shape
+        assert torch.allclose(batched, loop, atol=1e-4), max_batch
+
+
+def test_shared_sdpa_equals_explicit_path_end_to_end(prepared):
+    seg, prep = prepared
+    masks = prep.masks()[:2]
+    a, _ = _run(seg, prep, masks, explicit_probabilities=False)
+    b, _ = _run(seg, prep, masks, explicit_probabilities=True)
+    assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_lambda_zero_gives_zero_maps_and_exact_replay(prepared):
+    seg, prep = prepared
+    latents, reference = _run(seg, prep, prep.masks(), strength=0.0)
+    assert (reference - prep.inversion.x0).abs().max() < 1e-4  # unmodulated replay is the image latent
+    maps, _ = difference_maps(seg.model, latents)
+    assert float(maps.abs().max()) < 1e-4  # float noise of batched kernels; pixels span [-1, 1]
+
+
+def test_modulation_changes_the_result(prepared):
+    seg, prep = prepared
+    latents, reference = _run(seg, prep, prep.masks())
+    plus, minus = latents[0::2], latents[1::2]
+    assert float((plus - minus).abs().max()) > 1e-3
+    assert float((plus - reference).abs().max()) > 1e-3
+
+
+def test_call_counts(prepared):
+    seg, prep = prepared
+    counter = CallCounter()
+    masks = prep.masks()
+    _run(seg, prep, masks, max_batch=4, counter=counter)
+    steps = len([t for t in prep.inversion.inverted_timesteps if t <= seg.config.modulation_timestep])
+    assert counter.calls["modulation"] == expected_unet_calls(masks.shape[0], steps, 4)
+    assert prep.counter.calls == {"inversion": steps}  # features came free with the inversion
+
+
+def test_segment_outputs(tiny_model, fast_config, photo):
+    seg = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
+    assert isinstance(seg, Segmentation)
+    k = seg.num_segments
+    assert 2 <= k <= 4
+    assert seg.labels.shape == seg.nearest_labels.shape == seg.bilinear_labels.shape == (512, 512)
+    assert seg.lowres_labels.shape == (4, 4)
+    assert seg.labels.max() < k and seg.labels.min() >= 0
+    assert seg.difference_maps.shape == (k, 128, 128)
+    assert seg.mask_embeddings.shape == (k, 64) and seg.query_features.shape == (16, 64)
+    assert seg.locality.shape == (k,) and ((seg.locality >= 0) & (seg.locality <= 1)).all()
+    assert {"encode", "inversion", "kmeans", "modulation", "decode", "assign", "total"} <= set(seg.timings)
+    assert seg.config["num_clusters"] == 4 and seg.unet_calls["inversion"] == 3
+    # nearest baseline is the low-res map blown up
+    assert seg.nearest_labels[0, 0] == seg.lowres_labels[0, 0]
+    assert seg.nearest_labels[-1, -1] == seg.lowres_labels[-1, -1]
+
+
+def test_same_seed_bit_identical(tiny_model, fast_config, photo):
+    a = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
+    b = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.lowres_labels, b.lowres_labels)
+    assert np.array_equal(a.difference_maps, b.difference_maps)
+    c = EmerDiff(tiny_model, fast_config.replace(seed=1)).segment(photo, return_difference_maps=True, progress=False)
+    assert c.labels.shape == a.labels.shape  # other seeds run; results may differ
+    assert not np.array_equal(a.difference_maps, c.difference_maps)
+
+
+@pytest.mark.parametrize("h,w", [(64, 200), (300, 90), (1200, 1700)])
+def test_labels_have_input_size(tiny_model, fast_config, h, w):
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+    seg = EmerDiff(tiny_model, fast_config.replace(num_clusters=3)).segment(img, progress=False)
+    assert seg.labels.shape == (h, w) and seg.bilinear_labels.shape == (h, w)
+    assert seg.image_size == (h, w)
+
+
+def test_k_larger_than_tokens(tiny_model, fast_config):
+    with pytest.raises(ValueError, match="K|num_clusters"):
+        EmerDiff(tiny_model, fast_config.replace(num_clusters=17))
+
+
+def test_feature_draws_and_off_inversion_timestep(tiny_model, fast_config, photo):
+    """t_f above t_m needs its own call; several draws are averaged in one batch."""
+    cfg = fast_config.replace(feature_timestep=501, feature_noise_draws=3)
+    e = EmerDiff(tiny_model, cfg)
+    prep = e.prepare(photo)
+    assert prep.counter.calls["features"] == 1 and prep.counter.samples["features"] == 3
+    assert prep.segments.features.shape == (16, 64)
+
+
+def test_reduced_readout_steps(tiny_model, fast_config, photo):
+    cfg = fast_config.replace(num_inference_steps=20, modulation_timestep=301, readout_steps=2)
+    e = EmerDiff(tiny_model, cfg)
+    prep = e.prepare(photo)
+    counter = CallCounter()
+    maps, _ = e.perturb(prep, counter=counter)
+    chunks = -(-2 * prep.segments.num_segments // (cfg.max_batch - 1))
+    assert counter.calls["modulation"] == 2 * chunks
+    assert maps.shape[0] == prep.segments.num_segments and float(maps.max()) > 0
+
+
+@pytest.mark.slow
+def test_full_size_sd15_unet_one_modulated_step():
+    """Real SD 1.5 layer paths and shapes: 64x64 latent, 16x16 query grid, one modulated step."""
+    from types import SimpleNamespace
+
+    from emerdiff.attention import AttentionController, controlled_attention
+    from emerdiff.lowres import cluster_features
+    from emerdiff.modulation import signed_coefficients, unet_forward
+    from emerdiff.testing import random_unet
+
+    unet = random_unet("sd15")
+    model = SimpleNamespace(unet=unet, empty_embedding=torch.randn(1, 77, 768))
+    x = torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    query = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
+    layer = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
+    ctl = AttentionController(capture_layers={query})
+    with controlled_attention(unet, ctl):
+        unet_forward(model, x, 281)
+    q = ctl.captured[query][0]
+    assert q.shape == (256, 1280)
+    segs = cluster_features(q, (16, 16), 3, n_init=1)
+    coeffs = signed_coefficients(torch.from_numpy(segs.masks()[:1]), 10.0)
+    batch = torch.cat([torch.zeros(1, 256), coeffs])
+    ctl = AttentionController(modulation_layer=layer, modulation=batch, share_attention=True,
+                              latent_size=(64, 64), modulation_grid=(16, 16))
+    with controlled_attention(unet, ctl):
+        out = unet_forward(model, x.expand(3, -1, -1, -1), 281)
+    assert out.shape == (3, 4, 64, 64)
+    assert float((out[1] - out[2]).abs().max()) > 0  # +lambda and -lambda differ
