@@ -166,14 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--offline", action="store_true")
     p.set_defaults(func=cmd_layers)
 
-    try:
-        import importlib
+    from .evaluation_run import add_parser as add_evaluate_parser
 
-        evaluation_run = importlib.import_module("emerdiff.evaluation_run")
-    except ModuleNotFoundError as err:  # only while the evaluation module is absent
-        if err.name != "emerdiff.evaluation_run":
-            raise
-        return parser
+    add_evaluate_parser(sub)
+    return parser
     evaluation_run.add_parser(sub)
     evaluate = sub.choices["evaluate"]
     if evaluate.get_default("func") is None:

@@ -1,0 +1,59 @@
+"""`emerdiff` CLI: help, layers, segment (atomic outputs, bad images skipped, exit codes)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emerdiff.cli import main
+
+FAST = ["--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201", "--quiet"]
+
+
+def test_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for word in ("segment", "layers", "evaluate"):
+        assert word in out
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    assert "--modulation-timestep" in capsys.readouterr().out
+
+
+def test_layers(tiny_dir, capsys):
+    assert main(["layers", str(tiny_dir), "--resolution", "512"]) == 0
+    out = capsys.readouterr().out
+    line = next(l for l in out.splitlines() if l.startswith("up_blocks.1.attentions.0.transformer_blocks.0.attn2"))
+    assert "cross" in line and "16x16" in line
+
+
+def test_layers_missing_model(tmp_path, capsys):
+    assert main(["layers", str(tmp_path / "nope")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_segment_writes_outputs_and_skips_bad(tiny_dir, tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 140, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    out = tmp_path / "out"
+    code = main(["segment", str(bad), str(good), "--model", str(tiny_dir), "--out", str(out), *FAST])
+    assert code == 1  # one image failed
+    err = capsys.readouterr().err
+    assert "skipped" in err and "bad.png" in err
+    labels = Image.open(out / "good_labels.png")
+    assert labels.mode == "P" and labels.size == (140, 96)
+    assert Image.open(out / "good_overlay.png").size == (140, 96)
+    data = np.load(out / "good.npz")
+    assert data["labels"].shape == (96, 140)
+    assert np.array_equal(np.asarray(labels), data["labels"])
+    assert not list(out.glob("bad*")) and not list(out.glob(".*"))  # nothing half-written
+
+
+def test_segment_bad_config(tiny_dir, tmp_path, capsys):
+    code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST[:-1], "--k", "99"])
+    assert code == 2 and "tokens" in capsys.readouterr().err
