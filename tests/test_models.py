@@ -71,10 +71,10 @@ def test_wrong_architecture():
     from diffusers import UNet2DConditionModel
 
     with torch.device("meta"):
-        # three levels: up_blocks.1 sits at 1/2 of the latent, not 1/4
+        # up_blocks.1 has no attention at all
         unet = UNet2DConditionModel(
-            block_out_channels=(32, 32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
+            block_out_channels=(32, 32, 64), down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * 2,
+            up_block_types=("UpBlock2D",) * 2 + ("CrossAttnUpBlock2D",), cross_attention_dim=32,
             norm_num_groups=8, attention_head_dim=8)
     with pytest.raises(ModelLoadError, match="up_blocks.1"):
         check_architecture(unet)

@@ -159,16 +159,10 @@ def test_training_writes_a_loadable_pipeline(trained):
 
 
 def test_training_output_loads_through_load_pipeline(trained):
-    from emerdiff.models import ModelLoadError, load_pipeline
+    from emerdiff.models import load_pipeline
 
     _, pipe = trained
-    try:
-        sd = load_pipeline(pipe, device="cpu")
-    except ModelLoadError as err:
-        if "1/4 of the latent size" in str(err):
-            pytest.xfail("emerdiff.models.check_architecture still requires up_blocks.1 at 1/4 latent; "
-                         "the reference UNet has 3 levels (up_blocks.1 at 1/2, 16x16 tokens)")
-        raise
+    sd = load_pipeline(pipe, device="cpu")
     assert sd.vae_scale_factor == 4
     x = torch.randn(1, 4, 8, 8)
     with torch.no_grad():
