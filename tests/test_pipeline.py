@@ -161,3 +161,22 @@ def test_full_size_sd15_unet_one_modulated_step():
         out = unet_forward(model, x.expand(3, -1, -1, -1), 281)
     assert out.shape == (3, 4, 64, 64)
     assert float((out[1] - out[2]).abs().max()) > 0  # +lambda and -lambda differ
+
+
+def test_bfloat16_runs_on_cpu(tiny_dir, photo):
+    """Half-precision path (the CUDA default is fp16; bf16 is the one CPUs run)."""
+    from emerdiff import load_pipeline
+
+    model = load_pipeline(tiny_dir, device="cpu", dtype="bfloat16")
+    assert model.dtype == torch.bfloat16
+    cfg = EmerDiffConfig(resolution=128, num_clusters=2, num_inference_steps=5, modulation_timestep=201,
+                         kmeans_n_init=1, max_batch=5)
+    seg = EmerDiff(model, cfg).segment(photo, progress=False)
+    assert seg.labels.shape == (512, 512) and np.isfinite(seg.locality).all()
+
+
+def test_float16_rejected_on_cpu(tiny_dir):
+    from emerdiff import load_pipeline
+
+    with pytest.raises(ValueError, match="float16 is not supported on CPU"):
+        load_pipeline(tiny_dir, device="cpu", dtype="float16")
