@@ -38,6 +38,9 @@ class AttentionController:
         share_attention: elements 1..B-1 use the attention probabilities of element 0.
         explicit_probabilities: compute probabilities explicitly instead of with SDPA.
         latent_size: (h, w) of the latent, to place token grids of other layers.
+        probability_layers: layers whose attention probabilities (averaged over
+            heads) are recorded, e.g. cross-attention maps for DAAM-style word maps.
+        probabilities: layer -> list of (batch, tokens, context) maps, one per call.
     """
 
     capture_layers: set[str] = field(default_factory=set)
@@ -48,6 +51,8 @@ class AttentionController:
     share_attention: bool = False
     explicit_probabilities: bool = False
     latent_size: tuple[int, int] | None = None
+    probability_layers: set[str] = field(default_factory=set)
+    probabilities: dict[str, list[torch.Tensor]] = field(default_factory=dict)
 
     def modulation_for(self, tokens: int) -> torch.Tensor:
         """Modulation coefficients on a layer's token grid, (batch, tokens)."""
@@ -121,6 +126,10 @@ class EmerDiffAttnProcessor:
         if getattr(attn, "norm_k", None) is not None:
             k = attn.norm_k(k)
 
+        if self.name in ctl.probability_layers:
+            # recorded separately so the output path below stays the fused kernel
+            p = ((q.float() @ k.float().transpose(-1, -2)) * attn.scale).softmax(-1).mean(1)
+            ctl.probabilities.setdefault(self.name, []).append(p.detach())
         if ctl.explicit_probabilities:
             scores = (q.float() @ k.float().transpose(-1, -2)) * attn.scale
             if attention_mask is not None:

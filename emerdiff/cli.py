@@ -109,6 +109,27 @@ def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str) -> list[Path]:
     return paths
 
 
+def save_openvocab(labeller: Any, seg: Any, image: Any, vocabulary: list[str], out_dir: Path, stem: str,
+                   model_name: str) -> list[Path]:
+    """Class map (indexed PNG), class names (JSON) and a legend figure, each written atomically."""
+    from .viz import label_png
+
+    result = labeller.label(image, seg, vocabulary)
+    paths = [out_dir / f"{stem}_classes.png", out_dir / f"{stem}_classes.json", out_dir / f"{stem}_legend.png"]
+    write_atomic(paths[0], lambda p: label_png(result.class_map).save(p, format="PNG"))
+    info = dict(vocabulary=vocabulary, mask_classes=result.mask_classes.tolist(),
+                mask_scores=result.mask_scores.round(4).tolist(), labeller=type(labeller).__name__)
+    write_atomic(paths[1], lambda p: Path(p).write_text(json.dumps(info, indent=1)))
+    from .openvocab import legend_figure
+
+    fig = legend_figure(image, result, title=f"{type(labeller).__name__} on {model_name}")
+    write_atomic(paths[2], lambda p: fig.savefig(p, format="png", dpi=100))
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return paths
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
     from .images import ImageError, load_image
     from .pipeline import EmerDiff
@@ -121,6 +142,20 @@ def cmd_segment(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    labeller, vocabulary = None, None
+    if args.vocab:
+        from .openvocab import CLIPMaskLabeller, CrossAttentionLabeller, check_vocabulary
+
+        try:
+            vocabulary = check_vocabulary(args.vocab)
+            if args.labeller == "clip":
+                labeller = CLIPMaskLabeller(args.clip_model, device=args.device,
+                                            local_files_only=True if args.offline else None)
+            else:
+                labeller = CrossAttentionLabeller(model, resolution=config.resolution, seed=config.seed)
+        except (ValueError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     out = Path(args.out)
     failed = 0
     for item in args.images:
@@ -132,6 +167,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"skipped {item}: {err}", file=sys.stderr)
             continue
         paths = save_outputs(seg, image, out, Path(item).stem)
+        if labeller is not None:
+            paths += save_openvocab(labeller, seg, image, vocabulary, out, Path(item).stem, model.source)
         print(f"{item}: {seg.num_segments} segments, {seg.timings['total']:.1f} s -> {', '.join(map(str, paths))}")
     if failed:
         print(f"{failed} of {len(args.images)} image(s) failed", file=sys.stderr)
@@ -153,6 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", metavar="IMAGE")
     p.add_argument("--out", default="emerdiff_out", help="output folder (default: emerdiff_out)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--vocab", default=None,
+                   help="comma-separated class names: also write a class map + legend (open vocabulary)")
+    p.add_argument("--labeller", choices=["clip", "unet"], default="clip",
+                   help="clip: MaskCLIP features pooled in masks; unet: the diffusion model's own "
+                   "cross-attention (no extra model) (default: clip)")
+    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16", help="CLIP hub id or folder")
     _add_model_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_segment)

@@ -57,3 +57,28 @@ def test_segment_writes_outputs_and_skips_bad(tiny_dir, tmp_path, capsys):
 def test_segment_bad_config(tiny_dir, tmp_path, capsys):
     code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST[:-1], "--k", "99"])
     assert code == 2 and "tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("labeller", ["unet", "clip"])
+def test_segment_with_vocabulary(tiny_dir, tmp_path, labeller):
+    import json
+
+    from emerdiff.openvocab import build_tiny_clip
+
+    img = tmp_path / "img.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(img)
+    extra = ["--clip-model", str(build_tiny_clip(tmp_path / "clip"))] if labeller == "clip" else []
+    code = main(["segment", str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST,
+                 "--vocab", "cat, dog,grass", "--labeller", labeller, *extra])
+    assert code == 0
+    classes = Image.open(tmp_path / "o" / "img_classes.png")
+    assert classes.size == (90, 90) and np.asarray(classes).max() <= 2
+    info = json.loads((tmp_path / "o" / "img_classes.json").read_text())
+    assert info["vocabulary"] == ["cat", "dog", "grass"]
+    assert Image.open(tmp_path / "o" / "img_legend.png").size[0] > 100
+
+
+def test_segment_duplicate_vocabulary(tiny_dir, tmp_path, capsys):
+    code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST, "--vocab", "a,b,a",
+                 "--labeller", "unet"])
+    assert code == 2 and "duplicate" in capsys.readouterr().err
