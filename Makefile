@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= tiny
 DEVICE ?= cpu
 
-.PHONY: setup test lab bench figures clean
+.PHONY: setup test lab bench figures clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,41 @@ lab: setup
 
 bench: setup
 	$(PY) benchmarks/bench_segment.py
+
+# ---------------------------------------------------------------- figures
+# Each study notebook runs through papermill into notebooks/executed/ and writes
+# its figures (PNG + PDF) and a JSON sidecar into $(FIG_DIR). A stamp per
+# notebook depends on the notebook, the package sources and the parameters, so
+# re-running redoes only what changed; a failing cell fails the target (papermill
+# prints the cell's error). `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda`
+# runs the paper-size settings.
+FIG_DIR    ?= figures
+EXEC_DIR   ?= notebooks/executed
+KERNEL     ?= emerdiff
+NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+FIG_STAMPS := $(patsubst notebooks/%.ipynb,$(EXEC_DIR)/%.stamp,$(NOTEBOOKS))
+ifeq ($(MODEL),tiny)
+FIG_SIZE   ?= -p resolution 128 -p K 4 -p num_inference_steps 10 -p modulation_timestep 201 -p blur_sigma 1.0
+else
+FIG_SIZE   ?= -p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0
+endif
+FIG_PARAMS ?=
+FIG_ARGS   := -p model $(MODEL) -p device $(DEVICE) -p output_dir $(abspath $(FIG_DIR)) $(FIG_SIZE) $(FIG_PARAMS)
+
+figures: $(FIG_STAMPS)
+
+# Rewritten only when the parameters change, so a new MODEL/DEVICE redoes every notebook.
+$(EXEC_DIR)/params.txt: FORCE
+	@mkdir -p $(EXEC_DIR)
+	@echo '$(FIG_ARGS)' | cmp -s - $@ || echo '$(FIG_ARGS)' > $@
+
+$(EXEC_DIR)/%.stamp: notebooks/%.ipynb $(wildcard emerdiff/*.py) $(EXEC_DIR)/params.txt | $(VENV)/.installed
+	@mkdir -p $(EXEC_DIR) $(FIG_DIR)
+	$(VENV)/bin/papermill --kernel $(KERNEL) --log-level WARNING \
+		$< $(EXEC_DIR)/$*.ipynb $(FIG_ARGS)
+	touch $@
+
+FORCE:
 
 clean:
 	rm -rf notebooks/executed .pytest_cache

@@ -1,0 +1,583 @@
+"""Probes behind the study notebooks: which layers, timesteps and magnitudes make EmerDiff work.
+
+Every probe takes an :class:`~emerdiff.EmerDiff` (model + base config) and a list
+of :class:`ProbeImage` and returns plain rows (a list of dicts, one per image x
+seed x setting) that pandas/seaborn can plot directly and JSON can store.
+
+Scores
+------
+- ``miou``: per-image Hungarian mIoU (0-100) of a label map against the image's
+  ground truth: clusters are matched one-to-one to GT classes
+  (:func:`emerdiff.evaluate.hungarian_match`, IoU criterion), unmatched
+  clusters count as "no class". NaN when the image has no ground truth.
+- ``silhouette`` (label-free, feature space): mean silhouette coefficient of
+  the k-means clustering of a layer's query vectors, cosine distance, in
+  [-1, 1]. High = the layer's tokens form well separated groups. It says
+  nothing about whether the groups are semantic, so it is reported beside, not
+  instead of, the next one.
+- ``boundary`` (label-free, image space): boundary alignment = mean image
+  gradient magnitude (Sobel on grey levels) on the segment boundaries divided
+  by the mean gradient over the whole image. 1 = boundaries placed at chance,
+  > 1 = boundaries follow image edges. NaN if a map has a single segment.
+- ``locality``: share of a difference map's energy (sum of d^2) inside the
+  perturbed mask (:func:`emerdiff.assign.locality`), averaged over masks. A
+  readout that localises scores near 1, one that ignores the mask about the
+  mask's area. Maps with (numerically) no energy at all, e.g. lambda = 0,
+  score 0 and are flagged ``degenerate``.
+- ``vanished``: share of the low-res segments that win no pixel in the final
+  argmax (a failure mode: the segment's perturbation is drowned by others).
+
+``score`` / ``score_name`` on the layer-probe rows name the headline score:
+``miou`` when ground truth exists, ``boundary`` otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from .assign import assign_labels, locality, nearest_upsample
+from .evaluate import confusion_matrix, hungarian_match, miou, remap_confusion
+from .images import load_image, resize_labels
+from .lowres import cluster_features
+from .models import feature_resolution, layer_table
+from .modulation import decode, modulated_latents
+from .pipeline import EmerDiff, PreparedImage
+
+# Energy per pixel below which a set of difference maps counts as "nothing changed".
+DEGENERATE_ENERGY = 1e-10
+
+
+# --------------------------------------------------------------------------- images
+@dataclass
+class ProbeImage:
+    """One probe input: an RGB uint8 image and, if known, its ground-truth class map."""
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    label: np.ndarray | None = None  # (H, W) class ids, ignore_index for void
+    num_classes: int | None = None
+    ignore_index: int = 255
+
+    @property
+    def has_gt(self) -> bool:
+        return self.label is not None
+
+
+def load_probe_images(names: Iterable[str]) -> list[ProbeImage]:
+    """Resolve image names: ``voc_sample`` (VOC photo with ground truth), a scikit-image
+    sample (``astronaut``, ``coffee``, ``chelsea``, ``rocket``, ...) or an image file path."""
+    from .datasets import sample_images, voc_sample
+
+    out = []
+    for name in names:
+        if name == "voc_sample":
+            s = voc_sample()
+            out.append(ProbeImage(name, s.load_image(), s.label, len(s.class_names), s.ignore_index))
+        elif Path(name).suffix and Path(name).exists():
+            img = (load_image(name).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            out.append(ProbeImage(Path(name).stem, img))
+        else:
+            out.append(ProbeImage(name, sample_images([name])[name]))
+    return out
+
+
+# --------------------------------------------------------------------------- scores
+def hungarian_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
+    """Per-image mIoU (0-100) after one-to-one Hungarian matching of predicted ids to classes.
+
+    ``pred`` is resized (nearest) to the ground truth's shape when they differ.
+    """
+    pred = np.asarray(pred)
+    if pred.shape != np.shape(gt):
+        pred = resize_labels(pred, tuple(np.shape(gt)))
+    num_pred = int(pred.max(initial=0)) + 1
+    conf = confusion_matrix(pred, gt, num_classes, ignore_index, num_pred=num_pred)
+    return miou(remap_confusion(conf, hungarian_match(conf), num_classes))
+
+
+def boundary_alignment(labels: np.ndarray, image: np.ndarray) -> float:
+    """Mean Sobel gradient on segment boundaries / mean gradient overall (1 = chance).
+
+    ``labels`` is resized (nearest) to the image when sizes differ.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, np.float32)
+    img = img / 255.0 if np.asarray(image).dtype == np.uint8 else img
+    grey = img.mean(-1) if img.ndim == 3 else img
+    labels = np.asarray(labels)
+    if labels.shape != grey.shape:
+        labels = resize_labels(labels, grey.shape)
+    grad = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))
+    edge = np.zeros(labels.shape, bool)
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    mean = float(grad.mean())
+    if not edge.any() or mean <= 0:
+        return float("nan")
+    return float(grad[edge].mean() / mean)
+
+
+def silhouette(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_samples: int = 2048) -> float:
+    """Cosine silhouette of a clustering in [-1, 1]; NaN with fewer than 2 clusters."""
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels).reshape(-1)
+    n = len(np.unique(labels))
+    if n < 2 or n >= labels.size:
+        return float("nan")
+    size = min(max_samples, labels.size)  # subsample large token grids (64x64 = 4096 tokens)
+    return float(silhouette_score(np.asarray(features, np.float32), labels, metric="cosine",
+                                  sample_size=size if size < labels.size else None, random_state=seed))
+
+
+def score_labels(labels: np.ndarray, item: ProbeImage) -> dict[str, float]:
+    """``miou`` (NaN without GT) and ``boundary`` of a label map at any size."""
+    labels = np.asarray(labels)
+    out = {"boundary": boundary_alignment(labels, item.image), "miou": float("nan")}
+    if item.label is not None and item.num_classes is not None:
+        out["miou"] = hungarian_miou(labels, item.label, item.num_classes, item.ignore_index)
+    return out
+
+
+def summarize(rows: Sequence[Mapping[str, Any]], by: str | Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean, sd and count of ``metrics`` per group of ``by`` (NaNs skipped), in first-seen order."""
+    keys = [by] if isinstance(by, str) else list(by)
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(keys, key))
+        row["n"] = len(members)
+        for m in metrics:
+            vals = np.array([float(r[m]) for r in members if r.get(m) is not None], np.float64)
+            vals = vals[np.isfinite(vals)]
+            row[m] = float(vals.mean()) if vals.size else float("nan")
+            row[m + "_sd"] = float(vals.std()) if vals.size > 1 else 0.0 if vals.size else float("nan")
+        out.append(row)
+    return out
+
+
+def best(rows: Sequence[Mapping[str, Any]], metric: str, by: str) -> Any:
+    """The ``by`` value with the highest mean ``metric`` (None if every value is NaN)."""
+    table = [r for r in summarize(rows, by, [metric]) if np.isfinite(r[metric])]
+    return max(table, key=lambda r: r[metric])[by] if table else None
+
+
+# --------------------------------------------------------------------------- helpers
+def with_config(ed: EmerDiff, **changes: Any) -> EmerDiff:
+    """A new EmerDiff on the same model with some config fields changed (validated)."""
+    return EmerDiff(ed.model, ed.config.replace(**changes))
+
+
+def recluster(ed: EmerDiff, prepared: PreparedImage, num_clusters: int) -> PreparedImage:
+    """The same prepared image (inversion reused) with the low-res features clustered into K segments."""
+    segs = cluster_features(prepared.segments.features, prepared.grid, num_clusters, ed.config.seed,
+                            ed.config.kmeans_n_init)
+    return dataclasses.replace(prepared, segments=segs)
+
+
+def readout(ed: EmerDiff, prepared: PreparedImage, maps: torch.Tensor, item: ProbeImage) -> dict[str, Any]:
+    """Scores of one set of difference maps (K', R, R): locality, energy, vanished, mIoU, boundary.
+
+    Also returns the full-size ``labels`` (not JSON: pop it before storing rows).
+    """
+    maps = maps.float()
+    masks = prepared.masks(maps.device)
+    energy = float(maps.pow(2).mean())
+    degenerate = energy < DEGENERATE_ENERGY
+    loc = locality(maps, masks, prepared.grid).cpu().numpy()
+    if degenerate:  # the ratio 0/0 is meaningless: nothing moved, nothing localised
+        loc = np.zeros_like(loc)
+    labels_r = assign_labels(maps, ed.config.blur_sigma).cpu().numpy()
+    labels = resize_labels(labels_r, prepared.image_size)
+    k = maps.shape[0]
+    vanished = 1.0 - len(np.unique(labels_r)) / k
+    out: dict[str, Any] = dict(locality=float(loc.mean()), locality_min=float(loc.min()),
+                               energy=energy, degenerate=bool(degenerate), vanished=float(vanished),
+                               segments=int(k))
+    out.update(score_labels(labels, item))
+    out["labels"] = labels
+    return out
+
+
+def _prep(ed: EmerDiff, item: ProbeImage, t_stop: int | None = None) -> PreparedImage:
+    return ed.prepare(item.image, t_stop=t_stop)
+
+
+def _layer_info(ed: EmerDiff) -> dict[str, dict[str, Any]]:
+    return {r["layer"]: r for r in layer_table(ed.model.unet, ed.latent_size())}
+
+
+def candidate_layers(ed: EmerDiff, kind: str = "cross") -> list[str]:
+    """Attention layers of the UNet: ``kind`` 'cross', 'self' or 'all'."""
+    rows = layer_table(ed.model.unet, ed.latent_size())
+    if kind not in ("cross", "self", "all"):
+        raise ValueError(f"kind must be 'cross', 'self' or 'all', got {kind!r}")
+    return [r["layer"] for r in rows if kind == "all" or r["kind"] == kind]
+
+
+def short_layer(name: str) -> str:
+    """Compact layer label for plots: up_blocks.1.attentions.0.transformer_blocks.0.attn2 -> up1.a0.attn2."""
+    parts = name.split(".")
+    out = []
+    i = 0
+    while i < len(parts):
+        p = parts[i]
+        if p in ("down_blocks", "up_blocks") and i + 1 < len(parts):
+            out.append(("down" if p == "down_blocks" else "up") + parts[i + 1]); i += 2; continue
+        if p == "mid_block":
+            out.append("mid"); i += 1; continue
+        if p == "attentions" and i + 1 < len(parts):
+            out.append("a" + parts[i + 1]); i += 2; continue
+        if p == "transformer_blocks" and i + 1 < len(parts):
+            if parts[i + 1] != "0":
+                out.append("t" + parts[i + 1])
+            i += 2; continue
+        out.append(p); i += 1
+    return ".".join(out)
+
+
+# --------------------------------------------------------------------------- layer probes
+def layer_probe(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    layers: Sequence[str] | None = None,
+    timestep: int | None = None,
+    num_clusters: int | None = None,
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """(a) Query features of every attention layer, k-means clustered and scored.
+
+    One UNet call per image and seed captures the queries of all ``layers``
+    (default: every attention layer) at ``timestep`` (default the config's
+    feature timestep). K is capped at a layer's token count.
+    Rows: image, seed, layer, short, kind, block, resolution, tokens, clusters,
+    miou, silhouette, boundary, score, score_name.
+    """
+    cfg = ed.config
+    info = _layer_info(ed)
+    layers = list(layers) if layers is not None else list(info)
+    unknown = [name for name in layers if name not in info]
+    if unknown:
+        raise ValueError(f"unknown layers {unknown}; valid: {list(info)}")
+    t = cfg.feature_timestep if timestep is None else timestep
+    k = cfg.num_clusters if num_clusters is None else num_clusters
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            prepared = _prep(eds, item, t_stop=eds.schedule.timesteps[-1])  # one UNet call: x_t only
+            gen = torch.Generator("cpu").manual_seed(seed + 1)
+            queries = eds.extract_queries(prepared.inversion, layers, t, cfg.feature_noise_draws, gen)
+            for name in layers:
+                grid = feature_resolution(ed.model.unet, name, ed.latent_size())
+                q = queries[name]
+                kk = min(k, q.shape[0] - 1)
+                segs = cluster_features(q, grid, kk, seed, cfg.kmeans_n_init)
+                scores = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
+                row = dict(image=item.name, seed=seed, layer=name, short=short_layer(name),
+                           kind=info[name]["kind"], block=info[name]["block"],
+                           resolution=info[name]["resolution"], tokens=int(q.shape[0]), clusters=segs.num_segments,
+                           silhouette=silhouette(segs.features, segs.labels, seed), **scores)
+                row["score_name"] = "miou" if item.has_gt else "boundary"
+                row["score"] = row[row["score_name"]]
+                rows.append(row)
+    return rows
+
+
+def modulation_layer_probe(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    layers: Sequence[str] | None = None,
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """(b) Every candidate modulation layer (default: every cross-attention layer).
+
+    The inversion and the low-res segments are computed once per image and
+    seed; each layer costs one batched modulated denoising. Rows: image, seed,
+    layer, short, kind, block, resolution, locality, locality_min, energy,
+    degenerate, vanished, segments, miou, boundary, seconds.
+    """
+    info = _layer_info(ed)
+    layers = list(layers) if layers is not None else candidate_layers(ed, "cross")
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            prepared = _prep(eds, item)
+            for name in layers:
+                t0 = time.perf_counter()
+                maps, _ = eds.perturb(prepared, layer=name)
+                r = readout(eds, prepared, maps, item)
+                r.pop("labels")
+                rows.append(dict(image=item.name, seed=seed, layer=name, short=short_layer(name),
+                                 kind=info[name]["kind"], block=info[name]["block"],
+                                 resolution=info[name]["resolution"], **r,
+                                 seconds=time.perf_counter() - t0))
+    return rows
+
+
+# --------------------------------------------------------------------------- timestep probes
+def feature_timestep_sweep(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    timesteps: Sequence[int] | None = None,
+    seeds: Sequence[int] = (0,),
+    layer: str | None = None,
+) -> list[dict[str, Any]]:
+    """Step A's feature timestep t_f swept (default: the whole schedule) for the query layer.
+
+    Rows: image, seed, feature_timestep, miou, boundary, silhouette (low-res
+    k-means, nearest-upsampled to the image).
+    """
+    cfg = ed.config
+    layer = layer or cfg.query_layer
+    timesteps = list(timesteps) if timesteps is not None else list(ed.schedule.timesteps)
+    bad = [t for t in timesteps if t not in ed.schedule.timesteps]
+    if bad:
+        raise ValueError(f"timesteps {bad} are not on the schedule {ed.schedule.timesteps}")
+    grid = feature_resolution(ed.model.unet, layer, ed.latent_size())
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            prepared = _prep(eds, item, t_stop=eds.schedule.timesteps[-1])
+            for t in timesteps:
+                gen = torch.Generator("cpu").manual_seed(seed + 1)
+                q = eds.extract_queries(prepared.inversion, [layer], t, cfg.feature_noise_draws, gen)[layer]
+                segs = cluster_features(q, grid, cfg.num_clusters, seed, cfg.kmeans_n_init)
+                scores = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
+                rows.append(dict(image=item.name, seed=seed, feature_timestep=int(t),
+                                 silhouette=silhouette(segs.features, segs.labels, seed), **scores))
+    return rows
+
+
+def modulation_timestep_sweep(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    timesteps: Sequence[int] | None = None,
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """The modulation timestep t_m swept; one inversion per image and seed up to max(t_m).
+
+    Rows: image, seed, modulation_timestep, steps_after (UNet steps from t_m to
+    x_0), locality, ..., miou, boundary.
+    """
+    timesteps = list(timesteps) if timesteps is not None else list(ed.schedule.timesteps)
+    bad = [t for t in timesteps if t not in ed.schedule.timesteps]
+    if bad:
+        raise ValueError(f"timesteps {bad} are not on the schedule {ed.schedule.timesteps}")
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            prepared = _prep(eds, item, t_stop=max(timesteps))
+            for t in timesteps:
+                maps, _ = eds.perturb(prepared, timestep=t)
+                r = readout(eds, prepared, maps, item)
+                r.pop("labels")
+                steps = len([s for s in eds.schedule.timesteps if s <= t])
+                rows.append(dict(image=item.name, seed=seed, modulation_timestep=int(t), steps_after=steps, **r))
+    return rows
+
+
+def readout_steps_sweep(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    steps: Sequence[int | None] = (1, 2, None),
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """Number of denoising steps after the modulation (config ``readout_steps``; None = full schedule
+    with the stored inversion noise, n = n deterministic DDIM steps to x_0).
+
+    Rows: image, seed, readout_steps (int; the full count for None), mode, locality, ..., miou.
+    """
+    full = len([t for t in ed.schedule.timesteps if t <= ed.config.modulation_timestep])
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            prepared = _prep(eds, item)
+            for n in steps:
+                edn = with_config(eds, readout_steps=n)
+                maps, _ = edn.perturb(prepared)
+                r = readout(edn, prepared, maps, item)
+                r.pop("labels")
+                rows.append(dict(image=item.name, seed=seed, readout_steps=full if n is None else min(int(n), full),
+                                 mode="stored noise (full)" if n is None else "DDIM", **r))
+    return rows
+
+
+# --------------------------------------------------------------------------- magnitude probes
+@dataclass
+class Perturbation:
+    """Decoded images of one modulated batch, all (.., 3, R, R) in [0, 1] on the CPU."""
+
+    plus: torch.Tensor  # (K, 3, R, R): +lambda on mask i
+    minus: torch.Tensor  # (K, 3, R, R): -lambda on mask i
+    reference: torch.Tensor  # (3, R, R): unmodulated reconstruction, same batch
+
+    def difference(self, mode: str = "pair") -> torch.Tensor:
+        """(K, R, R) maps: 'pair' ||I- - I+||, 'plus' ||I+ - I0||, 'minus' ||I- - I0||."""
+        if mode == "pair":
+            a, b = self.minus, self.plus
+        elif mode == "plus":
+            a, b = self.plus, self.reference[None]
+        elif mode == "minus":
+            a, b = self.minus, self.reference[None]
+        else:
+            raise ValueError(f"mode must be 'pair', 'plus' or 'minus', got {mode!r}")
+        # images are in [0, 1]; the pipeline's maps use [-1, 1], hence the factor 2
+        return 2 * (a - b).pow(2).sum(1).sqrt()
+
+
+def perturb_images(
+    ed: EmerDiff,
+    prepared: PreparedImage,
+    *,
+    strength: float | None = None,
+    layer: str | None = None,
+    timestep: int | None = None,
+    mask_ids: Sequence[int] | None = None,
+) -> Perturbation:
+    """Like :meth:`EmerDiff.perturb` but keeps I+, I- and the unmodulated reference of the same batch."""
+    cfg = ed.config
+    t_m = cfg.modulation_timestep if timestep is None else timestep
+    if t_m not in prepared.inversion.noise_maps:
+        raise ValueError(f"timestep {t_m} was not inverted; call prepare(image, t_stop={t_m})")
+    masks = prepared.masks()
+    if mask_ids is not None:
+        masks = masks[list(mask_ids)]
+    lat, ref = modulated_latents(
+        ed.model, prepared.inversion, masks, prepared.grid, layer=layer or cfg.modulation_layer,
+        t_modulation=t_m, strength=cfg.modulation_strength if strength is None else strength,
+        share_attention=cfg.attention_injection, max_batch=cfg.max_batch, readout_steps=cfg.readout_steps,
+    )
+    imgs = []
+    step = max(1, cfg.decode_batch)
+    allx = torch.cat([ref, lat])
+    for s in range(0, allx.shape[0], step):
+        imgs.append(((decode(ed.model, allx[s:s + step]).float() + 1) / 2).clamp(0, 1).cpu())
+    imgs_t = torch.cat(imgs)
+    return Perturbation(plus=imgs_t[1::2], minus=imgs_t[2::2], reference=imgs_t[0])
+
+
+def lambda_sweep(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    strengths: Sequence[float] = (-100, -10, -1, 0, 1, 10, 100),
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """lambda swept over both signs, one inversion per image and seed.
+
+    For each magnitude |lambda| one batch gives I+, I- and the unmodulated I0.
+    Each signed lambda gets a one-sided row (mode 'one-sided': d = ||I(lambda) -
+    I0||; lambda = 0 compares I0 with itself, degenerate by construction) and
+    each magnitude a paired row (mode 'pair': d = ||I- - I+||, EmerDiff's map,
+    lambda reported as |lambda|). Rows: image, seed, lambda, mode, locality, ...,
+    miou, boundary, saturated (share of I pixels clipped at 0 or 1).
+    """
+    mags = sorted({abs(float(s)) for s in strengths})
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            prepared = _prep(eds, item)
+            for mag in mags:
+                pert = perturb_images(eds, prepared, strength=mag)
+                for lam in [float(s) for s in strengths if abs(float(s)) == mag]:
+                    side = pert.plus if lam >= 0 else pert.minus
+                    r = readout(eds, prepared, pert.difference("plus" if lam >= 0 else "minus"), item)
+                    r.pop("labels")
+                    sat = float(((side <= 0) | (side >= 1)).float().mean())
+                    rows.append(dict(image=item.name, seed=seed, **{"lambda": lam}, mode="one-sided",
+                                     saturated=sat, **r))
+                r = readout(eds, prepared, pert.difference("pair"), item)
+                r.pop("labels")
+                sat = float(((pert.plus <= 0) | (pert.plus >= 1) | (pert.minus <= 0) | (pert.minus >= 1)).float().mean())
+                rows.append(dict(image=item.name, seed=seed, **{"lambda": mag}, mode="pair", saturated=sat, **r))
+    return rows
+
+
+def k_sweep(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    ks: Sequence[int] = (2, 4, 8),
+    seeds: Sequence[int] = (0,),
+) -> list[dict[str, Any]]:
+    """Number of clusters K swept; the inversion is reused, only k-means and the modulation rerun.
+
+    Rows: image, seed, K, segments (K' after dropping empty clusters), locality,
+    vanished, ..., miou / boundary of EmerDiff and miou_nearest / miou_bilinear of the baselines.
+    """
+    from .assign import bilinear_upsample
+
+    tokens = ed.query_grid()[0] * ed.query_grid()[1]
+    too_big = [k for k in ks if k > tokens]
+    if too_big:
+        raise ValueError(f"K {too_big} exceed the {tokens} tokens of the query layer")
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            base = _prep(eds, item)
+            for k in ks:
+                prepared = recluster(eds, base, k)
+                maps, _ = eds.perturb(prepared)
+                r = readout(eds, prepared, maps, item)
+                r.pop("labels")
+                segs = prepared.segments
+                near = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
+                bil = score_labels(bilinear_upsample(segs.features, segs.centroids, prepared.grid,
+                                                     prepared.image_size), item)
+                rows.append(dict(image=item.name, seed=seed, K=int(k), **r,
+                                 miou_nearest=near["miou"], miou_bilinear=bil["miou"],
+                                 boundary_nearest=near["boundary"], boundary_bilinear=bil["boundary"]))
+    return rows
+
+
+# --------------------------------------------------------------------------- figure helpers
+def difference_map_grid(
+    ed: EmerDiff,
+    prepared: PreparedImage,
+    mask_id: int,
+    layers: Sequence[str],
+    timesteps: Sequence[int],
+    strengths: Sequence[float],
+) -> dict[tuple[str, int, float], np.ndarray]:
+    """Difference maps of one mask for every (layer, t_m, lambda): {(layer, t, lambda): (R, R)}.
+
+    ``prepared`` must be inverted up to max(timesteps).
+    """
+    out = {}
+    for layer in layers:
+        for t in timesteps:
+            for lam in strengths:
+                maps, _ = ed.perturb(prepared, [mask_id], strength=lam, layer=layer, timestep=t)
+                out[(layer, int(t), float(lam))] = maps[0].float().cpu().numpy()
+    return out
+
+
+def failure_entries(seg: Any, image: np.ndarray, n: int = 2) -> list[dict[str, Any]]:
+    """Failure cases of one :class:`Segmentation` (made with ``return_difference_maps=True``):
+    the least local masks and the smallest mask, each with a caption saying why it was picked."""
+    if seg.difference_maps is None:
+        raise ValueError("segment with return_difference_maps=True to get failure cases")
+    areas = np.bincount(seg.lowres_labels.reshape(-1), minlength=seg.num_segments)
+    picks: list[tuple[int, str]] = []
+    for i in np.argsort(seg.locality)[:n]:
+        picks.append((int(i), f"low locality {seg.locality[i]:.2f}"))
+    small = int(np.argmin(areas))
+    if small not in [p[0] for p in picks]:
+        picks.append((small, f"smallest mask ({areas[small]} tokens)"))
+    return [dict(image=image, mask=seg.lowres_labels == i, difference=seg.difference_maps[i],
+                 labels=seg.labels, caption=caption, mask_id=i) for i, caption in picks]

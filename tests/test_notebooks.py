@@ -1,0 +1,147 @@
+"""Every study notebook runs top to bottom through papermill on the tiny pipeline at small size,
+writes the figures it must write (PNG and PDF) and records its key numbers in a JSON sidecar."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+papermill = pytest.importorskip("papermill")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
+
+# Small everything: 4x4 token grid, 10-step schedule, one image with ground truth, one thread
+# (on a busy 2-core machine one torch thread is several times faster than two).
+COMMON = dict(model="tiny", device="cpu", images=["voc_sample"], resolution=128, K=4,
+              num_inference_steps=10, modulation_timestep=201, seeds=[0], torch_threads=1)
+EXTRA = {
+    "00_quickstart": {},
+    "01_layer_probe": dict(max_modulation_layers=2),
+    "02_timestep_probe": dict(feature_timesteps=[901, 501, 1], modulation_timesteps=[201, 101],
+                              readout_steps=[1, None]),
+    "03_magnitude_probe": dict(strengths=[-10.0, 0.0, 10.0], ks=[2, 4]),
+    "04_paper_figures": dict(grid_layers=["up_blocks.1.attentions.2.transformer_blocks.0.attn2"],
+                             grid_timesteps=[201, 101], grid_strengths=[10.0]),
+    "05_inspector": dict(mpl_backend="agg", slider_timesteps=[201, 101]),
+}
+FIGURES = {
+    "00_quickstart": ["00_quickstart_segmentation"],
+    "01_layer_probe": ["01_layer_probe_features", "01_layer_probe_features_boundary",
+                       "01_layer_probe_modulation_locality", "01_layer_probe_modulation_score"],
+    "02_timestep_probe": ["02_timestep_probe_feature", "02_timestep_probe_modulation",
+                          "02_timestep_probe_readout_steps"],
+    "03_magnitude_probe": ["03_magnitude_probe_lambda", "03_magnitude_probe_k", "03_magnitude_probe_failure_modes"],
+    "04_paper_figures": ["fig1_teaser", "fig2_key_observation", "fig4_upsampling_vs_emerdiff",
+                         "fig_ablation_layer_timestep_lambda", "fig_failure_cases"],
+    "05_inspector": ["05_inspector"],
+}
+
+
+def kernel_name() -> str:
+    """The project's kernel (registered by `make setup`), else the venv's default python3."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    specs = KernelSpecManager().find_kernel_specs()
+    return "emerdiff" if "emerdiff" in specs else "python3"
+
+
+def run_notebook(name: str, out: Path) -> dict:
+    params = dict(COMMON, **EXTRA[name], output_dir=str(out / "figures"))
+    papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
+                               parameters=params, kernel_name=kernel_name(), cwd=str(out),
+                               progress_bar=False)
+    sidecar = out / "figures" / f"{name}.json"
+    assert sidecar.exists(), f"{name} wrote no sidecar"
+    data = json.loads(sidecar.read_text())
+    assert data["model"].startswith("tiny")
+    assert data["figures"] == FIGURES[name]
+    for fig in FIGURES[name]:
+        for ext in ("png", "pdf"):
+            path = out / "figures" / f"{fig}.{ext}"
+            assert path.exists() and path.stat().st_size > 1000, path
+    return data
+
+
+def finite_in(x, lo, hi) -> bool:
+    return x is not None and math.isfinite(x) and lo <= x <= hi
+
+
+def test_every_notebook_is_tested():
+    assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == sorted(FIGURES)
+
+
+def test_parameters_cell_is_tagged():
+    import nbformat
+
+    for name in FIGURES:
+        nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+        tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
+        assert len(tagged) == 1, name
+        for key in ("model", "images", "device", "resolution", "K", "seeds", "output_dir"):
+            assert f"\n{key} = " in "\n" + tagged[0].source, (name, key)
+
+
+def test_00_quickstart(tmp_path):
+    data = run_notebook("00_quickstart", tmp_path)
+    assert data["num_segments"] == 4
+    assert data["labels_shape"] == data["image_shape"]
+    for method in ("emerdiff", "nearest", "bilinear"):
+        assert finite_in(data["miou"][method], 0, 100)  # voc_sample has ground truth
+    assert all(finite_in(v, 0, 1) for v in data["locality"])
+    assert data["unet_calls"]["modulation"] >= 1
+
+
+def test_01_layer_probe(tmp_path):
+    data = run_notebook("01_layer_probe", tmp_path)
+    assert data["score"] == "miou"
+    assert data["num_layers"] == 32  # every self- and cross-attention layer of the SD-shaped UNet
+    assert len(data["feature_rows"]) == 32
+    assert {r["kind"] for r in data["feature_rows"]} == {"self", "cross"}
+    assert all(finite_in(r["miou"], 0, 100) for r in data["feature_rows"])
+    assert len(data["modulation_rows"]) == 2
+    assert data["paper_modulation_layer"] in {r["layer"] for r in data["modulation_rows"]}
+    assert all(finite_in(r["locality"], 0, 1) for r in data["modulation_rows"])
+    assert data["best_feature_layer"] in {r["layer"] for r in data["feature_rows"]}
+
+
+def test_02_timestep_probe(tmp_path):
+    data = run_notebook("02_timestep_probe", tmp_path)
+    assert [r["feature_timestep"] for r in data["feature_rows"]] == [901, 501, 1]
+    assert [r["modulation_timestep"] for r in data["modulation_rows"]] == [201, 101]
+    assert [r["steps_after"] for r in data["modulation_rows"]] == [3, 2]
+    assert [r["readout_steps"] for r in data["readout_rows"]] == [1, 3]
+    assert all(finite_in(r["locality"], 0, 1) for r in data["modulation_rows"] + data["readout_rows"])
+    assert data["best_feature_timestep"] in (901, 501, 1)
+
+
+def test_03_magnitude_probe(tmp_path):
+    data = run_notebook("03_magnitude_probe", tmp_path)
+    one = {r["lambda"]: r for r in data["lambda_rows"] if r["mode"] == "one-sided"}
+    assert sorted(one) == [-10.0, 0.0, 10.0]
+    assert one[0.0]["degenerate"] and one[0.0]["locality"] == 0.0 and one[0.0]["energy"] == 0.0
+    assert one[10.0]["energy"] > 0 and one[-10.0]["energy"] > 0
+    pair = {r["lambda"]: r for r in data["lambda_rows"] if r["mode"] == "pair"}
+    assert sorted(pair) == [0.0, 10.0] and pair[0.0]["degenerate"]
+    assert [r["K"] for r in data["k_rows"]] == [2, 4]
+    assert all(finite_in(r[m], 0, 100) for r in data["k_rows"] for m in ("miou", "miou_nearest", "miou_bilinear"))
+
+
+def test_04_paper_figures(tmp_path):
+    data = run_notebook("04_paper_figures", tmp_path)
+    assert finite_in(data["key_locality"], 0, 1)
+    assert data["key_difference_max"] > 0
+    assert data["grid"]["timesteps"] == [201, 101]
+    assert all(finite_in(v, 0, 100) for v in data["miou"][0].values())
+    assert len(data["failure_masks"]) >= 2
+
+
+def test_05_inspector(tmp_path):
+    data = run_notebook("05_inspector", tmp_path)
+    assert data["errors"] == []
+    # flipping lambda's sign changes I+/I-; selecting another segment changes the highlight
+    assert data["changed"]["plus"] and data["changed"]["minus"] and data["changed"]["image"]
+    assert data["displayed"]["labels"][:2] == data["displayed"]["difference"][:2]
