@@ -40,8 +40,8 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 
 from .datasets import LAYOUTS, SegmentationDataset, open_dataset
-from .evaluate import (METHOD_FIELDS, METHODS, PROTOCOLS, ImageRecord, build_record,
-                       evaluate_records, segmentation_field, summary_rows)
+from .evaluate import (METHOD_FIELDS, METHODS, PROTOCOLS, ImageRecord, build_record, confusion_matrix,
+                       evaluate_records, scores, segmentation_field, summary_rows)
 
 # Test-only hook: "path/to/file.py:factory"; factory(args) returns segment_fn.
 # Lets a subprocess (e.g. under `accelerate launch`) run without a diffusion model.
@@ -59,9 +59,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark split (default: its validation split); folder layout: a sub-folder")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="void label value of the folder layout (default 255)")
-    p.add_argument("--protocol", default="hungarian", choices=[*PROTOCOLS, "both"],
+    p.add_argument("--protocol", default="hungarian", choices=[*PROTOCOLS, "both", "openvocab"],
                    help="hungarian: dataset k-means + Hungarian matching; concept: nearest GT "
-                        "concept embedding, no matching; both (default: hungarian)")
+                        "concept embedding, no matching; both; openvocab: class names from the "
+                        "dataset's class list by an open-vocabulary labeller, alone and pooled in "
+                        "EmerDiff masks, no matching (default: hungarian)")
+    p.add_argument("--labeller", choices=["clip", "unet"], default="unet",
+                   help="openvocab: clip (MaskCLIP features) or unet (the diffusion model's own "
+                        "cross-attention) (default: unet)")
+    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
+                   help="openvocab with --labeller clip: CLIP hub id or folder")
     p.add_argument("--model", default="tiny", help="diffusers folder, hub id, 'tiny' or 'reference'")
     p.add_argument("--out", required=True, help="output folder (per_image/, results.json, results.csv)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
@@ -124,14 +131,56 @@ def method_config(args: argparse.Namespace, device: str | None) -> Any:
     return EmerDiffConfig().replace(**fields)
 
 
-def _default_segmenter(args: argparse.Namespace, device: str | None) -> tuple[SegmentFn, dict]:
-    """Load the model once and return its ``segment`` plus the config dict."""
+def _default_segmenter(args: argparse.Namespace, device: str | None) -> tuple[SegmentFn, dict, Any]:
+    """Load the model once and return its ``segment``, the config dict and the model."""
     from . import EmerDiff, load_pipeline
 
     config = method_config(args, device)
     model = load_pipeline(args.model, device=device, dtype=args.dtype)
     segmenter = EmerDiff(model, config)
-    return (lambda image: segmenter.segment(image, progress=False)), config.to_dict()
+    return (lambda image: segmenter.segment(image, progress=False)), config.to_dict(), model
+
+
+def _labeller(args: argparse.Namespace, model: Any, device: str | None) -> Any:
+    """The open-vocabulary labeller of ``--labeller`` (the unet one reuses the diffusion model)."""
+    from .openvocab import CLIPMaskLabeller, CrossAttentionLabeller
+
+    if args.labeller == "clip":
+        return CLIPMaskLabeller(args.clip_model, device=device)
+    if model is None:
+        from . import load_pipeline
+
+        model = load_pipeline(args.model, device=device, dtype=args.dtype)
+    cfg = method_config(args, device)
+    return CrossAttentionLabeller(model, resolution=cfg.resolution, seed=cfg.seed)
+
+
+def openvocab_path(out: Path, labeller: str, image_id: str) -> Path:
+    """Per-image open-vocabulary result: mask classes and the labeller-alone confusion."""
+    return out / f"openvocab_{labeller}" / f"{_safe_id(image_id)}.npz"
+
+
+def openvocab_rows(out: Path, dataset: SegmentationDataset, indices: Sequence[int], labeller: str,
+                   ) -> list[dict[str, Any]]:
+    """Dataset-level mIoU of the labeller alone and of the labeller pooled in EmerDiff masks."""
+    c = dataset.num_classes
+    alone = np.zeros((c, c), np.int64)
+    masked = np.zeros((c, c), np.int64)
+    for i in indices:
+        image_id = dataset.image_ids[i]
+        counts = load_record(record_path(out, image_id)).counts["emerdiff"]  # (K, C)
+        with np.load(openvocab_path(out, labeller, image_id)) as z:
+            alone += z["dense_confusion"]
+            classes = z["mask_classes"]
+        for m, cls in enumerate(classes):  # every pixel of mask m takes class cls
+            masked[:, cls] += counts[m]
+    rows = []
+    for method, conf in ((labeller, alone), (f"{labeller}+emerdiff", masked)):
+        sc = scores(conf, dataset.class_names)
+        rows.append({"protocol": "openvocab", "method": method, "miou": sc["miou"],
+                     "pixel_accuracy": sc["pixel_accuracy"], "num_classes_present": sc["num_classes_present"],
+                     "num_images": len(indices), "locality": None})
+    return rows
 
 
 def _test_segmenter(spec: str, args: argparse.Namespace) -> SegmentFn:
@@ -285,12 +334,22 @@ def _default_device(state: Any) -> str | None:
 
 
 def _segment_share(state: Any, dataset: SegmentationDataset, indices: Sequence[int], out: Path,
-                   segment_fn: SegmentFn, quiet: bool) -> int:
-    """Segment this process's share of ``indices`` that has no per-image file yet."""
+                   segment_fn: SegmentFn, quiet: bool, openvocab: tuple[str, Any] | None = None) -> int:
+    """Segment this process's share of ``indices`` that has no per-image file yet.
+
+    ``openvocab`` = (labeller name, labeller): also label the masks with the
+    dataset's class names and cache the result per image.
+    """
     from tqdm.auto import tqdm
 
     share = list(indices)[state.process_index::state.num_processes]
-    todo = [i for i in share if not record_path(out, dataset.image_ids[i]).exists()]
+
+    def missing(i: int) -> bool:
+        image_id = dataset.image_ids[i]
+        return not record_path(out, image_id).exists() or (
+            openvocab is not None and not openvocab_path(out, openvocab[0], image_id).exists())
+
+    todo = [i for i in share if missing(i)]
     bar = tqdm(total=len(share), initial=len(share) - len(todo), desc=f"evaluate[{state.process_index}]",
                unit="img", disable=quiet, position=state.process_index, leave=True)
     try:
@@ -301,6 +360,15 @@ def _segment_share(state: Any, dataset: SegmentationDataset, indices: Sequence[i
                                   dataset.ignore_index, METHODS)
             maps = {m: np.asarray(segmentation_field(seg, METHOD_FIELDS[m])) for m in METHODS}
             maps["gt"] = sample.label
+            if openvocab is not None:
+                name, labeller = openvocab
+                res = labeller.label(sample.image, seg, list(dataset.class_names))
+                dense = confusion_matrix(res.dense_class_map, np.asarray(sample.label), dataset.num_classes,
+                                         dataset.ignore_index)
+                buf = io.BytesIO()
+                np.savez_compressed(buf, mask_classes=res.mask_classes.astype(np.int64), dense_confusion=dense)
+                write_atomic_bytes(openvocab_path(out, name, sample.image_id), buf.getvalue())
+            # the record last: its presence marks the image done for the mask protocols
             save_record(record_path(out, sample.image_id), record, maps)
             bar.update(1)
     finally:
@@ -309,7 +377,8 @@ def _segment_share(state: Any, dataset: SegmentationDataset, indices: Sequence[i
 
 
 def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int],
-                  protocols: Sequence[str], seed: int, run_info: dict[str, Any]) -> dict[str, Any]:
+                  protocols: Sequence[str], seed: int, run_info: dict[str, Any],
+                  labeller: str | None = None) -> dict[str, Any]:
     """Run the protocols on the cached per-image records and write results.json / .csv."""
     paths = [record_path(out, dataset.image_ids[i]) for i in indices]
     missing = [str(p) for p in paths if not p.exists()]
@@ -319,6 +388,10 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
     first = records[0]
     results, rows = [], []
     for protocol in protocols:
+        if protocol == "openvocab":
+            assert labeller is not None
+            rows.extend(openvocab_rows(out, dataset, indices, labeller))
+            continue
         res = evaluate_records(records, protocol, dataset.num_classes, dataset.class_names,
                                dataset.ignore_index, METHODS, seed=seed)
         results.append(res)
@@ -386,6 +459,7 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     indices = list(range(n))
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    labeller_name = getattr(args, "labeller", "unet") if "openvocab" in protocols else None
     device = args.device or _default_device(state)
 
     hook = os.environ.get(TEST_SEGMENTER_ENV)
@@ -401,11 +475,14 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
         _check_signature(out, signature, False)
 
     share = indices[state.process_index::state.num_processes]
-    pending = [i for i in share if not record_path(out, dataset.image_ids[i]).exists()]
+    pending = [i for i in share if not record_path(out, dataset.image_ids[i]).exists()
+               or (labeller_name is not None and not openvocab_path(out, labeller_name, dataset.image_ids[i]).exists())]
+    model = None
     if pending and segment_fn is None:  # load the model only when there is work left
-        segment_fn, _ = _default_segmenter(args, device)
+        segment_fn, _, model = _default_segmenter(args, device)
+    openvocab = (labeller_name, _labeller(args, model, device)) if pending and labeller_name else None
     if segment_fn is not None:
-        done = _segment_share(state, dataset, indices, out, segment_fn, args.quiet)
+        done = _segment_share(state, dataset, indices, out, segment_fn, args.quiet, openvocab)
     else:
         done = 0
     state.wait_for_everyone()
@@ -413,7 +490,7 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     if state.is_main_process:
         run_info = {**signature, "protocol": args.protocol, "limit": args.limit,
                     "num_processes": state.num_processes}
-        payload = merge_results(out, dataset, indices, protocols, args.seed, run_info)
+        payload = merge_results(out, dataset, indices, protocols, args.seed, run_info, labeller_name)
         if not args.quiet:
             print(f"segmented {done} new image(s) here; {n} evaluated -> {out / 'results.json'}",
                   file=sys.stderr)

@@ -186,8 +186,6 @@ def test_accelerate_two_processes_match_single_process(tmp_path):
     assert len(list((multi / "per_image").glob("*.npz"))) == 5
 
 
-@pytest.mark.skipif(importlib.util.find_spec("emerdiff.pipeline") is None,
-                    reason="emerdiff.pipeline not written yet")
 def test_end_to_end_tiny_model(tmp_path):
     import torch
 
@@ -209,8 +207,6 @@ def test_end_to_end_tiny_model(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(importlib.util.find_spec("emerdiff.pipeline") is None,
-                    reason="emerdiff.pipeline not written yet")
 def test_accelerate_tiny_model_matches_single_process(tmp_path):
     import torch
 
@@ -221,3 +217,24 @@ def test_accelerate_tiny_model_matches_single_process(tmp_path):
     assert run(_args(data, single, "--protocol", "both", *tiny)) == 0
     payload = _launch_two_processes(data, tmp_path / "multi", tmp_path, *tiny)
     assert payload["rows"] == _rows(single)
+
+
+def test_openvocab_protocol_with_unet_labeller(tmp_path):
+    """Class names from the dataset's list: labeller alone and pooled in EmerDiff masks, cached per image."""
+    import torch
+
+    torch.set_num_threads(1)
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    args = _args(data, out, "--model", "tiny", "--resolution", "64", "--k", "3", "--protocol", "openvocab",
+                 "--labeller", "unet", "--device", "cpu", "--set", "num_inference_steps=10",
+                 "--set", "modulation_timestep=201")
+    assert run(args) == 0
+    rows = _rows(out)
+    assert [r["method"] for r in rows] == ["unet", "unet+emerdiff"]
+    assert all(r["protocol"] == "openvocab" and 0 <= r["miou"] <= 100 for r in rows)
+    assert len(list((out / "openvocab_unet").glob("*.npz"))) == 2
+    # resuming recomputes nothing and gives the same numbers
+    first = (out / "results.json").read_text()
+    assert run(args) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == json.loads(first)["rows"]
