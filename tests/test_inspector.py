@@ -1,0 +1,132 @@
+"""The inspector driven programmatically: widgets set, callbacks fired, displayed arrays checked."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display needed: the figure is drawn off screen
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("ipywidgets")
+
+from emerdiff import EmerDiff  # noqa: E402
+from emerdiff.inspector import Inspector  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # the shared 2-core machine is much faster with one torch thread
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture
+def inspector(tiny_model, fast_config, photo, one_thread):
+    rng = np.random.default_rng(0)
+    noise = (rng.random((96, 96, 3)) * 255).astype(np.uint8)
+    ed = EmerDiff(tiny_model, fast_config)
+    return Inspector(ed, {"photo": photo, "noise": noise}, timesteps=[201, 101])
+
+
+def snapshot(ins):
+    return {k: v.copy() for k, v in ins.displayed.items()}
+
+
+def test_initial_display(inspector, fast_config):
+    ins = inspector
+    assert ins.errors == []
+    r = fast_config.resolution
+    assert ins.displayed["image"].shape == (r, r, 3)
+    assert ins.displayed["plus"].shape == ins.displayed["minus"].shape == (r, r, 3)
+    assert ins.displayed["difference"].shape == ins.displayed["labels"].shape == (r, r)
+    assert ins.displayed["difference"].max() > 0
+    assert set(np.unique(ins.displayed["labels"])) <= set(range(ins.num_segments))
+    assert ins.t_stop == 201  # inverted once up to the slider's largest timestep
+    assert list(ins.segment_select.options) == [(f"segment {i}", i) for i in range(ins.num_segments)]
+
+
+def test_slider_moves_cost_only_modulated_steps(inspector):
+    ins = inspector
+    before = snapshot(ins)
+    ins.timestep_slider.value = 101
+    after = snapshot(ins)
+    assert not np.array_equal(before["difference"], after["difference"])
+    assert ins.cache_info()["prepare"] == 1 and ins.calls["perturb"] == 2
+    ins.layer_dropdown.value = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
+    assert not np.array_equal(after["difference"], ins.displayed["difference"])
+    assert ins.cache_info()["prepare"] == 1 and ins.calls["perturb"] == 3
+    ins.timestep_slider.value = 201  # (t=201, new layer) was never computed -> one new batch
+    assert ins.calls["perturb"] == 4
+    assert ins.errors == []
+
+
+def test_lambda_sign_swaps_plus_and_minus(inspector):
+    ins = inspector
+    before = snapshot(ins)
+    ins.lambda_slider.value = -ins.lambda_slider.value
+    np.testing.assert_allclose(ins.displayed["plus"], before["minus"], atol=1e-5)
+    np.testing.assert_allclose(ins.displayed["minus"], before["plus"], atol=1e-5)
+    # ||I- - I+|| is symmetric in the sign, so the labels do not move
+    np.testing.assert_allclose(ins.displayed["difference"], before["difference"], atol=1e-4)
+    ins.lambda_slider.value = 0.0
+    assert float(np.abs(ins.displayed["difference"]).max()) < 1e-3
+
+
+def test_segment_choice_is_free_and_clicking_selects(inspector):
+    ins = inspector
+    calls = dict(ins.calls)
+    before = snapshot(ins)
+    other = (ins.segment_select.value + 1) % ins.num_segments
+    ins.segment_select.value = other
+    assert ins.calls == calls  # cached: choosing a segment runs no UNet
+    assert not np.array_equal(before["image"], ins.displayed["image"])
+    assert not np.array_equal(before["difference"], ins.displayed["difference"])
+    np.testing.assert_array_equal(before["labels"], ins.displayed["labels"])
+    # a click in the image picks the segment under the cursor (token grid of the query layer)
+    seg = ins.prepared.segments.labels
+    r = ins.ed.config.resolution
+    cell = r / seg.shape[0]
+    for (row, col) in [(0, 0), (seg.shape[0] - 1, seg.shape[1] - 1)]:
+        x, y = (col + 0.5) * cell, (row + 0.5) * cell
+        assert ins.select_at(x, y) == seg[row, col] == ins.segment_select.value
+
+    class Event:  # what matplotlib hands to the button_press_event callback
+        inaxes = ins.axes["image"]
+        xdata, ydata = 0.5 * cell, 0.5 * cell
+
+    ins.segment_select.value = (int(seg[0, 0]) + 1) % ins.num_segments
+    ins._on_click(Event())
+    assert ins.segment_select.value == seg[0, 0]
+
+
+def test_image_switch_prepares_once_per_image(inspector):
+    ins = inspector
+    first = snapshot(ins)
+    ins.image_dropdown.value = "noise"
+    assert ins.cache_info()["prepared"] == ["photo", "noise"]
+    assert not np.array_equal(first["image"], ins.displayed["image"])
+    ins.image_dropdown.value = "photo"
+    assert ins.cache_info()["prepare"] == 2  # back to the first image: cached
+    np.testing.assert_array_equal(first["image"], ins.displayed["image"])
+
+
+def test_callback_errors_are_shown_not_lost(inspector, monkeypatch):
+    ins = inspector
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom in the UNet")
+
+    monkeypatch.setattr("emerdiff.inspector.perturb_images", broken)
+    ins.lambda_slider.value = 3.0  # uncached setting -> perturbation -> error
+    assert ins.errors and "boom in the UNet" in ins.errors[-1]
+    assert any("boom in the UNet" in o.get("text", "") for o in ins.log.outputs)
+    assert "error" in ins.status.value
+
+
+def test_bad_timesteps_fail_early(tiny_model, fast_config):
+    with pytest.raises(ValueError, match="not on the schedule"):
+        Inspector(EmerDiff(tiny_model, fast_config), {"x": np.zeros((64, 64, 3), np.uint8)}, timesteps=[250])
