@@ -224,8 +224,8 @@ class Inspector:
         diff = pert.difference("pair")[sid].numpy()
         self.displayed = {
             "image": highlight_mask(overlay(img, lowres, 0.35), prep.segments.labels == sid),
-            "plus": pert.plus[sid].permute(1, 2, 0).numpy(),
-            "minus": pert.minus[sid].permute(1, 2, 0).numpy(),
+            "plus": pert.plus[sid].clamp(0, 1).permute(1, 2, 0).numpy(),
+            "minus": pert.minus[sid].clamp(0, 1).permute(1, 2, 0).numpy(),
             "difference": diff,
             "labels": labels,
         }

@@ -420,7 +420,9 @@ def readout_steps_sweep(
 # --------------------------------------------------------------------------- magnitude probes
 @dataclass
 class Perturbation:
-    """Decoded images of one modulated batch, all (.., 3, R, R) in [0, 1] on the CPU."""
+    """Decoded images of one modulated batch, (.., 3, R, R) on the CPU, mapped to [0, 1] but *not*
+    clipped: the difference maps must match the pipeline's, which are taken before any clipping.
+    Clip (``viz.to_uint8`` does) for display."""
 
     plus: torch.Tensor  # (K, 3, R, R): +lambda on mask i
     minus: torch.Tensor  # (K, 3, R, R): -lambda on mask i
@@ -466,7 +468,7 @@ def perturb_images(
     step = max(1, cfg.decode_batch)
     allx = torch.cat([ref, lat])
     for s in range(0, allx.shape[0], step):
-        imgs.append(((decode(ed.model, allx[s:s + step]).float() + 1) / 2).clamp(0, 1).cpu())
+        imgs.append(((decode(ed.model, allx[s:s + step]).float() + 1) / 2).cpu())
     imgs_t = torch.cat(imgs)
     return Perturbation(plus=imgs_t[1::2], minus=imgs_t[2::2], reference=imgs_t[0])
 
@@ -484,7 +486,7 @@ def lambda_sweep(
     I0||; lambda = 0 compares I0 with itself, degenerate by construction) and
     each magnitude a paired row (mode 'pair': d = ||I- - I+||, EmerDiff's map,
     lambda reported as |lambda|). Rows: image, seed, lambda, mode, locality, ...,
-    miou, boundary, saturated (share of I pixels clipped at 0 or 1).
+    miou, boundary, saturated (share of pixel values outside [0, 1], clipped on display).
     """
     mags = sorted({abs(float(s)) for s in strengths})
     rows = []
@@ -498,12 +500,12 @@ def lambda_sweep(
                     side = pert.plus if lam >= 0 else pert.minus
                     r = readout(eds, prepared, pert.difference("plus" if lam >= 0 else "minus"), item)
                     r.pop("labels")
-                    sat = float(((side <= 0) | (side >= 1)).float().mean())
+                    sat = float(((side < 0) | (side > 1)).float().mean())
                     rows.append(dict(image=item.name, seed=seed, **{"lambda": lam}, mode="one-sided",
                                      saturated=sat, **r))
                 r = readout(eds, prepared, pert.difference("pair"), item)
                 r.pop("labels")
-                sat = float(((pert.plus <= 0) | (pert.plus >= 1) | (pert.minus <= 0) | (pert.minus >= 1)).float().mean())
+                sat = float(((pert.plus < 0) | (pert.plus > 1) | (pert.minus < 0) | (pert.minus > 1)).float().mean())
                 rows.append(dict(image=item.name, seed=seed, **{"lambda": mag}, mode="pair", saturated=sat, **r))
     return rows
 

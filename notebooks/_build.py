@@ -183,7 +183,7 @@ TIMESTEP_PROBE = notebook(
     '''\
 feature_timesteps = None     # None: the whole schedule
 modulation_timesteps = None  # None: the whole schedule (each costs one modulated denoising)
-readout_steps = [1, 2, None] # None = full schedule with the stored inversion noise
+readout_steps = [1, 2, None] # None: full schedule with the stored inversion noise
 ''',
     [
         code('''\
@@ -315,7 +315,7 @@ INSPECTOR = notebook(
     "only the modulated steps. Errors in callbacks appear in the log below the figure.",
     '''\
 mpl_backend = "widget"   # ipympl; "agg" for headless runs
-slider_timesteps = None  # None: every schedule timestep <= modulation_timestep
+slider_timesteps = None  # None: every schedule timestep up to modulation_timestep
 ''',
     [
         code('''\

@@ -1,0 +1,158 @@
+"""Probe functions on the tiny model: row shapes, score ranges, degenerate cases, consistency with the pipeline."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from emerdiff import EmerDiff
+from emerdiff import probes
+from emerdiff.models import layer_table
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # much faster than 2 on the busy shared CPU
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def items():
+    voc, astro = probes.load_probe_images(["voc_sample", "astronaut"])
+    return voc, astro
+
+
+@pytest.fixture
+def ed(tiny_model, fast_config):
+    return EmerDiff(tiny_model, fast_config)
+
+
+# ------------------------------------------------------------------ scores
+def test_hungarian_miou_is_permutation_invariant():
+    gt = np.repeat(np.arange(3), 4)[None].repeat(4, 0)  # three vertical bands
+    assert probes.hungarian_miou((gt + 1) % 3, gt, num_classes=3) == pytest.approx(100.0)
+    assert probes.hungarian_miou(np.zeros_like(gt), gt, num_classes=3) < 50
+    ignore = gt.copy()
+    ignore[:, :4] = 255  # ignored pixels never count
+    assert probes.hungarian_miou(np.zeros_like(gt), ignore, num_classes=3) < 100
+
+
+def test_boundary_alignment_rewards_edges():
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = 255  # one vertical edge
+    on_edge = (np.arange(32)[None] >= 16).repeat(32, 0).astype(int)
+    off_edge = (np.arange(32)[:, None] >= 8).repeat(32, 1).astype(int)
+    assert probes.boundary_alignment(on_edge, img) > 5
+    assert probes.boundary_alignment(off_edge, img) < 1.5
+    assert math.isnan(probes.boundary_alignment(np.zeros((32, 32), int), img))
+    assert probes.boundary_alignment(on_edge[::4, ::4], img) > 5  # coarse maps are resized
+
+
+def test_silhouette_range_and_single_cluster():
+    rng = np.random.default_rng(0)
+    f = np.concatenate([rng.normal(size=(20, 4)) + [5, 0, 0, 0], rng.normal(size=(20, 4)) + [0, 5, 0, 0]])
+    s = probes.silhouette(f, np.repeat([0, 1], 20))
+    assert 0.3 < s <= 1
+    assert math.isnan(probes.silhouette(f, np.zeros(40, int)))
+
+
+def test_summarize_and_best():
+    rows = [dict(x=1, m=1.0), dict(x=1, m=3.0), dict(x=2, m=float("nan")), dict(x=3, m=0.5)]
+    table = probes.summarize(rows, "x", ["m"])
+    assert [r["x"] for r in table] == [1, 2, 3]
+    assert table[0]["m"] == 2.0 and table[0]["m_sd"] == 1.0 and table[0]["n"] == 2
+    assert math.isnan(table[1]["m"])
+    assert probes.best(rows, "m", "x") == 1
+
+
+def test_short_layer_names():
+    assert probes.short_layer("up_blocks.1.attentions.2.transformer_blocks.0.attn2") == "up1.a2.attn2"
+    assert probes.short_layer("mid_block.attentions.0.transformer_blocks.0.attn1") == "mid.a0.attn1"
+
+
+# ------------------------------------------------------------------ probes
+def test_layer_probe_one_row_per_attention_layer(ed, items):
+    voc, astro = items
+    rows = probes.layer_probe(ed, [voc, astro])
+    layers = [r["layer"] for r in layer_table(ed.model.unet)]
+    assert [r["layer"] for r in rows] == layers * 2
+    with_gt, without = rows[: len(layers)], rows[len(layers):]
+    assert all(r["score_name"] == "miou" and 0 <= r["miou"] <= 100 for r in with_gt)
+    assert all(r["score_name"] == "boundary" and math.isnan(r["miou"]) for r in without)
+    assert all(math.isfinite(r["boundary"]) and -1 <= r["silhouette"] <= 1 for r in rows)
+    assert all(r["clusters"] <= min(ed.config.num_clusters, r["tokens"]) for r in rows)
+    with pytest.raises(ValueError, match="unknown layers"):
+        probes.layer_probe(ed, [voc], layers=["nope"])
+
+
+def test_modulation_layer_probe_locality_in_unit_interval(ed, items):
+    layers = ["up_blocks.1.attentions.2.transformer_blocks.0.attn2", "down_blocks.0.attentions.0.transformer_blocks.0.attn2"]
+    rows = probes.modulation_layer_probe(ed, items[:1], layers=layers)
+    assert [r["layer"] for r in rows] == layers
+    for r in rows:
+        assert 0 <= r["locality_min"] <= r["locality"] <= 1
+        assert 0 <= r["miou"] <= 100 and not r["degenerate"] and r["energy"] > 0
+
+
+def test_lambda_zero_is_degenerate_without_nan(ed, items):
+    rows = probes.lambda_sweep(ed, items[:1], strengths=(0.0, -5.0, 5.0))
+    by = {(r["lambda"], r["mode"]): r for r in rows}
+    assert set(by) == {(0.0, "one-sided"), (0.0, "pair"), (-5.0, "one-sided"), (5.0, "one-sided"), (5.0, "pair")}
+    for key in [(0.0, "one-sided"), (0.0, "pair")]:
+        r = by[key]
+        assert r["degenerate"] and r["locality"] == 0.0 and r["locality_min"] == 0.0
+        assert all(not (isinstance(v, float) and math.isnan(v)) for k, v in r.items() if k not in ("boundary",))
+    for key in [(-5.0, "one-sided"), (5.0, "one-sided"), (5.0, "pair")]:
+        assert 0 < by[key]["locality"] <= 1 and by[key]["energy"] > 0 and 0 <= by[key]["saturated"] <= 1
+
+
+def test_perturb_images_pair_matches_pipeline(ed, items):
+    prepared = ed.prepare(items[0].image)
+    maps, _ = ed.perturb(prepared)
+    pert = probes.perturb_images(ed, prepared)
+    torch.testing.assert_close(pert.difference("pair"), maps.float().cpu(), atol=2e-3, rtol=1e-3)
+    assert pert.plus.shape == pert.minus.shape == (prepared.segments.num_segments, 3, 128, 128)
+    # the reference of the batch is the unmodulated reconstruction
+    torch.testing.assert_close(pert.reference.clamp(0, 1), ed.reconstruct(prepared).cpu(), atol=2e-3, rtol=1e-3)
+
+
+def test_timestep_sweeps(ed, items):
+    voc = items[0]
+    f = probes.feature_timestep_sweep(ed, [voc], timesteps=[901, 1])
+    assert [r["feature_timestep"] for r in f] == [901, 1] and all(0 <= r["miou"] <= 100 for r in f)
+    m = probes.modulation_timestep_sweep(ed, [voc], timesteps=[201, 101])
+    assert [(r["modulation_timestep"], r["steps_after"]) for r in m] == [(201, 3), (101, 2)]
+    assert all(0 <= r["locality"] <= 1 for r in m)
+    s = probes.readout_steps_sweep(ed, [voc], steps=[1, None])
+    assert [(r["readout_steps"], r["mode"]) for r in s] == [(1, "DDIM"), (3, "stored noise (full)")]
+    with pytest.raises(ValueError, match="not on the schedule"):
+        probes.modulation_timestep_sweep(ed, [voc], timesteps=[250])
+
+
+def test_k_sweep_reuses_inversion(ed, items, monkeypatch):
+    calls = []
+    original = EmerDiff.prepare
+    monkeypatch.setattr(EmerDiff, "prepare", lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    rows = probes.k_sweep(ed, items[:1], ks=(2, 3))
+    assert len(calls) == 1
+    assert [r["K"] for r in rows] == [2, 3]
+    assert all(r["segments"] <= r["K"] and 0 <= r["vanished"] < 1 for r in rows)
+    assert all(0 <= r[k] <= 100 for r in rows for k in ("miou", "miou_nearest", "miou_bilinear"))
+    with pytest.raises(ValueError, match="exceed"):
+        probes.k_sweep(ed, items[:1], ks=(99,))
+
+
+def test_failure_entries_and_grid(ed, items):
+    voc = items[0]
+    seg = ed.segment(voc.image, return_difference_maps=True, progress=False)
+    entries = probes.failure_entries(seg, voc.image, n=2)
+    assert len(entries) >= 2 and all(e["mask"].shape == seg.lowres_labels.shape for e in entries)
+    prepared = ed.prepare(voc.image, t_stop=201)
+    grid = probes.difference_map_grid(ed, prepared, 0, [ed.config.modulation_layer], [201, 101], [10.0])
+    assert set(grid) == {(ed.config.modulation_layer, 201, 10.0), (ed.config.modulation_layer, 101, 10.0)}
+    assert all(m.shape == (128, 128) for m in grid.values())
