@@ -34,6 +34,7 @@ Scores
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,23 +228,10 @@ def candidate_layers(ed: EmerDiff, kind: str = "cross") -> list[str]:
 
 def short_layer(name: str) -> str:
     """Compact layer label for plots: up_blocks.1.attentions.0.transformer_blocks.0.attn2 -> up1.a0.attn2."""
-    parts = name.split(".")
-    out = []
-    i = 0
-    while i < len(parts):
-        p = parts[i]
-        if p in ("down_blocks", "up_blocks") and i + 1 < len(parts):
-            out.append(("down" if p == "down_blocks" else "up") + parts[i + 1]); i += 2; continue
-        if p == "mid_block":
-            out.append("mid"); i += 1; continue
-        if p == "attentions" and i + 1 < len(parts):
-            out.append("a" + parts[i + 1]); i += 2; continue
-        if p == "transformer_blocks" and i + 1 < len(parts):
-            if parts[i + 1] != "0":
-                out.append("t" + parts[i + 1])
-            i += 2; continue
-        out.append(p); i += 1
-    return ".".join(out)
+    s = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", name).replace("mid_block", "mid")
+    s = re.sub(r"attentions\.(\d+)", r"a\1", s)
+    s = s.replace(".transformer_blocks.0.", ".")  # SD has one transformer block per attention
+    return re.sub(r"transformer_blocks\.(\d+)", r"t\1", s)
 
 
 # --------------------------------------------------------------------------- layer probes
