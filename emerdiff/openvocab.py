@@ -307,9 +307,6 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 
 
 def legend_figure(image: ImageInput, result: OpenVocabResult, title: str = "") -> Any:
     """Image beside its class map, with a legend of the classes present."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 

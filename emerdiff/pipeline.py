@@ -20,7 +20,7 @@ from .assign import assign_labels, bilinear_upsample, locality, nearest_upsample
 from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
 from .images import ImageInput, load_image, resize_labels, to_model_input
-from .inversion import Inversion, Schedule, invert
+from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features
 from .models import SDModel, feature_resolution
 from .modulation import CallCounter, decode, difference_maps, modulated_latents, unet_forward
@@ -162,16 +162,28 @@ class EmerDiff:
             controller.capture_layers = {cfg.query_layer} if t == t_f else set()
             return unet_forward(self.model, x, t, counter, "inversion")
 
-        with clock("inversion"), controlled_attention(self.model.unet, controller):
-            inv = invert(unet_fn, self.schedule, x0, generator, t_stop=t_stop, progress=lambda t: bar.update(1))
-        bar.close()
-        with clock("features"):
-            queries = controller.captured.get(cfg.query_layer)
-            if queries is None or cfg.feature_noise_draws > 1:
+        if cfg.readout_steps is not None:
+            # The reduced readout is deterministic from the sampled x_{t_m} and never
+            # reads a noise map, so no inversion call is needed at all; the feature
+            # call sees the same x_{t_f} the inversion would have used.
+            bar.close()
+            noisy = sample_noisy_latents(self.schedule, x0, generator)
+            inv = Inversion(self.schedule, x0, noisy, {}, {}, t_stop)
+            with clock("features"):
                 queries = self.extract_queries(inv, [cfg.query_layer], t_f, cfg.feature_noise_draws,
                                                generator, counter, include_stored=True)[cfg.query_layer]
-            else:
-                queries = queries[0]
+        else:
+            with clock("inversion"), controlled_attention(self.model.unet, controller):
+                inv = invert(unet_fn, self.schedule, x0, generator, t_stop=t_stop,
+                             progress=lambda t: bar.update(1))
+            bar.close()
+            with clock("features"):
+                queries = controller.captured.get(cfg.query_layer)
+                if queries is None or cfg.feature_noise_draws > 1:
+                    queries = self.extract_queries(inv, [cfg.query_layer], t_f, cfg.feature_noise_draws,
+                                                   generator, counter, include_stored=True)[cfg.query_layer]
+                else:
+                    queries = queries[0]
         grid = self.query_grid()
         with clock("kmeans"):
             segments = cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
@@ -227,14 +239,15 @@ class EmerDiff:
         cfg = self.config
         t_m = cfg.modulation_timestep if timestep is None else timestep
         layer = layer or cfg.modulation_layer
-        if t_m not in prepared.inversion.noise_maps:
+        inverted = t_m in prepared.inversion.noise_maps
+        if not inverted and (cfg.readout_steps is None or t_m not in prepared.inversion.noisy):
             raise ValueError(f"timestep {t_m} was not inverted; call prepare(image, t_stop={t_m})")
         masks = prepared.masks()
         if mask_ids is not None:
             masks = masks[list(mask_ids)]
         counter = counter or CallCounter()
         clock = clock or _Clock(self.model.device)
-        steps = len([t for t in prepared.inversion.inverted_timesteps if t <= t_m])
+        steps = len([t for t in self.schedule.timesteps if t <= t_m])
         if cfg.readout_steps is not None:
             steps = min(steps, cfg.readout_steps)
         chunks = -(-2 * masks.shape[0] // max(1, cfg.max_batch - 1))

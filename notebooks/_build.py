@@ -259,6 +259,7 @@ key_mask = None               # None: the mask with the highest locality on the 
 grid_layers = None            # None: the three cross-attention layers of the 16x16 decoder block
 grid_timesteps = None         # None: three timesteps spread over the schedule's lower half
 grid_strengths = [-10.0, 10.0, 100.0]
+vocabulary = "person, sky, grass, water, building, animal"  # open-vocabulary legend (first image)
 ''',
     [
         code('''\
@@ -296,8 +297,19 @@ writer.save(fig, "fig_ablation_layer_timestep_lambda")'''),
 entries = probes.failure_entries(seg, item.image, n=2)
 fig = viz.failure_cases(entries, MODEL_LABEL)
 writer.save(fig, "fig_failure_cases")'''),
+        md("Open vocabulary: each EmerDiff mask named by the diffusion model's own cross-attention "
+           "(DAAM-style, no extra model), with its legend. `emerdiff.openvocab.CLIPMaskLabeller` does the same "
+           "with MaskCLIP features."),
+        code('''\
+from emerdiff.openvocab import CrossAttentionLabeller, legend_figure
+
+labeller = CrossAttentionLabeller(sd, resolution=config.resolution, seed=config.seed)
+named = labeller.label(item.image, seg, vocabulary)
+fig = legend_figure(item.image, named, title=f"open-vocabulary labels (cross-attention) · {MODEL_LABEL}")
+writer.save(fig, "fig_open_vocabulary")'''),
         code('''\
 writer.sidecar("04_paper_figures", {
+    "open_vocabulary": {"vocabulary": named.vocabulary, "mask_classes": named.mask_classes.tolist()},
     "images": [i.name for i in items], "key_mask": mask_id, "key_locality": float(seg.locality[mask_id]),
     "key_difference_max": float(diff.max()), "miou": scores,
     "grid": {"layers": layers, "timesteps": timesteps, "strengths": grid_strengths},

@@ -36,7 +36,7 @@ FIGURES = {
                           "02_timestep_probe_readout_steps"],
     "03_magnitude_probe": ["03_magnitude_probe_lambda", "03_magnitude_probe_k", "03_magnitude_probe_failure_modes"],
     "04_paper_figures": ["fig1_teaser", "fig2_key_observation", "fig4_upsampling_vs_emerdiff",
-                         "fig_ablation_layer_timestep_lambda", "fig_failure_cases"],
+                         "fig_ablation_layer_timestep_lambda", "fig_failure_cases", "fig_open_vocabulary"],
     "05_inspector": ["05_inspector"],
 }
 
@@ -137,6 +137,8 @@ def test_04_paper_figures(tmp_path):
     assert data["grid"]["timesteps"] == [201, 101]
     assert all(finite_in(v, 0, 100) for v in data["miou"][0].values())
     assert len(data["failure_masks"]) >= 2
+    ov = data["open_vocabulary"]
+    assert len(ov["vocabulary"]) == 6 and all(0 <= c < 6 for c in ov["mask_classes"])
 
 
 def test_05_inspector(tmp_path):
