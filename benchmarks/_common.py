@@ -9,7 +9,9 @@ Two runners produce a :class:`Run` each:
 * :func:`run_batched` -- our pipeline: all (mask, sign) runs in batches of
   ``max_batch`` with the reference as element 0 of every chunk, inversion
   only over t <= t_m with the Step A features taken from the inversion's own
-  call at t_f = 1, difference maps decoded ``decode_batch`` at a time.
+  call at t_f = 1 (with ``readout_steps`` set, ``EmerDiff.prepare`` runs no
+  inversion at all: x_t are sampled and one feature call remains), difference
+  maps decoded ``decode_batch`` at a time.
 * :func:`run_per_mask_loop` -- what a straightforward implementation does:
   for every mask one ``modulated_latents`` call with ``max_batch=3`` (the
   reference recomputed alongside +lambda and -lambda, so attention injection
@@ -35,12 +37,10 @@ import torch
 
 from emerdiff import EmerDiffConfig
 from emerdiff.assign import assign_labels
-from emerdiff.images import load_image, resize_labels
-from emerdiff.inversion import Inversion, sample_noisy_latents
-from emerdiff.lowres import cluster_features
+from emerdiff.images import resize_labels
 from emerdiff.models import SDModel, load_pipeline, resolve_device, resolve_dtype
-from emerdiff.modulation import CallCounter, difference_maps, modulated_latents
-from emerdiff.pipeline import EmerDiff, PreparedImage
+from emerdiff.modulation import difference_maps, modulated_latents
+from emerdiff.pipeline import EmerDiff
 
 RANDOM_MODELS = {"sd15-random": "sd15", "sd21-random": "sd21-base"}
 # Stages shown in the tables, in pipeline order. "features" includes the k-means.
@@ -202,53 +202,18 @@ def _assign(pipe: EmerDiff, maps: torch.Tensor, size: tuple[int, int], clock: St
         return resize_labels(model_res.cpu(), size)
 
 
-def prepare_without_inversion(pipe: EmerDiff, image: Any, counter: CallCounter | None = None) -> PreparedImage:
-    """What reduced-step readout needs, with no inversion at all (prototype of a core change).
-
-    The deterministic readout (``readout_steps`` set) starts from the stored
-    x_{t_m} and never reads a noise map z_t, and every x_t is *sampled*, not
-    computed. So the only UNet call before the modulated batch is the Step A
-    feature call at t_f on the same x_{t_f} the inversion would have used
-    (same generator, same draw order): features, k-means and final labels are
-    identical to ``pipe.prepare`` + reduced readout, minus the 15 inversion calls.
-    The returned Inversion carries a placeholder z_{t_m} only to satisfy
-    ``perturb``'s check; it is never read.
-    """
-    cfg = pipe.config
-    if cfg.readout_steps is None:
-        raise ValueError("prepare_without_inversion only serves readout_steps mode")
-    counter = counter or CallCounter()
-    clock = StageClock(pipe.model.device)
-    img = load_image(image)
-    with clock.stage("encode"):
-        x0 = pipe.encode(img)
-    generator = torch.Generator("cpu").manual_seed(cfg.seed)
-    noisy = sample_noisy_latents(pipe.schedule, x0, generator)
-    t_m = cfg.modulation_timestep
-    inv = Inversion(pipe.schedule, x0, noisy, {t_m: torch.zeros_like(x0)}, {t_m: 1.0}, t_m)
-    with clock.stage("features"):
-        queries = pipe.extract_queries(inv, [cfg.query_layer], cfg.feature_timestep,
-                                       cfg.feature_noise_draws, generator, counter)[cfg.query_layer]
-    grid = pipe.query_grid()
-    with clock.stage("kmeans"):
-        segments = cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
-    return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter)
-
-
-def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa", skip_inversion: bool = False) -> Run:
+def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa") -> Run:
     """Our pipeline, stage by stage as ``EmerDiff.segment`` runs it (labels are identical).
 
     attention: "sdpa" (the fused kernel, as shipped) or "explicit" (hand-computed
-    probabilities: the non-fused comparison). skip_inversion: use
-    :func:`prepare_without_inversion` (only with ``readout_steps``).
+    probabilities: the non-fused comparison). Preparation is ``pipe.prepare``, so
+    with ``readout_steps`` set there is no inversion (one feature call instead).
     """
     cfg = pipe.config
     device = pipe.model.device
     with MemoryProbe(device) as mem:
         t0 = time.perf_counter()
-        counter = CallCounter()
-        prepared = (prepare_without_inversion(pipe, image, counter) if skip_inversion
-                    else pipe.prepare(image))
+        prepared = pipe.prepare(image)
         counter = prepared.counter
         clock = StageClock(device)
         clock.timings.update(prepared.timings)
@@ -279,9 +244,11 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
     """The straightforward implementation: one mask at a time, batch [reference, +M_i, -M_i].
 
     prepare: "full" -- edit-friendly inversion over the whole schedule (50
-    calls at the defaults) and a separate UNet call for the Step A features;
-    "shared" -- our preparation (inversion t <= t_m, features from its t_f call),
-    so the ratio shows the batching alone.
+    calls at the defaults) and a separate UNet call for the Step A features,
+    also with ``readout_steps`` set (the textbook recipe inverts regardless);
+    "shared" -- our preparation, ``pipe.prepare`` (inversion t <= t_m with the
+    features from its t_f call; with ``readout_steps``: no inversion, one
+    feature call), so the ratio shows the batching alone.
     The modulated stage calls ``modulated_latents`` once per mask with
     ``max_batch=3`` (the reference is recomputed alongside every pair, which is
     what attention injection needs when masks are processed one by one), and
@@ -291,8 +258,9 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
     device = pipe.model.device
     with MemoryProbe(device) as mem:
         t0 = time.perf_counter()
-        if prepare == "full":
-            prepared = pipe.prepare(image, t_stop=pipe.schedule.timesteps[0])
+        if prepare == "full":  # readout_steps=None: EmerDiff.prepare skips the inversion in readout mode
+            textbook = EmerDiff(pipe.model, cfg.replace(readout_steps=None))
+            prepared = textbook.prepare(image, t_stop=pipe.schedule.timesteps[0])
         elif prepare == "shared":
             prepared = pipe.prepare(image)
         else:

