@@ -175,6 +175,43 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# Notebook sizes per model (mirrors the Makefile's FIG_SIZE).
+FIGURE_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0),
+    "reference": dict(resolution=128, K=12, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0),
+    "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0),
+}
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """Run the study notebooks with papermill; each writes its figures into --out."""
+    import papermill
+
+    folder = Path(args.notebooks)
+    notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in args.only)]
+    if not notebooks:
+        print(f"error: no study notebooks (NN_name.ipynb) in {folder}", file=sys.stderr)
+        return 2
+    params: dict[str, Any] = dict(FIGURE_SIZES.get(args.model, FIGURE_SIZES["default"]))
+    params.update(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
+    for key, value in args.param or []:
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    executed = Path(args.executed)
+    executed.mkdir(parents=True, exist_ok=True)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for nb in notebooks:
+        print(f"running {nb.name} ...", file=sys.stderr)
+        papermill.execute_notebook(str(nb), str(executed / nb.name), parameters=params,
+                                   kernel_name=args.kernel, log_output=False, progress_bar=False)
+    print(f"figures in {args.out}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="emerdiff",
@@ -208,6 +245,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None)
     p.add_argument("--offline", action="store_true")
     p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("figures", help="run the study notebooks (papermill) and write every figure",
+                       description="Run notebooks/NN_*.ipynb top to bottom with papermill (what `make "
+                       "figures` does, without the Make dependency tracking). A failing cell stops "
+                       "with that cell's error.")
+    p.add_argument("--model", default="tiny", help="model for every notebook (default: tiny)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="figures", help="figure folder (default: figures)")
+    p.add_argument("--notebooks", default="notebooks", help="folder of the study notebooks")
+    p.add_argument("--executed", default="notebooks/executed", help="where executed copies go")
+    p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 04")
+    p.add_argument("--kernel", default="python3", help="Jupyter kernel (default: python3; `make setup` "
+                   "also registers 'emerdiff')")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override a notebook parameter (JSON value), repeatable")
+    p.set_defaults(func=cmd_figures)
 
     from .evaluation_run import add_parser as add_evaluate_parser
 

@@ -82,3 +82,16 @@ def test_segment_duplicate_vocabulary(tiny_dir, tmp_path, capsys):
     code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST, "--vocab", "a,b,a",
                  "--labeller", "unet"])
     assert code == 2 and "duplicate" in capsys.readouterr().err
+
+
+def test_figures_runs_a_notebook(tmp_path):
+    out = tmp_path / "figs"
+    code = main(["figures", "--only", "00", "--out", str(out), "--executed", str(tmp_path / "exec"),
+                 "-p", "images", '["astronaut"]', "-p", "torch_threads", "1"])
+    assert code == 0
+    assert (out / "00_quickstart_segmentation.png").exists() and (out / "00_quickstart.json").exists()
+
+
+def test_figures_no_notebooks(tmp_path, capsys):
+    assert main(["figures", "--notebooks", str(tmp_path)]) == 2
+    assert "no study notebooks" in capsys.readouterr().err
