@@ -187,3 +187,39 @@ def test_float16_rejected_on_cpu(tiny_dir):
 
     with pytest.raises(ValueError, match="float16 is not supported on CPU"):
         load_pipeline(tiny_dir, device="cpu", dtype="float16")
+
+
+def test_out_of_memory_is_retried_in_smaller_chunks(prepared, monkeypatch):
+    """A CUDA OOM in a big chunk halves the chunk and retries; results equal the unchunked run."""
+    import emerdiff.modulation as modulation
+
+    seg, prep = prepared
+    masks = prep.masks()
+    expected, _ = _run(seg, prep, masks, max_batch=3)
+    real = modulation.unet_forward
+    seen = []
+
+    def flaky(model, x, t, counter=None, stage="unet"):
+        seen.append(x.shape[0])
+        if x.shape[0] > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, x, t, counter, stage)
+
+    monkeypatch.setattr(modulation, "unet_forward", flaky)
+    got, _ = _run(seg, prep, masks, max_batch=16)
+    assert seen[:4] == [9, 8, 4, 2]  # 1 + 8 rows failed, then 1 + 7, 1 + 3; 1 + 1 fits
+    assert set(seen[4:]) == {2}
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_other_errors_are_not_swallowed(prepared, monkeypatch):
+    import emerdiff.modulation as modulation
+
+    seg, prep = prepared
+
+    def broken(*a, **k):
+        raise RuntimeError("shape mismatch somewhere")
+
+    monkeypatch.setattr(modulation, "unet_forward", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        _run(seg, prep, prep.masks())
