@@ -1,0 +1,125 @@
+"""Figures of the reference model: samples (from captions and the empty prompt) and the loss curve.
+
+    python -m emerdiff.reference.figures --model reference --log runs/ref/unet/log.jsonl --out DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from .scenes import heldout_scene_seeds, make_scene
+
+
+@torch.no_grad()
+def sample(model: Any, prompts: Sequence[str], steps: int = 50, guidance: float = 3.0, seed: int = 0,
+           size: int = 128) -> np.ndarray:
+    """DDIM (eta = 0) samples with classifier-free guidance; (N, H, W, 3) uint8.
+
+    ``guidance`` 1 is plain conditional sampling; the empty prompt ignores it.
+    """
+    from ..inversion import Schedule
+
+    schedule = Schedule.from_scheduler(model.scheduler, steps)
+    cond = model.encode_text(list(prompts))
+    uncond = model.empty_embedding.expand(len(prompts), -1, -1)
+    latent = size // model.vae_scale_factor
+    g = torch.Generator("cpu").manual_seed(seed)
+    x = torch.randn(len(prompts), model.unet.config.in_channels, latent, latent, generator=g).to(model.device, model.dtype)
+    for i, t in enumerate(schedule.timesteps):
+        out = model.unet(torch.cat([x, x]), torch.tensor(t, device=x.device),
+                         encoder_hidden_states=torch.cat([uncond, cond])).sample
+        u, c = out.chunk(2)
+        eps_out = u + guidance * (c - u)
+        eps, x0 = schedule.eps_and_x0(x, eps_out, t)
+        a_prev = schedule.alpha(schedule.previous(t))
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps if i + 1 < len(schedule.timesteps) else x0
+    img = model.vae.decode(x / model.vae.config.scaling_factor).sample.float()
+    return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def samples_figure(model: Any, n: int = 6, seed: int = 0, model_label: str = "reference") -> Any:
+    """Row 1: held-out scenes; row 2: samples from their captions; row 3: empty-prompt samples."""
+    import matplotlib.pyplot as plt
+
+    scenes = [make_scene(s, 128) for s in heldout_scene_seeds(n, start=1000)]
+    captions = [s.caption for s in scenes]
+    from_captions = sample(model, captions, seed=seed)
+    unconditional = sample(model, [""] * n, seed=seed + 1, guidance=1.0)
+    fig, axes = plt.subplots(3, n, figsize=(2.1 * n, 7.2))
+    for j in range(n):
+        for i, (img, title) in enumerate(((scenes[j].image, "held-out scene"), (from_captions[j], "sample"),
+                                          (unconditional[j], "empty prompt"))):
+            ax = axes[i, j]
+            ax.imshow(img)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(title)
+        axes[1, j].set_title(captions[j], fontsize=6, wrap=True)
+    fig.suptitle(f"Samples of the reference model (DDIM 50 steps, guidance 3) · {model_label}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def loss_figure(log_path: str | Path, window: int = 50, model_label: str = "reference") -> Any:
+    """Training loss (raw and running mean) and any logged evaluation metrics (locality)."""
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    train = [r for r in rows if "loss" in r]
+    evals = [dict(r["eval"], step=r["step"]) for r in rows if isinstance(r.get("eval"), dict)]
+    steps = np.array([r["step"] for r in train])
+    loss = np.array([r["loss"] for r in train])
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 3.6), squeeze=False)
+    ax = axes[0, 0]
+    ax.plot(steps, loss, lw=0.5, alpha=0.4, label="loss")
+    if len(loss) >= window:
+        ax.plot(steps[window - 1:], np.convolve(loss, np.ones(window) / window, "valid"), label=f"mean of {window}")
+    ax.set_xlabel("step")
+    ax.set_ylabel("eps MSE")
+    ax.set_yscale("log")
+    ax.legend()
+    if evals:
+        ax = axes[0, 1]
+        es = [r["step"] for r in evals]
+        for key in ("locality", "chance_locality", "miou_emerdiff", "miou_nearest"):
+            vals = [r.get(key) for r in evals]
+            if all(v is not None for v in vals):
+                scale = 100.0 if "locality" in key else 1.0
+                ax.plot(es, [v * scale for v in vals], marker="o", label=key + (" x100" if scale != 1 else ""))
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+        ax.set_title("held-out probe (4 scenes)")
+    fig.suptitle(f"Reference model training · {model_label}", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..models import load_pipeline
+
+    p = argparse.ArgumentParser(prog="python -m emerdiff.reference.figures", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="reference")
+    p.add_argument("--log", default=None, help="UNet-stage log.jsonl for the loss curve")
+    p.add_argument("--out", default="figures")
+    p.add_argument("--n", type=int, default=6)
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = load_pipeline(args.model, device="cpu")
+    fig = samples_figure(model, args.n, model_label=str(args.model))
+    fig.savefig(out / "reference_samples.png", dpi=110)
+    if args.log:
+        loss_figure(args.log, model_label=str(args.model)).savefig(out / "reference_training.png", dpi=110)
+    print(f"figures in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
