@@ -72,13 +72,20 @@ class ProbeImage:
 
 
 def load_probe_images(names: Iterable[str]) -> list[ProbeImage]:
-    """Resolve image names: ``voc_sample`` (VOC photo with ground truth), a scikit-image
-    sample (``astronaut``, ``coffee``, ``chelsea``, ``rocket``, ...) or an image file path."""
+    """Resolve image names: ``voc_sample`` (VOC photo with ground truth), ``scene:N`` (held-out
+    scene N of the reference world, with ground truth), a scikit-image sample (``astronaut``,
+    ``coffee``, ``chelsea``, ``rocket``, ...) or an image file path."""
     from .datasets import sample_images, voc_sample
 
     out = []
     for name in names:
-        if name == "voc_sample":
+        if name.startswith("scene:"):
+            from .reference.scenes import CLASSES, heldout_scene_seeds, make_scene
+
+            index = int(name.split(":", 1)[1])
+            scene = make_scene(heldout_scene_seeds(1, start=index)[0], 128)
+            out.append(ProbeImage(name.replace(":", "_"), scene.image, scene.labels, len(CLASSES)))
+        elif name == "voc_sample":
             s = voc_sample()
             out.append(ProbeImage(name, s.load_image(), s.label, len(s.class_names), s.ignore_index))
         elif Path(name).suffix and Path(name).exists():

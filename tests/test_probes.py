@@ -156,3 +156,12 @@ def test_failure_entries_and_grid(ed, items):
     grid = probes.difference_map_grid(ed, prepared, 0, [ed.config.modulation_layer], [201, 101], [10.0])
     assert set(grid) == {(ed.config.modulation_layer, 201, 10.0), (ed.config.modulation_layer, 101, 10.0)}
     assert all(m.shape == (128, 128) for m in grid.values())
+
+
+def test_scene_probe_images_have_ground_truth():
+    from emerdiff.probes import load_probe_images
+    from emerdiff.reference.scenes import CLASSES
+
+    (item,) = load_probe_images(["scene:3"])
+    assert item.name == "scene_3" and item.has_gt and item.num_classes == len(CLASSES)
+    assert item.image.shape == (128, 128, 3) and item.label.shape == (128, 128)
