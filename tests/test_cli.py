@@ -86,7 +86,7 @@ def test_segment_duplicate_vocabulary(tiny_dir, tmp_path, capsys):
 
 def test_figures_runs_a_notebook(tmp_path):
     out = tmp_path / "figs"
-    code = main(["figures", "--only", "00", "--out", str(out), "--executed", str(tmp_path / "exec"),
+    code = main(["figures", "--model", "tiny", "--only", "00", "--out", str(out), "--executed", str(tmp_path / "exec"),
                  "-p", "images", '["astronaut"]', "-p", "torch_threads", "1"])
     assert code == 0
     assert (out / "00_quickstart_segmentation.png").exists() and (out / "00_quickstart.json").exists()
