@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 TORCH  ?= torch==2.13.0
-MODEL  ?= tiny
+MODEL  ?= reference
 DEVICE ?= cpu
 
 .PHONY: setup test lab bench figures clean FORCE

@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run notebooks/NN_*.ipynb top to bottom with papermill (what `make "
                        "figures` does, without the Make dependency tracking). A failing cell stops "
                        "with that cell's error.")
-    p.add_argument("--model", default="tiny", help="model for every notebook (default: tiny)")
+    p.add_argument("--model", default="reference", help="model for every notebook (default: reference)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default="figures", help="figure folder (default: figures)")
     p.add_argument("--notebooks", default="notebooks", help="folder of the study notebooks")

@@ -18,23 +18,24 @@ from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 HERE = Path(__file__).resolve().parent
 
-# Defaults are small enough for the tiny random pipeline on a laptop CPU.
-# Paper settings: resolution=512, K=25, num_inference_steps=50, modulation_timestep=281
+# Defaults: the project's reference model (128 px scenes, 16x16 query grid) on a laptop CPU.
+# Paper settings for Stable Diffusion: resolution=512, K=25, blur_sigma=4.0
 # (`make figures MODEL=... ` passes them for real models).
 COMMON_PARAMETERS = '''\
 # --- parameters (papermill overrides these; `make figures` passes model, device, size) ---
-model = "tiny"            # "tiny" (random weights), "reference", a diffusers folder or hub id
+model = "reference"       # "reference" (ours, trained), "tiny" (random), a diffusers folder or hub id
 device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
-images = ["voc_sample", "astronaut"]  # voc_sample has ground truth; skimage samples or file paths
+images = ["scene:0", "scene:1", "voc_sample"]  # scene:N = held-out reference scene (with GT);
+                          # voc_sample has GT too; skimage samples or file paths
 resolution = 128          # paper: 512
-K = 4                     # paper: 25
-num_inference_steps = 10  # paper: 50
-modulation_timestep = 201 # paper: 281 (must lie on the schedule)
+K = 12                    # paper: 25
+num_inference_steps = 50  # paper: 50
+modulation_timestep = 281 # paper: 281 (must lie on the schedule)
 modulation_strength = 10.0
 blur_sigma = 1.0          # paper-size images: 4.0
 kmeans_n_init = 2
-max_batch = 9
+max_batch = 16
 seeds = [0]
 output_dir = "figures"
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
