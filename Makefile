@@ -47,7 +47,7 @@ ifeq ($(MODEL),tiny)
 FIG_SIZE   ?= -p resolution 128 -p K 4 -p num_inference_steps 10 -p modulation_timestep 201 -p blur_sigma 1.0
 else ifeq ($(MODEL),reference)
 # the reference model sees 128 px scenes; its up_blocks.1 grid is 16x16 as in SD at 512
-FIG_SIZE   ?= -p resolution 128 -p K 12 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 1.0
+FIG_SIZE   ?= -p resolution 128 -p K 8 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 1.0
 else
 FIG_SIZE   ?= -p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0
 endif

@@ -178,7 +178,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 # Notebook sizes per model (mirrors the Makefile's FIG_SIZE).
 FIGURE_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0),
-    "reference": dict(resolution=128, K=12, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0),
+    "reference": dict(resolution=128, K=8, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0),
     "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0),
 }
 

@@ -29,13 +29,13 @@ dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:0", "scene:1", "voc_sample"]  # scene:N = held-out reference scene (with GT);
                           # voc_sample has GT too; skimage samples or file paths
 resolution = 128          # paper: 512
-K = 12                    # paper: 25
+K = 8                     # paper: 25
 num_inference_steps = 50  # paper: 50
 modulation_timestep = 281 # paper: 281 (must lie on the schedule)
 modulation_strength = 10.0
 blur_sigma = 1.0          # paper-size images: 4.0
 kmeans_n_init = 2
-max_batch = 16
+max_batch = 17            # 2K + 1: every modulated run and the reference in one batch
 seeds = [0]
 output_dir = "figures"
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU

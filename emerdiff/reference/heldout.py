@@ -22,7 +22,8 @@ import numpy as np
 from .scenes import CLASSES, heldout_scene_seeds, make_scene
 
 # Settings for the reference model: 128 px scenes, 16x16 query grid.
-REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=12, blur_sigma=1.0)
+# K = 8 with max_batch 17 puts all 2K modulated runs and the reference in one UNet batch.
+REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=8, blur_sigma=1.0, max_batch=17)
 
 
 def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0) -> Path:
@@ -58,7 +59,8 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
 
     torch.manual_seed(0)
     model = load_pipeline(pipeline_folder, device="cpu")
-    cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2})
+    cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2,
+                            "max_batch": 2 * num_clusters + 1})
     seg = EmerDiff(model, cfg)
     loc, scores = [], {"emerdiff": [], "nearest": []}
     for seed in heldout_scene_seeds(n):
@@ -98,14 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = Path(args.out)
     data = write_heldout_folder(out / "data", args.n)
-    sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", *args.set]
+    sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", f"max_batch={REFERENCE_CONFIG['max_batch']}", *args.set]
     common = ["--data", str(data), "--model", args.model, "--k", str(args.k),
               "--resolution", str(REFERENCE_CONFIG["resolution"]), *sum([["--set", s] for s in sets], [])]
     if args.device:
         common += ["--device", args.device]
-    # one per-image cache for both runs; each run rewrites results.json, so collect rows in between
+    # One per-image cache for both runs, filled by the first (open vocabulary needs the
+    # segmentation too, so it goes first and the mask protocols then only merge). Each run
+    # rewrites results.json, so rows are collected in between.
     rows = []
-    protocols = ["both"] + ([] if args.no_openvocab else ["openvocab"])
+    protocols = ([] if args.no_openvocab else ["openvocab"]) + ["both"]
     for protocol in protocols:
         run(build_parser().parse_args([*common, "--protocol", protocol, "--labeller", "unet",
                                        "--out", str(out / "evaluate")]))
