@@ -26,8 +26,7 @@ COMMON_PARAMETERS = '''\
 model = "reference"       # "reference" (ours, trained), "tiny" (random), a diffusers folder or hub id
 device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
-images = ["scene:0", "scene:1", "voc_sample"]  # scene:N = held-out reference scene (with GT);
-                          # voc_sample has GT too; skimage samples or file paths
+images = ["scene:0", "scene:1", "voc_sample"]  # scene:N / voc_sample have GT; skimage names; paths
 resolution = 128          # paper: 512
 K = 8                     # paper: 25
 num_inference_steps = 50  # paper: 50
