@@ -40,7 +40,7 @@ from emerdiff.assign import assign_labels
 from emerdiff.images import resize_labels
 from emerdiff.models import SDModel, load_pipeline, resolve_device, resolve_dtype
 from emerdiff.modulation import difference_maps, modulated_latents
-from emerdiff.pipeline import EmerDiff
+from emerdiff.pipeline import EmerDiff, StageClock
 
 RANDOM_MODELS = {"sd15-random": "sd15", "sd21-random": "sd21-base"}
 # Stages shown in the tables, in pipeline order. "features" includes the k-means.
@@ -134,35 +134,6 @@ class MemoryProbe:
 
 
 # ------------------------------------------------------------------ timing
-class StageClock:
-    """Accumulating per-stage wall clock; synchronises CUDA at both ends of a stage."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self.timings: dict[str, float] = {}
-
-    def stage(self, name: str) -> "_Stage":
-        return _Stage(self, name)
-
-    __call__ = stage  # the interface EmerDiff.perturb expects of its ``clock`` argument
-
-
-class _Stage:
-    def __init__(self, clock: StageClock, name: str) -> None:
-        self.clock, self.name = clock, name
-
-    def __enter__(self) -> None:
-        if self.clock.device.type == "cuda":
-            torch.cuda.synchronize(self.clock.device)
-        self.t0 = time.perf_counter()
-
-    def __exit__(self, *exc: Any) -> None:
-        if self.clock.device.type == "cuda":
-            torch.cuda.synchronize(self.clock.device)
-        t = self.clock.timings
-        t[self.name] = t.get(self.name, 0.0) + time.perf_counter() - self.t0
-
-
 def stage_view(timings: dict[str, float]) -> dict[str, float]:
     """Pipeline timings folded into :data:`STAGES` (k-means counted as features)."""
     out = {s: float(timings.get(s, 0.0)) for s in STAGES}

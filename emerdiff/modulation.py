@@ -10,7 +10,6 @@ self-contained; on CUDA out-of-memory a chunk is retried at half the size.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -199,13 +198,3 @@ def expected_unet_calls(num_masks: int, steps_after: int, max_batch: int) -> int
     """UNet calls of the modulated stage: chunks x steps (for reports and tests)."""
     return math.ceil(2 * num_masks / max(1, max_batch - 1)) * steps_after
 
-
-def timed(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
-    """Run fn and return (result, seconds), synchronising CUDA for honest numbers."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return out, time.perf_counter() - t0

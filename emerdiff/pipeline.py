@@ -23,7 +23,8 @@ from .images import ImageInput, load_image, resize_labels, to_model_input
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features
 from .models import SDModel, feature_resolution
-from .modulation import CallCounter, decode, difference_maps, modulated_latents, unet_forward
+from .modulation import (CallCounter, decode, difference_maps, expected_unet_calls, modulated_latents,
+                         unet_forward)
 
 
 @dataclass
@@ -94,14 +95,18 @@ class PreparedImage:
         return torch.from_numpy(self.segments.masks()).to(device or self.x0.device)
 
 
-class _Clock:
+class StageClock:
+    """Accumulating per-stage wall clock (``with clock("stage"):``); synchronises CUDA at both ends."""
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.timings: dict[str, float] = {}
 
-    def __call__(self, stage: str) -> "_Clock":
-        self.stage = stage
+    def __call__(self, stage: str) -> "StageClock":
+        self.current = stage
         return self
+
+    stage = __call__
 
     def __enter__(self) -> None:
         if self.device.type == "cuda":
@@ -111,7 +116,7 @@ class _Clock:
     def __exit__(self, *exc: Any) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.timings[self.stage] = self.timings.get(self.stage, 0.0) + time.perf_counter() - self.t0
+        self.timings[self.current] = self.timings.get(self.current, 0.0) + time.perf_counter() - self.t0
 
 
 class EmerDiff:
@@ -146,7 +151,7 @@ class EmerDiff:
         """Load, encode, invert (t <= t_stop, default the modulation timestep) and cluster."""
         cfg = self.config
         img = load_image(image)
-        clock = _Clock(self.model.device)
+        clock = StageClock(self.model.device)
         counter = CallCounter()
         t_stop = cfg.modulation_timestep if t_stop is None else t_stop
         with clock("encode"):
@@ -228,7 +233,7 @@ class EmerDiff:
         timestep: int | None = None,
         keep_images: bool = False,
         counter: CallCounter | None = None,
-        clock: _Clock | None = None,
+        clock: StageClock | None = None,
         progress: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Difference maps (len(mask_ids), R, R) for the chosen masks (default all).
@@ -246,12 +251,12 @@ class EmerDiff:
         if mask_ids is not None:
             masks = masks[list(mask_ids)]
         counter = counter or CallCounter()
-        clock = clock or _Clock(self.model.device)
+        clock = clock or StageClock(self.model.device)
         steps = len([t for t in self.schedule.timesteps if t <= t_m])
         if cfg.readout_steps is not None:
             steps = min(steps, cfg.readout_steps)
-        chunks = -(-2 * masks.shape[0] // max(1, cfg.max_batch - 1))
-        bar = tqdm(total=chunks * steps + 2 * masks.shape[0], desc="modulation", disable=not progress, leave=False)
+        calls = expected_unet_calls(masks.shape[0], steps, cfg.max_batch)
+        bar = tqdm(total=calls + 2 * masks.shape[0], desc="modulation", disable=not progress, leave=False)
         with clock("modulation"):
             latents, _ = modulated_latents(
                 self.model, prepared.inversion, masks, prepared.grid, layer=layer, t_modulation=t_m,
@@ -280,7 +285,7 @@ class EmerDiff:
         cfg = self.config
         t_start = time.perf_counter()
         prepared = self.prepare(image, progress=progress)
-        clock = _Clock(self.model.device)
+        clock = StageClock(self.model.device)
         clock.timings.update(prepared.timings)
         counter = prepared.counter
         maps, images = self.perturb(prepared, keep_images=keep_images, counter=counter, clock=clock,
