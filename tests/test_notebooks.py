@@ -27,6 +27,7 @@ EXTRA = {
     "04_paper_figures": dict(grid_layers=["up_blocks.1.attentions.2.transformer_blocks.0.attn2"],
                              grid_timesteps=[201, 101], grid_strengths=[10.0]),
     "05_inspector": dict(mpl_backend="agg", slider_timesteps=[201, 101]),
+    "06_diagnosis": dict(settings=[{}, {"readout_steps": 1}, {"modulation_timestep": 101}], example_masks=2),
 }
 FIGURES = {
     "00_quickstart": ["00_quickstart_segmentation"],
@@ -38,6 +39,8 @@ FIGURES = {
     "04_paper_figures": ["fig1_teaser", "fig2_key_observation", "fig4_upsampling_vs_emerdiff",
                          "fig_ablation_layer_timestep_lambda", "fig_failure_cases", "fig_open_vocabulary"],
     "05_inspector": ["05_inspector"],
+    "06_diagnosis": ["06_diagnosis_locality_by_stage", "06_diagnosis_stage_maps", "06_diagnosis_label_moves",
+                     "06_diagnosis_settings_locality", "06_diagnosis_settings_accuracy"],
 }
 
 
@@ -147,3 +150,14 @@ def test_05_inspector(tmp_path):
     # flipping lambda's sign changes I+/I-; selecting another segment changes the highlight
     assert data["changed"]["plus"] and data["changed"]["minus"] and data["changed"]["image"]
     assert data["displayed"]["labels"][:2] == data["displayed"]["difference"][:2]
+
+
+def test_06_diagnosis(tmp_path):
+    data = run_notebook("06_diagnosis", tmp_path)
+    assert data["stages"] == ["modulated_call", "denoised_latent", "decoded", "decoder_alone"]
+    assert all(finite_in(v, 0, 1) for v in data["stage_summary"].values())
+    (row,) = data["rows"]  # one image with ground truth
+    assert finite_in(row["fixed_band"], 0, 1) and finite_in(row["broken_interior"], 0, 1)
+    assert [r["setting"] for r in data["sweep_rows"]] == ["paper", "readout_steps=1", "t_m=101"]
+    # the paper row of the sweep is the pipeline's own readout: the same locality as (a)
+    assert math.isclose(data["sweep_rows"][0]["locality"], row["decoded"], rel_tol=1e-4)
