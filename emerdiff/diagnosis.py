@@ -172,6 +172,23 @@ def setting_name(changes: dict[str, Any]) -> str:
     return ", ".join(f"{short.get(k, k)}={v}" for k, v in changes.items()) or "paper"
 
 
+def default_settings(ed: EmerDiff) -> list[dict[str, Any]]:
+    """The paper's readout and one change at a time: readout_steps 1 and 2, t_m at about 0.3x and
+    1.7x the configured one (snapped to the schedule), lambda / 10 and x 10."""
+    cfg = ed.config
+    sched = list(ed.schedule.timesteps)
+
+    def snap(t: float) -> int:
+        return int(min(sched, key=lambda s: abs(s - t)))
+
+    out: list[dict[str, Any]] = [{}, {"readout_steps": 1}, {"readout_steps": 2}]
+    for t in dict.fromkeys((snap(0.3 * cfg.modulation_timestep), snap(1.7 * cfg.modulation_timestep))):
+        if t != cfg.modulation_timestep:
+            out.append({"modulation_timestep": t})
+    out += [{"modulation_strength": cfg.modulation_strength / 10}, {"modulation_strength": cfg.modulation_strength * 10}]
+    return out
+
+
 def settings_sweep(ed: EmerDiff, items: Sequence[ProbeImage], settings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Readout settings (config changes: t_m, lambda, readout_steps, modulation layer, ...) compared
     on the same low-res segments: one preparation per image, inverted down to the largest t_m.

@@ -371,7 +371,7 @@ DIAGNOSIS = notebook(
     '''\
 images = ["scene:100", "scene:101", "scene:102", "scene:103", "scene:104", "scene:105"]
 example_masks = 3         # masks shown per stage in the example figure
-settings = [{}, {"readout_steps": 1}, {"readout_steps": 2}, {"modulation_timestep": 81}, {"modulation_timestep": 481}, {"modulation_strength": 1.0}, {"modulation_strength": 100.0}]
+settings = None           # list of config changes, e.g. [{}, {"readout_steps": 1}]; None: diagnosis.default_settings
 ''',
     [
         code('''\
@@ -404,7 +404,7 @@ if gt_rows:
     for key in ("band_share", "acc_nearest_band", "acc_emerdiff_band", "acc_nearest_interior", "acc_emerdiff_interior"):
         print(f"{key:24s} {np.mean([r[key] for r in gt_rows]):.3f}")'''),
         code('''\
-sweep_rows = diagnosis.settings_sweep(ed, items, settings)
+sweep_rows = diagnosis.settings_sweep(ed, items, settings or diagnosis.default_settings(ed))
 acc_rows = [dict(image=r["image"], setting=r["setting"], method=m, accuracy=r[k])
             for r in sweep_rows if "acc_nearest_all" in r
             for m, k in (("EmerDiff", "acc_emerdiff_all"), ("nearest", "acc_nearest_all"))]

@@ -135,3 +135,16 @@ def test_settings_sweep_paper_row_is_the_pipeline(tiny_model, fast_config):
     seg = ed.segment(items[0].image, progress=False)
     assert rows[0]["locality"] == pytest.approx(float(seg.locality.mean()), abs=1e-5)
     assert all(0 <= r["acc_emerdiff_all"] <= 1 for r in rows)
+
+
+def test_default_settings_lie_on_the_schedule(tiny_model, fast_config):
+    from emerdiff import EmerDiff
+
+    ed = EmerDiff(tiny_model, fast_config)  # 10 steps, t_m = 201
+    settings = diagnosis.default_settings(ed)
+    assert settings[0] == {} and {"readout_steps": 1} in settings
+    assert [s["modulation_timestep"] for s in settings if "modulation_timestep" in s] == [101, 301]
+    for s in settings:  # every setting validates against the model
+        fast_config.replace(**s).validate(tiny_model)
+    paper = EmerDiff(tiny_model, fast_config.replace(num_inference_steps=50, modulation_timestep=281))
+    assert [s["modulation_timestep"] for s in diagnosis.default_settings(paper) if "modulation_timestep" in s] == [81, 481]
