@@ -383,7 +383,7 @@ for s in ("chance", *diagnosis.STAGES):
     print(f"{s:16s} locality {np.mean([r[s] for r in rows]):.3f}")'''),
         code('''\
 fig = viz.probe_bars(stage_rows, "stage", "locality", MODEL_LABEL,
-                     "(a) share of the change inside the perturbed mask, by stage", rotate=False)
+                     "(a) share of the change inside the perturbed mask, by stage")
 writer.save(fig, "06_diagnosis_locality_by_stage")
 example = diagnosis.locality_by_stage(ed, ed.prepare(items[0].image))
 n = min(example_masks, len(example["per_mask"]["decoded"]))
