@@ -99,7 +99,8 @@ def majority_mapping(labels: np.ndarray, gt: np.ndarray, ignore_index: int = 255
     return out
 
 
-def _correct(labels: np.ndarray, gt: np.ndarray, ignore_index: int) -> np.ndarray:
+def majority_correct(labels: np.ndarray, gt: np.ndarray, ignore_index: int = 255) -> np.ndarray:
+    """Boolean map: pixels whose segment's majority class (:func:`majority_mapping`) is their class."""
     mapping = majority_mapping(labels, gt, ignore_index)
     lut = np.full(int(labels.max()) + 1, -1, dtype=np.int64)
     for i, c in mapping.items():
@@ -129,9 +130,9 @@ def label_moves(
     normalised = resize_labels(assign_labels(maps / peak, ed.config.blur_sigma).cpu().numpy(), size)
     band = boundary_band(lowres, size, band_width)
     valid = gt != item.ignore_index
-    ok_near = _correct(nearest, gt, item.ignore_index)
-    ok_emer = _correct(emerdiff, gt, item.ignore_index)
-    ok_norm = _correct(normalised, gt, item.ignore_index)
+    ok_near = majority_correct(nearest, gt, item.ignore_index)
+    ok_emer = majority_correct(emerdiff, gt, item.ignore_index)
+    ok_norm = majority_correct(normalised, gt, item.ignore_index)
     out: dict[str, float] = {"band_share": float(band[valid].mean())}
     for region, sel in (("band", band & valid), ("interior", ~band & valid), ("all", valid)):
         n = max(1, int(sel.sum()))

@@ -148,3 +148,24 @@ def test_default_settings_lie_on_the_schedule(tiny_model, fast_config):
         fast_config.replace(**s).validate(tiny_model)
     paper = EmerDiff(tiny_model, fast_config.replace(num_inference_steps=50, modulation_timestep=281))
     assert [s["modulation_timestep"] for s in diagnosis.default_settings(paper) if "modulation_timestep" in s] == [81, 481]
+
+
+def test_majority_correct_maps_each_segment_to_its_majority_class():
+    gt = np.array([[0, 0, 1, 1], [0, 0, 1, 1]])
+    pred = np.array([[5, 5, 5, 2], [5, 5, 2, 2]])  # segment 5 is mostly class 0, segment 2 class 1
+    ok = diagnosis.majority_correct(pred, gt)
+    assert ok.tolist() == [[True, True, False, True], [True, True, True, True]]
+    assert diagnosis.majority_mapping(pred, gt) == {2: 1, 5: 0}
+    gt_void = gt.copy()
+    gt_void[0, 2] = 255  # void pixels neither vote nor count as correct
+    assert diagnosis.majority_correct(pred, gt_void)[0, 2] == False  # noqa: E712
+
+
+def test_training_probe_reports_locality_and_accuracy_on_validation_scenes(tiny_dir):
+    from emerdiff.reference.heldout import VALIDATION_START, locality_probe
+
+    assert VALIDATION_START >= 100  # the 100 test scenes are 0-99
+    r = locality_probe(tiny_dir, step=0, n=1, num_clusters=3)
+    assert r["chance_locality"] == pytest.approx(1 / 3)
+    assert 0 <= r["locality"] <= 1 and 0 <= r["acc_emerdiff"] <= 1 and 0 <= r["acc_nearest"] <= 1
+    assert 0 <= r["miou_emerdiff"] <= 100

@@ -88,10 +88,10 @@ def loss_figure(log_path: str | Path, window: int = 50, model_label: str = "refe
     if evals:
         ax = axes[0, 1]
         es = [r["step"] for r in evals]
-        for key in ("locality", "chance_locality", "miou_emerdiff", "miou_nearest"):
+        for key in ("locality", "chance_locality", "miou_emerdiff", "miou_nearest", "acc_emerdiff", "acc_nearest"):
             vals = [r.get(key) for r in evals]
             if all(v is not None for v in vals):
-                scale = 100.0 if "locality" in key else 1.0
+                scale = 100.0 if "locality" in key or key.startswith("acc_") else 1.0
                 ax.plot(es, [v * scale for v in vals], marker="o", label=key + (" x100" if scale != 1 else ""))
         ax.set_xlabel("step")
         ax.legend(fontsize=7)

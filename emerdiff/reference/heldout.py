@@ -24,6 +24,9 @@ from .scenes import CLASSES, heldout_scene_seeds, make_scene
 # Settings for the reference model: 128 px scenes, 16x16 query grid.
 # K = 8 with max_batch 17 puts all 2K modulated runs and the reference in one UNet batch.
 REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=8, blur_sigma=1.0, max_batch=17)
+# Held-out scenes 0-99 are the test set (this module's table); 100 and up are for validation:
+# training monitoring (locality_probe) and the diagnosis notebook explore settings there.
+VALIDATION_START = 100
 
 
 def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0) -> Path:
@@ -44,11 +47,16 @@ def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start:
     return root
 
 
-def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clusters: int = 6) -> dict[str, float]:
-    """Training eval hook: mean locality and per-image Hungarian mIoU on ``n`` held-out scenes.
+def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clusters: int = 6,
+                   start: int = VALIDATION_START) -> dict[str, float]:
+    """Training eval hook on ``n`` validation scenes: mean locality, per-image Hungarian mIoU and
+    pixel accuracy (each segment mapped to its majority class) of EmerDiff and nearest upsampling.
 
     Locality = share of each difference map's energy inside its perturbed
     mask; a readout that ignores the mask scores about the mask's area (~1/K).
+    Watch the accuracies more than the mIoU: one-to-one matching with more
+    segments than classes rewards segments that vanish from a noisy argmax
+    (docs/reference/diagnosis.md). v0 was monitored on test scenes 0-3 (start=0).
     """
     import torch
 
@@ -62,16 +70,20 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
     cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2,
                             "max_batch": 2 * num_clusters + 1})
     seg = EmerDiff(model, cfg)
-    loc, scores = [], {"emerdiff": [], "nearest": []}
-    for seed in heldout_scene_seeds(n):
+    from ..diagnosis import majority_correct
+
+    loc, scores, acc = [], {"emerdiff": [], "nearest": []}, {"emerdiff": [], "nearest": []}
+    for seed in heldout_scene_seeds(n, start=start):
         scene = make_scene(seed, 128)
         s = seg.segment(scene.image, progress=False)
         loc.append(float(np.mean(s.locality)))
         for name, pred in (("emerdiff", s.labels), ("nearest", s.nearest_labels)):
             conf = confusion_matrix(pred, scene.labels, len(CLASSES), num_pred=s.num_segments)
             scores[name].append(miou(remap_confusion(conf, hungarian_match(conf), len(CLASSES))))
+            acc[name].append(float(majority_correct(pred, scene.labels).mean()))
     return {"locality": float(np.mean(loc)), "chance_locality": 1.0 / num_clusters,
-            **{f"miou_{k}": float(np.mean(v)) for k, v in scores.items()}}
+            **{f"miou_{k}": float(np.mean(v)) for k, v in scores.items()},
+            **{f"acc_{k}": float(np.mean(v)) for k, v in acc.items()}}
 
 
 def results_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
