@@ -413,6 +413,7 @@ writer.save(fig, "06_diagnosis_settings_locality")
 if acc_rows:
     fig = viz.probe_bars(acc_rows, "setting", "accuracy", MODEL_LABEL,
                          "(c) pixel accuracy per readout setting (majority mapping)", hue="method")
+    fig.axes[0].set_ylim(max(0.0, min(r["accuracy"] for r in acc_rows) - 0.05), 1.0)  # the differences are small
     writer.save(fig, "06_diagnosis_settings_accuracy")
 for r in probes.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]):
     print(r)'''),
