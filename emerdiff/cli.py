@@ -183,6 +183,22 @@ FIGURE_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
+def figure_sizes(model: str) -> dict[str, Any]:
+    """Notebook sizes for a model name or folder: a folder whose native image size (UNet
+    sample_size x VAE factor, read from the configs without loading weights) is <= 128 px is
+    sized like the reference model; everything else gets the paper's 512 px settings."""
+    if model in FIGURE_SIZES:
+        return dict(FIGURE_SIZES[model])
+    folder = Path(model)
+    try:
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes
+    return dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
+
+
 def cmd_figures(args: argparse.Namespace) -> int:
     """Run the study notebooks with papermill; each writes its figures into --out."""
     import papermill
@@ -194,7 +210,7 @@ def cmd_figures(args: argparse.Namespace) -> int:
     if not notebooks:
         print(f"error: no study notebooks (NN_name.ipynb) in {folder}", file=sys.stderr)
         return 2
-    params: dict[str, Any] = dict(FIGURE_SIZES.get(args.model, FIGURE_SIZES["default"]))
+    params: dict[str, Any] = figure_sizes(args.model)
     params.update(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
     for key, value in args.param or []:
         try:

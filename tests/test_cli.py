@@ -95,3 +95,22 @@ def test_figures_runs_a_notebook(tmp_path):
 def test_figures_no_notebooks(tmp_path, capsys):
     assert main(["figures", "--notebooks", str(tmp_path)]) == 2
     assert "no study notebooks" in capsys.readouterr().err
+
+
+def test_figure_sizes_follow_the_model_folder(tmp_path):
+    import json as _json
+
+    from emerdiff.cli import FIGURE_SIZES, figure_sizes
+    from emerdiff.reference import WEIGHTS
+
+    assert figure_sizes("tiny") == FIGURE_SIZES["tiny"]
+    # a copy of the reference model in any folder is a 128 px model, not a 512 px one
+    assert figure_sizes(str(WEIGHTS)) == FIGURE_SIZES["reference"]
+    sd = tmp_path / "sd"
+    (sd / "unet").mkdir(parents=True)
+    (sd / "vae").mkdir()
+    (sd / "unet" / "config.json").write_text(_json.dumps({"sample_size": 64}))
+    (sd / "vae" / "config.json").write_text(_json.dumps({"block_out_channels": [128, 256, 512, 512]}))
+    assert figure_sizes(str(sd)) == FIGURE_SIZES["default"]
+    assert figure_sizes("runwayml/stable-diffusion-v1-5") == FIGURE_SIZES["default"]
+    assert figure_sizes(str(tmp_path / "missing")) == FIGURE_SIZES["default"]
