@@ -49,7 +49,10 @@ else ifeq ($(MODEL),reference)
 # the reference model sees 128 px scenes; its up_blocks.1 grid is 16x16 as in SD at 512
 FIG_SIZE   ?= -p resolution 128 -p K 8 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 1.0
 else
-FIG_SIZE   ?= -p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0
+# a folder or hub id: sized by its native resolution (emerdiff.cli.figure_sizes, as `emerdiff figures`
+# does: a 128 px reference-model folder gets the reference sizes, SD the paper's)
+FIG_SIZE   ?= $(shell $(VENV)/bin/python -c "import sys; from emerdiff.cli import figure_sizes; print(' '.join(f'-p {k} {v}' for k, v in figure_sizes(sys.argv[1]).items()))" '$(MODEL)' 2>/dev/null \
+                || echo '-p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0')
 endif
 FIG_PARAMS ?=
 FIG_ARGS   := -p model $(MODEL) -p device $(DEVICE) -p output_dir $(abspath $(FIG_DIR)) $(FIG_SIZE) $(FIG_PARAMS)
