@@ -22,7 +22,7 @@ setting:
   (the k-means segments are the same -- ``same_seg`` checks it -- so no
   matching is needed);
 * mIoU: per-image Hungarian matching of the labels to the ground truth
-  (``emerdiff.evaluate.hungarian_match``), averaged over the images that have
+  (``emerdiff.probes.hungarian_miou``), averaged over the images that have
   ground truth: held-out scenes (``--scenes N`` or ``scene:N`` names), the
   built-in PASCAL VOC photo (``voc_sample``, the default);
 * prep_s / modulation_s: wall seconds of the preparation (encode, inversion or
@@ -52,18 +52,10 @@ from _common import (  # noqa: E402
     EmerDiffConfig, build_model, config_for, machine_info, pixel_agreement,
 )
 from emerdiff.assign import assign_labels  # noqa: E402
-from emerdiff.evaluate import confusion_matrix, hungarian_match, miou, remap_confusion  # noqa: E402
 from emerdiff.images import resize_labels  # noqa: E402
 from emerdiff.modulation import CallCounter  # noqa: E402
 from emerdiff.pipeline import EmerDiff  # noqa: E402
-
-
-def hungarian_miou(labels: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
-    """Per-image mIoU after one-to-one Hungarian matching of label ids to GT classes."""
-    labels = np.asarray(labels)
-    conf = confusion_matrix(labels, gt, num_classes, ignore_index, num_pred=int(labels.max()) + 1)
-    mapping = hungarian_match(conf)
-    return miou(remap_confusion(conf, mapping, num_classes)[:, : num_classes + 1])
+from emerdiff.probes import hungarian_miou, load_probe_images  # noqa: E402
 
 
 def _labels(pipe: EmerDiff, prepared: Any, counter: CallCounter) -> np.ndarray:
@@ -173,8 +165,6 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     model = build_model(args.model, args.device, args.dtype)
     cfg = EmerDiffConfig(resolution=args.resolution, num_clusters=args.k, num_inference_steps=args.steps,
                          modulation_timestep=args.t_m, max_batch=args.max_batch, blur_sigma=args.blur)
-    from emerdiff.probes import load_probe_images
-
     names = [*(args.images or []), *(f"scene:{i}" for i in range(args.scenes))] or ["voc_sample"]
     items = load_probe_images(names)
     with_gt = all(it.has_gt for it in items)

@@ -61,25 +61,23 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
     import torch
 
     from ..config import EmerDiffConfig
-    from ..evaluate import confusion_matrix, hungarian_match, miou, remap_confusion
+    from ..diagnosis import majority_correct
     from ..models import load_pipeline
     from ..pipeline import EmerDiff
+    from ..probes import hungarian_miou
 
     torch.manual_seed(0)
     model = load_pipeline(pipeline_folder, device="cpu")
     cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2,
                             "max_batch": 2 * num_clusters + 1})
     seg = EmerDiff(model, cfg)
-    from ..diagnosis import majority_correct
-
     loc, scores, acc = [], {"emerdiff": [], "nearest": []}, {"emerdiff": [], "nearest": []}
     for seed in heldout_scene_seeds(n, start=start):
         scene = make_scene(seed, 128)
         s = seg.segment(scene.image, progress=False)
         loc.append(float(np.mean(s.locality)))
         for name, pred in (("emerdiff", s.labels), ("nearest", s.nearest_labels)):
-            conf = confusion_matrix(pred, scene.labels, len(CLASSES), num_pred=s.num_segments)
-            scores[name].append(miou(remap_confusion(conf, hungarian_match(conf), len(CLASSES))))
+            scores[name].append(hungarian_miou(pred, scene.labels, len(CLASSES)))
             acc[name].append(float(majority_correct(pred, scene.labels).mean()))
     return {"locality": float(np.mean(loc)), "chance_locality": 1.0 / num_clusters,
             **{f"miou_{k}": float(np.mean(v)) for k, v in scores.items()},
