@@ -8,7 +8,9 @@ import numpy as np
 from PIL import Image
 
 from emerdiff.datasets import open_dataset
-from emerdiff.reference.heldout import main, write_heldout_folder
+import pytest
+
+from emerdiff.reference.heldout import learning_curve_probe, main, model_world, write_heldout_folder
 from emerdiff.reference.scenes import CLASSES, heldout_scene_seeds, make_scene
 
 
@@ -35,3 +37,26 @@ def test_heldout_main_end_to_end(tmp_path, tiny_dir):
     assert ("openvocab", "unet+emerdiff") in methods
     table = (out / "results.md").read_text()
     assert "| hungarian | emerdiff |" in table and "settings:" in table
+
+
+def test_heldout_folder_of_the_flat_world_and_world_mismatch(tmp_path):
+    root = write_heldout_folder(tmp_path / "d", n=2, world="flat")
+    scene = make_scene(heldout_scene_seeds(2)[1], 128, world="flat")
+    assert np.array_equal(np.asarray(Image.open(root / "images" / "scene_00001.png")), scene.image)
+    with pytest.raises(SystemExit, match="flat"):  # a folder of one world is never topped up with another
+        write_heldout_folder(tmp_path / "d", n=3, world="textured")
+
+
+def test_model_world_defaults_to_textured_for_folders_without_a_record(tiny_dir):
+    assert model_world(tiny_dir) == "textured"
+    assert model_world("reference") in ("textured", "flat")
+
+
+def test_learning_curve_probe_reports_every_curve(tiny_dir):
+    out = learning_curve_probe(tiny_dir, 0, n=1, config=dict(num_inference_steps=10, modulation_timestep=201,
+                                                             num_clusters=3, max_batch=7),
+                               readouts={"t_m=101": {"modulation_timestep": 101}})
+    for key in ("locality_modulated_call", "locality_denoised_latent", "locality_decoded", "locality_chance",
+                "acc_emerdiff", "acc_nearest", "acc_bilinear", "acc_emerdiff_t_m=101"):
+        assert 0.0 <= out[key] <= 1.0, key
+    assert out["locality_chance"] == pytest.approx(1 / 3, abs=0.2) and out["world"] == "textured"

@@ -117,6 +117,40 @@ def test_small_preset_has_16x16_cross_attention_decoder_block():
             assert feature_resolution(unet, layer, latent) == (16, 16)
 
 
+@pytest.mark.parametrize("seed", SEEDS[:8])
+def test_flat_world_is_flat_and_composites_like_the_textured_one(seed):
+    """Flat world: every layer is one colour per part (no texture, pattern, shading or noise), layers
+    re-composite to image and labels, and the caption names exactly the classes present."""
+    scene = make_scene(seed, return_layers=True, world="flat")
+    assert scene.spec.world == "flat" and 1 <= len(scene.spec.objects) <= 4
+    top = np.full(scene.labels.shape, -1)
+    for layer in scene.layers:
+        top[layer.mask] = layer.cls
+        colours = np.unique(np.round(layer.rgb[layer.mask], 6), axis=0)
+        assert len(colours) <= 3, (CLASSES[layer.cls], len(colours))  # parts: primary, secondary, accent
+    assert np.array_equal(top, scene.labels)
+    assert _named_classes(scene.caption) == {CLASSES[c] for c in scene.classes_present}
+    # the same seed in the textured world is another picture with the same class vocabulary
+    textured = make_scene(seed)
+    assert not np.array_equal(textured.image, scene.image)
+    assert len(np.unique(textured.image.reshape(-1, 3), axis=0)) > 10 * len(np.unique(scene.image.reshape(-1, 3), axis=0))
+
+
+def test_flat_world_keeps_sub_token_boundaries():
+    """Object edges must cross the 8x8-pixel token cells of a 128 px scene, or upsampling loses nothing."""
+    mixed = []
+    for seed in heldout_scene_seeds(10):
+        labels = make_scene(seed, world="flat").labels
+        cells = labels.reshape(16, 8, 16, 8).transpose(0, 2, 1, 3).reshape(256, 64)
+        mixed.append(np.mean([len(np.unique(c)) > 1 for c in cells]))
+    assert 0.05 < np.mean(mixed) < 0.6
+
+
+def test_unknown_world_is_refused():
+    with pytest.raises(ValueError, match="flat"):
+        make_scene(0, world="cartoon")
+
+
 # ------------------------------------------------------------------ training
 def _run(out: Path, *extra: str):
     from emerdiff.reference.train import main
@@ -219,6 +253,30 @@ def test_eval_hook_gets_a_pipeline_folder(trained, tmp_path):
     assert calls == [2, 3]
     evals = [json.loads(x) for x in (other / "unet" / "log.jsonl").read_text().splitlines() if "eval" in x]
     assert [e["eval"]["locality"] for e in evals] == [0.5, 0.5]
+
+
+def test_fine_tuning_on_the_flat_world_from_a_pipeline_folder(trained, tmp_path):
+    """--init-from starts from a pipeline's UNet/text weights, --vae-from borrows its VAE, --world
+    flat trains on flat scenes; the pipeline records its world for evaluation."""
+    from emerdiff.reference.heldout import model_world
+    from emerdiff.reference.train import main
+
+    _, pipe = trained
+    other = tmp_path / "ft"
+    args = ["--out", str(other), "--preset", "tiny", "--batch", "2", "--seed", "3", "--stage", "unet",
+            "--world", "flat", "--init-from", str(pipe), "--vae-from", str(pipe), "--no-progress", "--lr", "0"]
+    result = main([*args, "--steps", "1", "--ema", "0"])
+    from safetensors.torch import load_file
+
+    fname = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(pipe / "unet" / fname), load_file(result / "unet" / fname)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # lr 0: the initial weights came through unchanged
+    assert model_world(result) == "flat" and model_world(pipe) == "textured"
+    with pytest.raises(SystemExit, match="world"):  # resuming under another world is refused
+        main([*args[:-2], "--world", "textured", "--steps", "2", "--ema", "0", "--resume"])
+    with pytest.raises(SystemExit, match="no diffusers pipeline"):
+        main(["--out", str(tmp_path / "bad"), "--preset", "tiny", "--stage", "unet", "--vae-from", str(pipe),
+              "--init-from", str(tmp_path), "--steps", "1", "--no-progress"])
 
 
 def test_small_preset_fits_the_package_budget():

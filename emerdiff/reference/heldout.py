@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .scenes import CLASSES, heldout_scene_seeds, make_scene
+from .scenes import CLASSES, check_world, heldout_scene_seeds, make_scene
 
 # Settings for the reference model: 128 px scenes, 16x16 query grid.
 # K = 8 with max_batch 17 puts all 2K modulated runs and the reference in one UNet batch.
@@ -29,19 +29,37 @@ REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=8, blur_sig
 VALIDATION_START = 100
 
 
-def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0) -> Path:
-    """Render ``n`` held-out scenes into the generic folder layout (idempotent)."""
+def model_world(model: str | Path) -> str:
+    """The scene world a reference-model folder was trained on (``reference.json``; v0/v1: textured)."""
+    from . import weights_dir
+
+    folder = weights_dir() if str(model) == "reference" else Path(model)
+    info = folder / "reference.json"
+    if not info.exists():
+        return "textured"
+    meta = json.loads(info.read_text())
+    return check_world(meta.get("world") or meta.get("train_args", {}).get("world") or "textured")
+
+
+def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0,
+                         world: str = "textured") -> Path:
+    """Render ``n`` held-out scenes of ``world`` into the generic folder layout (idempotent)."""
     from PIL import Image
 
     root = Path(root)
+    marker = root / "world.txt"
+    if marker.exists() and marker.read_text().strip() != world:
+        raise SystemExit(f"{root} holds scenes of the {marker.read_text().strip()!r} world, not {world!r}; "
+                         "use another folder")
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "labels").mkdir(parents=True, exist_ok=True)
     (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    marker.write_text(world + "\n")
     for seed in heldout_scene_seeds(n, start):
         name = f"scene_{seed[1]:05d}.png"
         if (root / "images" / name).exists() and (root / "labels" / name).exists():
             continue
-        scene = make_scene(seed, size)
+        scene = make_scene(seed, size, world=world)
         Image.fromarray(scene.image).save(root / "images" / name)
         Image.fromarray(scene.labels.astype(np.uint8), mode="L").save(root / "labels" / name)
     return root
@@ -67,13 +85,14 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
     from ..probes import hungarian_miou
 
     torch.manual_seed(0)
+    world = model_world(pipeline_folder)
     model = load_pipeline(pipeline_folder, device="cpu")
     cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2,
                             "max_batch": 2 * num_clusters + 1})
     seg = EmerDiff(model, cfg)
     loc, scores, acc = [], {"emerdiff": [], "nearest": []}, {"emerdiff": [], "nearest": []}
     for seed in heldout_scene_seeds(n, start=start):
-        scene = make_scene(seed, 128)
+        scene = make_scene(seed, 128, world=world)
         s = seg.segment(scene.image, progress=False)
         loc.append(float(np.mean(s.locality)))
         for name, pred in (("emerdiff", s.labels), ("nearest", s.nearest_labels)):
@@ -82,6 +101,63 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
     return {"locality": float(np.mean(loc)), "chance_locality": 1.0 / num_clusters,
             **{f"miou_{k}": float(np.mean(v)) for k, v in scores.items()},
             **{f"acc_{k}": float(np.mean(v)) for k, v in acc.items()}}
+
+
+# Readouts the learning curve follows beside the paper's (t_m 281, 15 steps after it):
+# a shorter path after the perturbation kept more locality on v0/v1 (docs/reference/diagnosis.md).
+CURVE_READOUTS: dict[str, dict[str, Any]] = {"t_m=81": {"modulation_timestep": 81}, "readout_steps=1": {"readout_steps": 1}}
+
+
+def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, start: int = VALIDATION_START,
+                         config: dict[str, Any] | None = None,
+                         readouts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Training eval hook for reference v2, on ``n`` validation scenes of the model's world.
+
+    Logs locality at each stage of the paper readout (after the modulated call, after
+    the later denoising steps, decoded; chance = mean mask area) and majority-mapped pixel
+    accuracy of EmerDiff (paper readout and :data:`CURVE_READOUTS`), nearest and bilinear
+    upsampling of the same K = 8 segments. Majority-mapped accuracy, not per-image
+    Hungarian mIoU, is what says whether EmerDiff beats upsampling here
+    (docs/reference/diagnosis.md). ``config`` overrides :data:`REFERENCE_CONFIG` fields and
+    ``readouts`` replaces :data:`CURVE_READOUTS` (tests use both on the tiny model).
+    """
+    import torch
+
+    from ..assign import bilinear_upsample
+    from ..config import EmerDiffConfig
+    from ..diagnosis import label_moves, locality_by_stage, majority_correct
+    from ..models import load_pipeline
+    from ..pipeline import EmerDiff
+    from ..probes import ProbeImage, with_config
+
+    torch.manual_seed(0)
+    world = model_world(pipeline_folder)
+    ed = EmerDiff(load_pipeline(pipeline_folder, device="cpu"), EmerDiffConfig(**{**REFERENCE_CONFIG, **(config or {})}))
+    readouts = CURVE_READOUTS if readouts is None else readouts
+    variants = {name: with_config(ed, **changes) for name, changes in readouts.items()}
+    t_stop = max(ed.config.modulation_timestep, *(v.config.modulation_timestep for v in variants.values()))
+    rows: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        rows.setdefault(key, []).append(float(value))
+
+    for seed in heldout_scene_seeds(n, start=start):
+        scene = make_scene(seed, 128, world=world)
+        item = ProbeImage(f"scene_{seed[1]}", scene.image, scene.labels, len(CLASSES))
+        prepared = ed.prepare(scene.image, t_stop=t_stop)
+        stages = locality_by_stage(ed, prepared)
+        for stage in ("modulated_call", "denoised_latent", "decoded", "chance"):
+            add(f"locality_{stage}", stages[stage])
+        moves = label_moves(ed, prepared, stages["maps"]["decoded"], item)
+        add("acc_emerdiff", moves["acc_emerdiff_all"])
+        add("acc_nearest", moves["acc_nearest_all"])
+        segs = prepared.segments
+        bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, prepared.image_size)
+        add("acc_bilinear", majority_correct(bilinear, scene.labels).mean())
+        for name, variant in variants.items():
+            maps, _ = variant.perturb(prepared)
+            add(f"acc_emerdiff_{name}", label_moves(variant, prepared, maps, item)["acc_emerdiff_all"])
+    return {"world": world, "scenes": n, **{k: float(np.mean(v)) for k, v in rows.items()}}
 
 
 def results_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
@@ -103,13 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", default="reference", help="model to evaluate (default: reference)")
     p.add_argument("--n", type=int, default=100, help="held-out scenes (default 100)")
     p.add_argument("--out", required=True)
+    p.add_argument("--world", default=None, choices=["textured", "flat"],
+                   help="scene world (default: the one the model was trained on, from its reference.json)")
     p.add_argument("--k", type=int, default=REFERENCE_CONFIG["num_clusters"])
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="other config fields")
     p.add_argument("--no-openvocab", action="store_true", help="skip the open-vocabulary rows")
     args = p.parse_args(argv)
     out = Path(args.out)
-    data = write_heldout_folder(out / "data", args.n)
+    data = write_heldout_folder(out / "data", args.n, world=args.world or model_world(args.model))
     sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", f"max_batch={REFERENCE_CONFIG['max_batch']}", *args.set]
     common = ["--data", str(data), "--model", args.model, "--k", str(args.k),
               "--resolution", str(REFERENCE_CONFIG["resolution"]), *sum([["--set", s] for s in sets], [])]

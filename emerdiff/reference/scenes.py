@@ -16,6 +16,14 @@ A scene is a pure function of its seed: the random draws make a size-free
 :class:`SceneSpec` (geometry in normalised [0, 1] units, per-layer noise
 seeds), and :func:`render` turns it into pixels at any size.
 
+Two worlds share classes, captions, geometry rules and seeds: ``"textured"``
+(reference v0/v1: textured stuff, patterned and shaded objects, 1-6 objects)
+and ``"flat"`` (reference v2: flat-coloured stuff bands and plain objects
+without pattern, shading or noise, 1-4 larger objects). The flat world exists
+because v1 never learned the textured world's objects (its samples are
+texture soup); object edges still cross the 8x8-pixel token cells, so
+upsampling 16x16 segments still has boundaries to lose.
+
 Seeds: training uses :func:`train_scene_seed` (5-element seed tuples tagged
 with the training stream), evaluation uses :func:`heldout_scene_seeds`
 (2-element tuples tagged with another stream), so held-out scenes are never
@@ -41,6 +49,10 @@ NUMBERS = ("a", "two", "three", "four", "five", "six")
 CONNECTORS = ("and", "on", "under")
 # Every word a caption can contain: the tokenizer makes each one a single token.
 CAPTION_WORDS: tuple[str, ...] = CLASSES + tuple(PLURALS.values()) + NUMBERS + CONNECTORS
+
+WORLDS = ("textured", "flat")
+# per world: (largest number of objects, range of object half-sizes as a fraction of the image)
+_WORLD_OBJECTS = {"textured": (6, (0.08, 0.2)), "flat": (4, (0.12, 0.25))}
 
 TRAIN_STREAM = 7001  # first entry of every training seed tuple
 HELDOUT_STREAM = 9002  # first entry of every held-out seed tuple
@@ -89,6 +101,7 @@ class SceneSpec:
     stuff_colors: np.ndarray  # (n_bands, 3)
     stuff_seeds: list[int]
     objects: list[ObjectSpec] = field(default_factory=list)
+    world: str = "textured"
 
 
 @dataclass
@@ -163,8 +176,16 @@ def _thing_colors(rng: np.random.Generator, name: str) -> np.ndarray:
     return np.stack([prim, sec, accent]).astype(np.float64)
 
 
-def sample_spec(rng: np.random.Generator, max_objects: int = 6) -> SceneSpec:
-    """Draw a size-free scene description."""
+def check_world(world: str) -> str:
+    if world not in WORLDS:
+        raise ValueError(f"unknown scene world {world!r}; choose from {list(WORLDS)}")
+    return world
+
+
+def sample_spec(rng: np.random.Generator, max_objects: int | None = None, world: str = "textured") -> SceneSpec:
+    """Draw a size-free scene description (``max_objects`` defaults to the world's)."""
+    default_max, (size_lo, size_hi) = _WORLD_OBJECTS[check_world(world)]
+    max_objects = default_max if max_objects is None else max_objects
     # Background: 1-3 bands; sky (when present) is the top band.
     n_bands = int(rng.choice([1, 2, 2, 3, 3]))
     ground = [c for c in STUFF if c != "sky"]
@@ -184,7 +205,8 @@ def sample_spec(rng: np.random.Generator, max_objects: int = 6) -> SceneSpec:
     for n in names:
         mean, jitter = _STUFF_BASE[n]
         colors.append(np.clip(np.array(mean) + rng.normal(0, jitter, 3), 0, 1))
-    spec = SceneSpec(stuff, boundaries, np.stack(colors), [int(s) for s in rng.integers(0, 2**31, n_bands)])
+    spec = SceneSpec(stuff, boundaries, np.stack(colors), [int(s) for s in rng.integers(0, 2**31, n_bands)],
+                     world=world)
 
     # Things: 1-max_objects instances of 1-3 classes (several instances of a class is common).
     n_obj = int(rng.integers(1, max_objects + 1))
@@ -192,7 +214,7 @@ def sample_spec(rng: np.random.Generator, max_objects: int = 6) -> SceneSpec:
     kinds = rng.choice(len(THINGS), size=n_cls, replace=False)
     for i in range(n_obj):
         name = THINGS[int(kinds[i % n_cls])]
-        size = rng.uniform(0.08, 0.2)
+        size = rng.uniform(size_lo, size_hi)
         aspect = np.exp(rng.normal(0, 0.12))
         upright = name in ("tree", "house")  # these keep roughly upright
         angle = rng.normal(0, 0.15) if upright else rng.uniform(0, 2 * np.pi)
@@ -201,7 +223,7 @@ def sample_spec(rng: np.random.Generator, max_objects: int = 6) -> SceneSpec:
             cx=rng.uniform(0.08, 0.92), cy=rng.uniform(0.12, 0.92),
             sx=size * aspect, sy=size / aspect, angle=float(angle),
             colors=_thing_colors(rng, name),
-            pattern=int(rng.integers(0, 4)), pattern_freq=float(rng.uniform(2.0, 5.0)),
+            pattern=int(rng.integers(0, 4)) if world == "textured" else 0, pattern_freq=float(rng.uniform(2.0, 5.0)),
             noise_seed=int(rng.integers(0, 2**31)),
         ))
     return spec
@@ -329,11 +351,14 @@ def _object_mask_and_parts(name: str, u: np.ndarray, v: np.ndarray) -> tuple[np.
     return mask, parts
 
 
-def _object_colors(obj: ObjectSpec, u: np.ndarray, v: np.ndarray, parts: np.ndarray) -> np.ndarray:
-    """Colour of every bbox pixel (H, W, 3): part colours, pattern, shading, noise."""
+def _object_colors(obj: ObjectSpec, u: np.ndarray, v: np.ndarray, parts: np.ndarray,
+                   world: str = "textured") -> np.ndarray:
+    """Colour of every bbox pixel (H, W, 3): part colours, pattern, shading, noise (flat: parts only)."""
     name = CLASSES[obj.cls]
     rng = np.random.default_rng(obj.noise_seed)
     rgb = obj.colors[parts]  # (h, w, 3)
+    if world == "flat":
+        return np.clip(rgb, 0, 1)
     primary = parts == 0
     f = obj.pattern_freq
     if obj.pattern == 1:  # stripes along u
@@ -365,7 +390,8 @@ def render(spec: SceneSpec, size: int = 128, return_layers: bool = False,
         mask = band == k
         if not mask.any():
             continue
-        tex = _stuff_texture(CLASSES[cls], color, seed, size)
+        tex = (np.broadcast_to(np.clip(color, 0, 1), (size, size, 3)) if spec.world == "flat"
+               else _stuff_texture(CLASSES[cls], color, seed, size))
         image[mask] = tex[mask]
         labels[mask] = cls
         if layers is not None:
@@ -375,7 +401,7 @@ def render(spec: SceneSpec, size: int = 128, return_layers: bool = False,
         mask, parts = _object_mask_and_parts(CLASSES[obj.cls], u, v)
         if not mask.any():
             continue
-        rgb = _object_colors(obj, u, v, parts)
+        rgb = _object_colors(obj, u, v, parts, spec.world)
         image[ys, xs][mask] = rgb[mask]
         labels[ys, xs][mask] = obj.cls
         if layers is not None:
@@ -409,16 +435,16 @@ def caption_for(counts: dict[str, int], stuff: Sequence[str]) -> str:
     return text
 
 
-def make_scene(seed: Seed, size: int = 128, max_objects: int = 6, min_area: float = 0.004,
-               return_layers: bool = False) -> Scene:
-    """Generate one scene, deterministic in ``seed`` (an int or a tuple of ints).
+def make_scene(seed: Seed, size: int = 128, max_objects: int | None = None, min_area: float = 0.004,
+               return_layers: bool = False, world: str = "textured") -> Scene:
+    """Generate one scene of ``world`` ("textured" or "flat"), deterministic in ``seed`` (an int or a tuple of ints).
 
     Objects hidden by occlusion below ``min_area`` (fraction of the image) are
     removed, so the caption names exactly the thing classes in the label map;
     it names the stuff classes in the label map from top to bottom.
     """
     rng = np.random.default_rng(seed)
-    spec = sample_spec(rng, max_objects=max_objects)
+    spec = sample_spec(rng, max_objects=max_objects, world=world)
     if spec.objects:
         visible = _visible_areas(spec, size)
         keep = visible >= max(1, min_area * size * size)
@@ -437,8 +463,9 @@ def make_scene(seed: Seed, size: int = 128, max_objects: int = 6, min_area: floa
     )
 
 
-def make_batch(seeds: Sequence[Seed], size: int = 128) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def make_batch(seeds: Sequence[Seed], size: int = 128, world: str = "textured",
+               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """Images (N, H, W, 3) uint8, labels (N, H, W) and captions of several scenes."""
-    scenes = [make_scene(s, size) for s in seeds]
+    scenes = [make_scene(s, size, world=world) for s in seeds]
     return (np.stack([s.image for s in scenes]), np.stack([s.labels for s in scenes]),
             [s.caption for s in scenes])

@@ -59,7 +59,7 @@ from .model import (
     build_text_encoder, build_tokenizer, build_unet, build_vae, count_parameters,
     encode_prompts, folder_size_mb, preset, save_reference,
 )
-from .scenes import CAPTION_WORDS, make_scene, train_scene_seed
+from .scenes import CAPTION_WORDS, WORLDS, make_scene, train_scene_seed
 
 # eval_fn(pipeline_folder, step) -> optional dict of metrics (logged); e.g. locality.
 EvalFn = Callable[[Path, int], Optional[dict]]
@@ -86,6 +86,9 @@ class TrainArgs:
     crop: int = 64  # VAE stage: training crop size (fully convolutional; used at full size)
     kl_weight: float = 1e-6
     latent_pool: int = 0  # UNet stage: >0 pre-encodes this many scenes once and samples from them
+    world: str = "textured"  # scene world: "textured" (v0/v1) or "flat" (v2)
+    init_from: str = ""  # UNet stage: pipeline folder whose UNet + text encoder start the training
+    vae_from: str = ""  # UNet stage: take the frozen VAE from this pipeline folder (default out/vae/model)
     ckpt_every: int = 200
     log_every: int = 1
     eval_every: int = 0
@@ -100,7 +103,7 @@ class TrainArgs:
 
     # arguments that must match when resuming (anything else may change, e.g. steps)
     FIXED = ("stage", "preset", "batch", "seed", "lr", "warmup", "weight_decay", "ema",
-             "caption_dropout", "crop", "kl_weight", "latent_pool")
+             "caption_dropout", "crop", "kl_weight", "latent_pool", "world", "init_from", "vae_from")
 
 
 # ------------------------------------------------------------------ helpers
@@ -123,9 +126,10 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
-def scene_batch(seed: int, step: int, batch: int, size: int, purpose: int = 0) -> tuple[torch.Tensor, list[str]]:
+def scene_batch(seed: int, step: int, batch: int, size: int, purpose: int = 0,
+                world: str = "textured") -> tuple[torch.Tensor, list[str]]:
     """Images in [-1, 1] and captions of the training scenes of one step."""
-    scenes = [make_scene(train_scene_seed(seed, step, i, purpose), size) for i in range(batch)]
+    scenes = [make_scene(train_scene_seed(seed, step, i, purpose), size, world=world) for i in range(batch)]
     return images_to_tensor(np.stack([s.image for s in scenes])), [s.caption for s in scenes]
 
 
@@ -171,7 +175,10 @@ def _open_log(path: Path, start: int) -> Any:
 
 
 def _check_resume(args: TrainArgs, saved: dict) -> None:
-    diff = {k: (saved.get(k), getattr(args, k)) for k in TrainArgs.FIXED if saved.get(k) != getattr(args, k)}
+    # keys a checkpoint predates read as their defaults
+    defaults = dataclasses.asdict(TrainArgs(out=""))
+    diff = {k: (saved.get(k, defaults[k]), getattr(args, k)) for k in TrainArgs.FIXED
+            if saved.get(k, defaults[k]) != getattr(args, k)}
     if diff:
         raise SystemExit(f"--resume with different settings than the checkpoint: {diff}")
 
@@ -217,7 +224,7 @@ def train_vae(args: TrainArgs) -> Path:
     for step in range(start, _end(args)):
         t0 = time.perf_counter()
         g = step_generator(args.seed, "vae", step)
-        x, _ = scene_batch(args.seed, step, args.batch, size)
+        x, _ = scene_batch(args.seed, step, args.batch, size, world=args.world)
         # random crops and horizontal flips (the VAE is fully convolutional; used at full size)
         ys = torch.randint(0, size - crop + 1, (args.batch,), generator=g)
         xs = torch.randint(0, size - crop + 1, (args.batch,), generator=g)
@@ -247,7 +254,7 @@ def train_vae(args: TrainArgs) -> Path:
     if _end(args) < args.steps:
         return out / "ckpt.pt"
     vae.eval()
-    scale = latent_scaling_factor(vae, cfg, args.seed, device)
+    scale = latent_scaling_factor(vae, cfg, args.seed, device, world=args.world)
     vae.register_to_config(scaling_factor=scale)
     vae.save_pretrained(str(out / "model"), safe_serialization=True)
     return out / "model"
@@ -258,9 +265,10 @@ def _vae_factor(cfg: dict) -> int:
 
 
 @torch.no_grad()
-def latent_scaling_factor(vae: Any, cfg: dict, seed: int, device: torch.device, n: int = 64) -> float:
+def latent_scaling_factor(vae: Any, cfg: dict, seed: int, device: torch.device, n: int = 64,
+                          world: str = "textured") -> float:
     """1 / std of the latents of n training scenes (SD's 0.18215 was found the same way)."""
-    x, _ = scene_batch(seed, 0, n, cfg["image_size"], purpose=1)
+    x, _ = scene_batch(seed, 0, n, cfg["image_size"], purpose=1, world=world)
     z = torch.cat([vae.encode(x[i:i + 16].to(device)).latent_dist.mean for i in range(0, n, 16)])
     return float(1.0 / z.float().std().clamp_min(1e-6))
 
@@ -269,9 +277,10 @@ def latent_scaling_factor(vae: Any, cfg: dict, seed: int, device: torch.device, 
 def load_stage_vae(args: TrainArgs, device: torch.device) -> Any:
     from diffusers import AutoencoderKL
 
-    folder = Path(args.out) / "vae" / "model"
+    folder = Path(args.vae_from) / "vae" if args.vae_from else Path(args.out) / "vae" / "model"
     if not (folder / "config.json").exists():
-        raise SystemExit(f"no trained VAE in {folder}: run `--stage vae` with the same --out first")
+        hint = "pass a pipeline folder" if args.vae_from else "run `--stage vae` with the same --out first"
+        raise SystemExit(f"no trained VAE in {folder}: {hint}")
     return AutoencoderKL.from_pretrained(str(folder), use_safetensors=True).to(device).eval().requires_grad_(False)
 
 
@@ -280,18 +289,19 @@ def _latent_pool(args: TrainArgs, vae: Any, cfg: dict, device: torch.device) -> 
     """Encode ``latent_pool`` scenes once (posterior mean and std, captions), cached on disk."""
     path = Path(args.out) / "unet" / "latent_pool.pt"
     if path.exists():
-        pool = torch.load(path)
-        if len(pool["captions"]) == args.latent_pool:
+        pool = torch.load(path, weights_only=True)
+        if len(pool["captions"]) == args.latent_pool and pool.get("world", "textured") == args.world:
             return pool
     means, stds, caps = [], [], []
     for i in range(0, args.latent_pool, 16):
         n = min(16, args.latent_pool - i)
-        scenes = [make_scene(train_scene_seed(args.seed, 0, i + j, purpose=2), cfg["image_size"]) for j in range(n)]
+        scenes = [make_scene(train_scene_seed(args.seed, 0, i + j, purpose=2), cfg["image_size"], world=args.world)
+                  for j in range(n)]
         post = vae.encode(images_to_tensor(np.stack([s.image for s in scenes])).to(device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
         caps += [s.caption for s in scenes]
-    pool = dict(mean=torch.cat(means), std=torch.cat(stds), captions=caps)
+    pool = dict(mean=torch.cat(means), std=torch.cat(stds), captions=caps, world=args.world)
     _save_ckpt(path, pool)
     return pool
 
@@ -311,6 +321,8 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
     tokenizer = build_tokenizer()
     unet = build_unet(cfg, seed=args.seed).to(device).train()
     text = build_text_encoder(cfg, tokenizer, seed=args.seed + 1).to(device).train()
+    if args.init_from:
+        _init_from(args.init_from, unet, text)
     params = list(unet.parameters()) + list(text.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
     ema = EMA([unet, text], args.ema) if args.ema > 0 else None
@@ -325,7 +337,7 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
         t0 = time.perf_counter()
         g = step_generator(args.seed, "unet", step)
         if pool is None:
-            x, captions = scene_batch(args.seed, step, args.batch, cfg["image_size"])
+            x, captions = scene_batch(args.seed, step, args.batch, cfg["image_size"], world=args.world)
             with torch.no_grad():
                 post = vae.encode(x.to(device)).latent_dist
                 mean, std = post.mean, post.std
@@ -374,6 +386,21 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
     return _write_pipeline(args, Path(args.out) / "pipeline", unet, text, vae, ema, cfg, args.steps)
 
 
+def _init_from(folder: str, unet: Any, text: Any) -> None:
+    """Start from a trained pipeline's UNet and text encoder (fine-tuning; same preset required)."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    src = Path(folder)
+    if not (src / "unet" / "config.json").exists():
+        raise SystemExit(f"--init-from {folder}: no diffusers pipeline folder there (unet/config.json missing)")
+    try:
+        unet.load_state_dict(UNet2DConditionModel.from_pretrained(str(src / "unet")).float().state_dict())
+        text.load_state_dict(CLIPTextModel.from_pretrained(str(src / "text_encoder")).float().state_dict())
+    except RuntimeError as err:  # shape mismatch: another preset
+        raise SystemExit(f"--init-from {folder}: weights do not fit --preset {unet.config.block_out_channels}: {err}")
+
+
 def _write_pipeline(args: TrainArgs, folder: Path, unet: Any, text: Any, vae: Any, ema: EMA | None,
                     cfg: dict, step: int) -> Path:
     """Save the (EMA) weights as a diffusers folder; the training weights are left untouched."""
@@ -387,7 +414,7 @@ def _write_pipeline(args: TrainArgs, folder: Path, unet: Any, text: Any, vae: An
     if args.save_dtype == "auto":
         dtype = torch.float16 if n_params * 4 / 1e6 > MAX_SHIPPED_MB * 0.98 else None
     save_reference(folder, unet_s, vae, text_s, words=CAPTION_WORDS, dtype=dtype, extra=dict(
-        step=step, preset=args.preset, preset_config=cfg, train_args=dataclasses.asdict(args),
+        step=step, preset=args.preset, world=args.world, preset_config=cfg, train_args=dataclasses.asdict(args),
         parameters=n_params, ema=args.ema > 0))
     return folder
 
@@ -400,7 +427,7 @@ def _maybe_resume(args: TrainArgs, out: Path, models: dict, opt: Any, ema: EMA |
     if not path.exists():
         print(f"--resume: no checkpoint at {path}, starting from step 0", file=sys.stderr)
         return 0
-    state = torch.load(path, map_location=args.device, weights_only=False)
+    state = torch.load(path, map_location=args.device, weights_only=True)
     _check_resume(args, state["args"])
     for name, module in models.items():
         module.load_state_dict(state["models"][name])
@@ -440,6 +467,9 @@ HELP = {
     "caption_dropout": "share of captions replaced by the empty prompt",
     "crop": "VAE stage: random crop size for training",
     "latent_pool": "UNet stage: pre-encode this many scenes once and sample batches from them",
+    "world": "scene world: textured (reference v0/v1) or flat (v2)",
+    "init_from": "UNet stage: pipeline folder whose UNet and text encoder start training (fine-tuning)",
+    "vae_from": "UNet stage: pipeline folder whose VAE is used frozen (instead of out/vae/model)",
     "ckpt_every": "checkpoint every N steps (and at the end)",
     "eval_every": "call --eval-fn every N steps on a snapshot pipeline folder",
     "eval_fn": "module:function called as fn(pipeline_folder, step) -> dict of metrics (logged)",
@@ -467,6 +497,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
             p.add_argument(flag, action="store_true", help=HELP.get(f.name))
         elif f.name == "stage":
             p.add_argument(flag, choices=["vae", "unet"], default=default, help=HELP["stage"])
+        elif f.name == "world":
+            p.add_argument(flag, choices=list(WORLDS), default=default, help=HELP["world"] + f" (default: {default})")
         else:
             p.add_argument(flag, type=type(default), default=default,
                            help=(HELP.get(f.name, "") + f" (default: {default})").strip())
