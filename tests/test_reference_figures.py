@@ -24,3 +24,19 @@ def test_loss_figure_with_eval_rows(tmp_path):
     assert len(fig.axes) == 2
     fig.savefig(tmp_path / "f.png")
     assert (tmp_path / "f.png").stat().st_size > 1000
+
+
+def test_loss_figure_with_learning_curve_rows(tmp_path):
+    """v2's probe rows: a locality panel and an accuracy panel, one line per logged key."""
+    log = tmp_path / "log.jsonl"
+    rows = [{"step": i, "loss": 1.0 / (i + 1)} for i in range(60)]
+    for step in (19, 39, 59):
+        rows.append({"step": step, "eval": {"world": "flat", "scenes": 8, "locality_decoded": 0.4,
+                                            "locality_chance": 0.125, "acc_emerdiff": 0.8, "acc_nearest": 0.85,
+                                            "acc_bilinear": 0.86}})
+    log.write_text("\n".join(json.dumps(r) for r in rows))
+    fig = loss_figure(log)
+    assert len(fig.axes) == 3
+    labels = [sorted(t.get_text() for t in ax.get_legend().get_texts()) for ax in fig.axes[1:]]
+    assert labels == [["chance", "decoded"], ["bilinear", "emerdiff", "nearest"]]
+    assert list(fig.axes[2].lines[0].get_xdata()) == [20, 40, 60]

@@ -43,11 +43,12 @@ def sample(model: Any, prompts: Sequence[str], steps: int = 50, guidance: float 
     return ((img.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
-def samples_figure(model: Any, n: int = 6, seed: int = 0, model_label: str = "reference") -> Any:
-    """Row 1: held-out scenes; row 2: samples from their captions; row 3: empty-prompt samples."""
+def samples_figure(model: Any, n: int = 6, seed: int = 0, model_label: str = "reference",
+                   world: str = "textured") -> Any:
+    """Row 1: held-out scenes of ``world``; row 2: samples from their captions; row 3: empty-prompt samples."""
     import matplotlib.pyplot as plt
 
-    scenes = [make_scene(s, 128) for s in heldout_scene_seeds(n, start=1000)]
+    scenes = [make_scene(s, 128, world=world) for s in heldout_scene_seeds(n, start=1000)]
     captions = [s.caption for s in scenes]
     from_captions = sample(model, captions, seed=seed)
     unconditional = sample(model, [""] * n, seed=seed + 1, guidance=1.0)
@@ -68,15 +69,24 @@ def samples_figure(model: Any, n: int = 6, seed: int = 0, model_label: str = "re
 
 
 def loss_figure(log_path: str | Path, window: int = 50, model_label: str = "reference") -> Any:
-    """Training loss (raw and running mean) and any logged evaluation metrics (locality)."""
+    """Training loss (raw and running mean) and the logged evaluation metrics: one panel of
+    locality (every ``locality*`` key, chance included) and one of majority-mapped pixel
+    accuracy (every ``acc_*`` key: EmerDiff's readouts against nearest and bilinear)."""
     import matplotlib.pyplot as plt
 
     rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     train = [r for r in rows if "loss" in r]
-    evals = [dict(r["eval"], step=r["step"]) for r in rows if isinstance(r.get("eval"), dict)]
+    evals = [dict(r["eval"], step=r["step"] + 1) for r in rows if isinstance(r.get("eval"), dict)]
     steps = np.array([r["step"] for r in train])
     loss = np.array([r["loss"] for r in train])
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(10 if evals else 5.5, 3.6), squeeze=False)
+    panels = [("loss", None)]
+    if evals:
+        keys = sorted({k for r in evals for k, v in r.items() if isinstance(v, (int, float)) and k != "step"})
+        loc = [k for k in keys if "locality" in k]
+        acc = [k for k in keys if k.startswith("acc_")]
+        panels += [("locality (share of the change inside its mask)", loc)] if loc else []
+        panels += [("majority-mapped pixel accuracy", acc)] if acc else []
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 3.8), squeeze=False)
     ax = axes[0, 0]
     ax.plot(steps, loss, lw=0.5, alpha=0.4, label="loss")
     if len(loss) >= window:
@@ -85,17 +95,15 @@ def loss_figure(log_path: str | Path, window: int = 50, model_label: str = "refe
     ax.set_ylabel("eps MSE")
     ax.set_yscale("log")
     ax.legend()
-    if evals:
-        ax = axes[0, 1]
-        es = [r["step"] for r in evals]
-        for key in ("locality", "chance_locality", "miou_emerdiff", "miou_nearest", "acc_emerdiff", "acc_nearest"):
-            vals = [r.get(key) for r in evals]
-            if all(v is not None for v in vals):
-                scale = 100.0 if "locality" in key or key.startswith("acc_") else 1.0
-                ax.plot(es, [v * scale for v in vals], marker="o", label=key + (" x100" if scale != 1 else ""))
+    n_scenes = evals[-1].get("scenes", 4) if evals else 0
+    for ax, (title, keys) in zip(axes[0, 1:], panels[1:]):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in evals if r.get(key) is not None]
+            style = dict(ls="--", color="grey") if "chance" in key else dict(marker="o", ms=3)
+            ax.plot(*zip(*pts), label=key.replace("locality_", "").replace("acc_", ""), **style)
         ax.set_xlabel("step")
+        ax.set_title(f"{title}\nvalidation scenes ({n_scenes})", fontsize=8)
         ax.legend(fontsize=7)
-        ax.set_title("held-out probe (4 scenes)")
     fig.suptitle(f"Reference model training · {model_label}", fontsize=9)
     fig.tight_layout()
     return fig
@@ -113,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_pipeline(args.model, device="cpu")
-    fig = samples_figure(model, args.n, model_label=str(args.model))
+    from .heldout import model_world
+
+    fig = samples_figure(model, args.n, model_label=str(args.model), world=model_world(args.model))
     fig.savefig(out / "reference_samples.png", dpi=110)
     if args.log:
         loss_figure(args.log, model_label=str(args.model)).savefig(out / "reference_training.png", dpi=110)
