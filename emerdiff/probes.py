@@ -73,17 +73,20 @@ class ProbeImage:
 
 def load_probe_images(names: Iterable[str]) -> list[ProbeImage]:
     """Resolve image names: ``voc_sample`` (VOC photo with ground truth), ``scene:N`` (held-out
-    scene N of the reference world, with ground truth), a scikit-image sample (``astronaut``,
+    scene N of the shipped reference model's world, with ground truth; ``scene:N:flat`` or
+    ``scene:N:textured`` names the world), a scikit-image sample (``astronaut``,
     ``coffee``, ``chelsea``, ``rocket``, ...) or an image file path."""
     from .datasets import sample_images, voc_sample
 
     out = []
     for name in names:
         if name.startswith("scene:"):
+            from .reference import model_world
             from .reference.scenes import CLASSES, heldout_scene_seeds, make_scene
 
-            index = int(name.split(":", 1)[1])
-            scene = make_scene(heldout_scene_seeds(1, start=index)[0], 128)
+            _, index, *world = name.split(":")
+            scene = make_scene(heldout_scene_seeds(1, start=int(index))[0], 128,
+                               world=world[0] if world else model_world("reference"))
             out.append(ProbeImage(name.replace(":", "_"), scene.image, scene.labels, len(CLASSES)))
         elif name == "voc_sample":
             s = voc_sample()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -17,3 +19,16 @@ def weights_dir() -> Path:
             "Train them with `python -m emerdiff.reference.train` or use model='tiny'."
         )
     return WEIGHTS
+
+
+def model_world(model: str | os.PathLike) -> str:
+    """The scene world a reference-model folder was trained on, from its ``reference.json``
+    ("flat" for v2; "textured" for v0/v1 and for folders without the record)."""
+    from .scenes import check_world
+
+    folder = WEIGHTS if str(model) == "reference" else Path(model)
+    info = folder / "reference.json"
+    if not info.exists():
+        return "textured"
+    meta = json.loads(info.read_text())
+    return check_world(meta.get("world") or meta.get("train_args", {}).get("world") or "textured")

@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from .scenes import CLASSES, check_world, heldout_scene_seeds, make_scene
+from . import model_world
+from .scenes import CLASSES, heldout_scene_seeds, make_scene
+
+__all__ = ["model_world", "write_heldout_folder", "locality_probe", "learning_curve_probe", "results_table", "main"]
 
 # Settings for the reference model: 128 px scenes, 16x16 query grid.
 # K = 8 with max_batch 17 puts all 2K modulated runs and the reference in one UNet batch.
@@ -27,18 +30,6 @@ REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=8, blur_sig
 # Held-out scenes 0-99 are the test set (this module's table); 100 and up are for validation:
 # training monitoring (locality_probe) and the diagnosis notebook explore settings there.
 VALIDATION_START = 100
-
-
-def model_world(model: str | Path) -> str:
-    """The scene world a reference-model folder was trained on (``reference.json``; v0/v1: textured)."""
-    from . import weights_dir
-
-    folder = weights_dir() if str(model) == "reference" else Path(model)
-    info = folder / "reference.json"
-    if not info.exists():
-        return "textured"
-    meta = json.loads(info.read_text())
-    return check_world(meta.get("world") or meta.get("train_args", {}).get("world") or "textured")
 
 
 def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0,
