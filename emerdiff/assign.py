@@ -35,6 +35,40 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     return x[:, 0]
 
 
+# Largest difference below half an 8-bit grey level (pixels span [-1, 1]): nothing visible
+# changed, and lambda = 0 leaves ~1e-5 of batched-kernel noise that an argmax would still rank.
+NEGLIGIBLE = 1 / 255
+
+
+class DegenerateResult(ValueError):
+    """The difference maps cannot give labels (NaN/inf, or no perturbation had any effect)."""
+
+
+def check_difference_maps(difference_maps: torch.Tensor, settings: str = "") -> None:
+    """Refuse maps that would give a silently wrong labelling.
+
+    An argmax over NaN maps or over all-zero maps labels every pixel 0 while
+    looking like a result, so both raise :class:`DegenerateResult`, naming the
+    settings to change.
+    """
+    maps = difference_maps.detach()
+    where = f" ({settings})" if settings else ""
+    bad = ~torch.isfinite(maps)
+    if bad.any():
+        per_map = bad.flatten(1).any(1).nonzero().flatten().tolist()
+        raise DegenerateResult(
+            f"difference maps of segment(s) {per_map[:10]} contain NaN or infinite values{where}: the "
+            "perturbation overflowed. Lower the modulation strength (lambda) or use dtype float32."
+        )
+    if float(maps.abs().max()) < NEGLIGIBLE:
+        raise DegenerateResult(
+            f"every difference map is (nearly) zero{where}: the perturbation changed no pixel by half "
+            "an 8-bit grey level, so the labels would be float noise. "
+            "Use a non-zero modulation strength (the paper's is 10) or a later "
+            "modulation timestep / another modulation layer."
+        )
+
+
 def assign_labels(difference_maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Label(p) = argmax_i blur(d_i)(p); (K, H, W) -> (H, W) long."""
     return gaussian_blur(difference_maps.float(), sigma).argmax(0)

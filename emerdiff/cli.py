@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
+
+from .files import FileSet, write_atomic  # noqa: F401  (write_atomic: kept importable from here)
 
 EPILOG = """examples:
   emerdiff layers tiny
@@ -18,20 +18,6 @@ EPILOG = """examples:
   emerdiff segment a.png b.png --model tiny --k 8 --resolution 256 --out results/
 models: a local diffusers folder, a hub id (needs network or the HF cache;
 HF_HUB_OFFLINE=1 forbids the network), 'tiny' (random, for tests) or 'reference'."""
-
-
-def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
-    """Write through a temp file in the same folder, then rename: never a half-written output."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -94,39 +80,63 @@ def cmd_layers(args: argparse.Namespace) -> int:
     return 0
 
 
-def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str) -> list[Path]:
-    """Label PNG (indexed palette), overlay PNG and .npz, each written atomically."""
+def _output_set(out_dir: Path, stem: str) -> FileSet:
+    """The outputs of one image; ``STEM.npz`` is renamed into place last, so it marks a complete set."""
+    return FileSet(out_dir / f"{stem}.npz")
+
+
+def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str, files: FileSet | None = None) -> list[Path]:
+    """Label PNG (indexed palette), overlay PNG and .npz, written atomically as one set.
+
+    With ``files`` the outputs are only staged there (the caller adds more and commits).
+    """
     from PIL import Image
 
     from .viz import label_png, overlay
 
-    paths = [out_dir / f"{stem}_labels.png", out_dir / f"{stem}_overlay.png", out_dir / f"{stem}.npz"]
+    own = files is None
+    files = _output_set(out_dir, stem) if files is None else files
     rgb = image.permute(1, 2, 0).numpy()
-    write_atomic(paths[0], lambda p: label_png(seg.labels).save(p, format="PNG"))
+    paths = [files.add(out_dir / f"{stem}_labels.png", lambda p: label_png(seg.labels).save(p, format="PNG"))]
     over = (overlay(rgb, seg.labels) * 255).astype(np.uint8)
-    write_atomic(paths[1], lambda p: Image.fromarray(over).save(p, format="PNG"))
-    write_atomic(paths[2], lambda p: seg.save_npz(open(p, "wb")))  # type: ignore[arg-type]
+    paths.append(files.add(out_dir / f"{stem}_overlay.png", lambda p: Image.fromarray(over).save(p, format="PNG")))
+
+    def write_npz(p: str) -> None:
+        with open(p, "wb") as f:
+            seg.save_npz(f)
+
+    paths.append(files.add(out_dir / f"{stem}.npz", write_npz))
+    if own:
+        files.commit()
     return paths
 
 
 def save_openvocab(labeller: Any, seg: Any, image: Any, vocabulary: list[str], out_dir: Path, stem: str,
-                   model_name: str) -> list[Path]:
-    """Class map (indexed PNG), class names (JSON) and a legend figure, each written atomically."""
+                   model_name: str, files: FileSet | None = None) -> list[Path]:
+    """Class map (indexed PNG), class names (JSON) and a legend figure, written atomically.
+
+    With ``files`` they join that image's output set (committed by the caller).
+    """
     from .viz import label_png
 
+    own = files is None
+    files = FileSet(out_dir / f"{stem}_classes.json") if files is None else files
     result = labeller.label(image, seg, vocabulary)
-    paths = [out_dir / f"{stem}_classes.png", out_dir / f"{stem}_classes.json", out_dir / f"{stem}_legend.png"]
-    write_atomic(paths[0], lambda p: label_png(result.class_map).save(p, format="PNG"))
+    paths = [files.add(out_dir / f"{stem}_classes.png", lambda p: label_png(result.class_map).save(p, format="PNG"))]
     info = dict(vocabulary=vocabulary, mask_classes=result.mask_classes.tolist(),
                 mask_scores=result.mask_scores.round(4).tolist(), labeller=type(labeller).__name__)
-    write_atomic(paths[1], lambda p: Path(p).write_text(json.dumps(info, indent=1)))
+    paths.append(files.add(out_dir / f"{stem}_classes.json", lambda p: Path(p).write_text(json.dumps(info, indent=1))))
     from .openvocab import legend_figure
 
     fig = legend_figure(image, result, title=f"{type(labeller).__name__} on {model_name}")
-    write_atomic(paths[2], lambda p: fig.savefig(p, format="png", dpi=100))
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        paths.append(files.add(out_dir / f"{stem}_legend.png", lambda p: fig.savefig(p, format="png", dpi=100)))
+    finally:
+        plt.close(fig)
+    if own:
+        files.commit()
     return paths
 
 
@@ -134,9 +144,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .images import ImageError, load_image
     from .pipeline import EmerDiff
 
+    from .files import check_output_dir, clean_stale_temps, unique_stems
+    from .models import model_geometry
+
     config = config_from_args(args)
     try:
-        config.check_values()
+        # everything checkable without the model, before the (slow) load and before any write
+        config.check_for_segmentation()
+        geometry = model_geometry(args.model)
+        if geometry is not None:
+            config.check_resolution(*geometry)
+        check_output_dir(Path(args.out))
         model = load_model_from_args(args)
         segmenter = EmerDiff(model, config)
     except (ValueError, RuntimeError) as err:
@@ -157,8 +175,14 @@ def cmd_segment(args: argparse.Namespace) -> int:
             print(f"error: {err}", file=sys.stderr)
             return 2
     out = Path(args.out)
+    for leftover in clean_stale_temps([out]):
+        print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
+    stems = unique_stems(args.images)
     failed = 0
-    for item in args.images:
+    for item, stem in zip(args.images, stems):
+        if stem != Path(item).stem:
+            print(f"{item}: another input is also named {Path(item).stem}; writing {stem}_* for this one",
+                  file=sys.stderr)
         try:
             image = load_image(item)
             seg = segmenter.segment(image, progress=not args.quiet)
@@ -166,9 +190,15 @@ def cmd_segment(args: argparse.Namespace) -> int:
             failed += 1
             print(f"skipped {item}: {err}", file=sys.stderr)
             continue
-        paths = save_outputs(seg, image, out, Path(item).stem)
-        if labeller is not None:
-            paths += save_openvocab(labeller, seg, image, vocabulary, out, Path(item).stem, model.source)
+        files = _output_set(out, stem)
+        try:
+            paths = save_outputs(seg, image, out, stem, files)
+            if labeller is not None:
+                paths += save_openvocab(labeller, seg, image, vocabulary, out, stem, model.source, files)
+            files.commit()
+        except BaseException:
+            files.abort()
+            raise
         print(f"{item}: {seg.num_segments} segments, {seg.timings['total']:.1f} s -> {', '.join(map(str, paths))}")
     if failed:
         print(f"{failed} of {len(args.images)} image(s) failed", file=sys.stderr)

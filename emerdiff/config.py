@@ -9,11 +9,28 @@ valid choices.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 QUERY_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATION_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
+MAX_STEPS = 1000  # the SD training schedule has 1000 timesteps
+MAX_STRENGTH = 1e4  # 1000x the paper's lambda; beyond it activations overflow
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value}; the paper's value is "
+                         f"{getattr(EmerDiffConfig, name)}")
 
 
 @dataclass
@@ -73,33 +90,87 @@ class EmerDiffConfig:
 
     # ------------------------------------------------------------- checking
     def check_values(self) -> None:
-        """Checks that need no model."""
+        """Checks that need no model; a ValueError names the field, the value, the valid range and the fix."""
+        for name in ("resolution", "num_clusters", "feature_noise_draws", "kmeans_n_init", "num_inference_steps",
+                     "feature_timestep", "modulation_timestep", "max_batch", "decode_batch", "seed"):
+            _check_int(name, getattr(self, name))
+        if self.readout_steps is not None:
+            _check_int("readout_steps", self.readout_steps)
+        for name in ("modulation_strength", "blur_sigma"):
+            _check_number(name, getattr(self, name))
         if self.resolution < 64 or self.resolution % 8:
             raise ValueError(f"resolution must be a multiple of 8 and >= 64, got {self.resolution}")
         if self.num_clusters < 2:
             raise ValueError(f"num_clusters (K) must be >= 2, got {self.num_clusters}")
         if self.feature_noise_draws < 1:
             raise ValueError("feature_noise_draws must be >= 1")
+        if self.kmeans_n_init < 1:
+            raise ValueError(f"kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
+        if not 1 <= self.num_inference_steps <= MAX_STEPS:
+            raise ValueError(
+                f"num_inference_steps (--steps) must be between 1 and {MAX_STEPS} (the training schedule's "
+                f"length), got {self.num_inference_steps}; the paper uses 50"
+            )
         if self.max_batch < 2:
             raise ValueError("max_batch must be >= 2 (the reference plus one modulated run)")
         if self.decode_batch < 1:
             raise ValueError("decode_batch must be >= 1")
-        if self.blur_sigma < 0:
-            raise ValueError("blur_sigma must be >= 0")
+        sigma_max = self.resolution / 8
+        if not 0 <= self.blur_sigma <= sigma_max:
+            raise ValueError(
+                f"blur_sigma (--blur-sigma) must lie in [0, resolution/8 = {sigma_max:g}] pixels, got "
+                f"{self.blur_sigma}; the paper uses 4 at 512 px (0 = no blur)"
+            )
+        if abs(self.modulation_strength) > MAX_STRENGTH:
+            raise ValueError(
+                f"modulation_strength (--strength, lambda) must lie in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], "
+                f"got {self.modulation_strength}; the paper uses 10"
+            )
         if self.readout_steps is not None and self.readout_steps < 1:
             raise ValueError("readout_steps must be None (full schedule) or >= 1")
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    def check_for_segmentation(self) -> None:
+        """:meth:`check_values` plus what a segmentation needs: a non-zero lambda.
+
+        (lambda = 0 stays a valid config for probes that want an unperturbed
+        baseline, but it gives all-zero difference maps, so no labels.)
+        """
+        self.check_values()
+        if self.modulation_strength == 0:
+            raise ValueError(
+                "modulation_strength (--strength, lambda) is 0: nothing is perturbed, so every difference "
+                "map is zero and no pixel can be labelled; use a non-zero value such as the paper's 10"
+            )
+
+    def check_resolution(self, vae_scale_factor: int, unet_factor: int) -> None:
+        """The image size must give a latent the UNet can halve at every down block.
+
+        Args:
+            vae_scale_factor: VAE downsampling (8 for SD).
+            unet_factor: total UNet downsampling, 2 ** (down blocks - 1) (8 for SD).
+        """
+        step = vae_scale_factor * unet_factor
+        if self.resolution % step:
+            lower = max(step, self.resolution // step * step)
+            upper = (self.resolution // step + 1) * step
+            raise ValueError(
+                f"resolution={self.resolution} does not fit this model: it must be a multiple of {step} "
+                f"(the VAE downsamples x{vae_scale_factor}, the UNet x{unet_factor} more); "
+                f"use {lower} or {upper}"
+            )
 
     def validate(self, model: Any) -> None:
         """Check layers and timesteps against a loaded model (`load_pipeline`).
 
         Raises ValueError naming the bad value and listing the valid ones.
         """
-        from .models import attention_layers, feature_resolution
+        from .models import attention_layers, feature_resolution, unet_downsampling
         from .inversion import schedule_timesteps
 
         self.check_values()
+        self.check_resolution(model.vae_scale_factor, unet_downsampling(model.unet.config))
         layers = attention_layers(model.unet)
         for what in ("query_layer", "modulation_layer"):
             name = getattr(self, what)

@@ -11,9 +11,14 @@ Flow (single process, or any number of processes under ``accelerate launch``):
    EmerDiff and the nearest / bilinear baselines of the same low-res masks,
    and writes ``OUT/results.json`` and ``OUT/results.csv``.
 
-``OUT/run.json`` pins what the cached files were computed with (dataset,
-model, method config); a rerun with a different setting into the same OUT is
-refused instead of silently mixing results.
+The cache verifies itself: each per-image record carries its image id and
+SHA-256 hashes of the image file, of its label map and of the run settings.
+A record that is unreadable, belongs to another image, or was computed from
+other pixels, labels or settings is recomputed (one line says which and why),
+never trusted. File names are an injective encoding of the image id, so two
+ids never share a file. ``OUT/run.json`` pins the settings (dataset, model,
+method config); it is written once they are validated, and a rerun with other
+settings into the same OUT is refused with the keys that differ.
 
 Run standalone as ``python -m emerdiff.evaluation_run ...`` (same arguments
 as ``emerdiff evaluate``). Several processes:
@@ -27,13 +32,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
+import hashlib
 import io
 import json
 import math
 import os
 import sys
-import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
@@ -42,11 +47,9 @@ import numpy as np
 from .datasets import LAYOUTS, SegmentationDataset, open_dataset
 from .evaluate import (METHOD_FIELDS, METHODS, PROTOCOLS, ImageRecord, build_record, confusion_matrix,
                        evaluate_records, scores, segmentation_field, summary_rows)
+from .files import check_output_dir, clean_stale_temps, write_atomic_bytes
 
-# Test-only hook: "path/to/file.py:factory"; factory(args) returns segment_fn.
-# Lets a subprocess (e.g. under `accelerate launch`) run without a diffusion model.
-TEST_SEGMENTER_ENV = "EMERDIFF_TEST_SEGMENTER"
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2: image id + image/labels/settings hashes, verified on every run
 SegmentFn = Callable[[Any], Any]
 
 
@@ -168,8 +171,8 @@ def openvocab_rows(out: Path, dataset: SegmentationDataset, indices: Sequence[in
     masked = np.zeros((c, c), np.int64)
     for i in indices:
         image_id = dataset.image_ids[i]
-        counts = load_record(record_path(out, image_id)).counts["emerdiff"]  # (K, C)
-        with np.load(openvocab_path(out, labeller, image_id)) as z:
+        counts = load_record(record_path(out, image_id), image_id).counts["emerdiff"]  # (K, C)
+        with np.load(openvocab_path(out, labeller, image_id), allow_pickle=False) as z:
             alone += z["dense_confusion"]
             classes = z["mask_classes"]
         for m, cls in enumerate(classes):  # every pixel of mask m takes class cls
@@ -183,19 +186,86 @@ def openvocab_rows(out: Path, dataset: SegmentationDataset, indices: Sequence[in
     return rows
 
 
-def _test_segmenter(spec: str, args: argparse.Namespace) -> SegmentFn:
-    path, _, name = spec.rpartition(":")
-    module_spec = importlib.util.spec_from_file_location("_emerdiff_test_segmenter", path)
-    if module_spec is None or module_spec.loader is None:
-        raise ValueError(f"{TEST_SEGMENTER_ENV}={spec!r}: cannot import {path}")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return getattr(module, name)(args)
-
-
 # --------------------------------------------------------------------------- per-image cache
+_SAFE = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.=")
+_MAX_NAME = 200  # bytes; file systems allow 255
+
+
 def _safe_id(image_id: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in image_id)
+    """File name for an image id: ASCII letters, digits and ``-_.=`` kept, every other byte
+    %-escaped (``%`` included, and a leading dot, so no hidden files). The map is injective:
+    ``x y`` -> ``x%20y``, ``x_y`` -> ``x_y``. Over-long names end in a hash of the id instead."""
+    out = []
+    for i, ch in enumerate(image_id):
+        if ch in _SAFE and not (i == 0 and ch == "."):
+            out.append(ch)
+        else:
+            out.extend(f"%{b:02X}" for b in ch.encode("utf-8"))
+    name = "".join(out)
+    if len(name) > _MAX_NAME:
+        name = f"{name[:_MAX_NAME - 41]}%{hashlib.sha256(image_id.encode()).hexdigest()[:40]}"
+    return name
+
+
+class RecordError(ValueError):
+    """A per-image record cannot be read; the message names the file and the fix."""
+
+
+def content_key(sample: Any, settings: str) -> dict[str, str]:
+    """What a per-image record was computed from: image id and SHA-256 of image, labels, settings."""
+    h = hashlib.sha256()
+    if isinstance(sample.image, (str, os.PathLike)):
+        with open(sample.image, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    else:  # in-memory sample: its pixels, shape and dtype
+        arr = np.ascontiguousarray(np.asarray(sample.image))
+        h.update(f"{arr.shape}{arr.dtype}".encode())
+        h.update(arr.tobytes())
+    label = np.ascontiguousarray(np.asarray(sample.label))
+    lh = hashlib.sha256(f"{label.shape}{label.dtype}".encode())
+    lh.update(label.tobytes())
+    return {"image_id": sample.image_id, "image_sha256": h.hexdigest(), "labels_sha256": lh.hexdigest(),
+            "settings_sha256": settings}
+
+
+def settings_hash(signature: dict[str, Any]) -> str:
+    """SHA-256 of the run settings a record depends on (the dataset's location is not one:
+    the image and label hashes pin its contents)."""
+    relevant = {k: v for k, v in signature.items() if k != "data"}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _stored_key(path: Path) -> dict[str, str]:
+    """Read and CRC-check a whole cached .npz; return its stored key fields."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}  # reading every member checks every CRC
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise RecordError(f"{path} is unreadable ({type(err).__name__}: {err})") from err
+    version = int(arrays["version"]) if "version" in arrays else 0
+    if version != RECORD_VERSION:
+        raise RecordError(f"{path} was written by another emerdiff version (record version {version})")
+    return {k: str(arrays[k]) for k in ("image_id", "image_sha256", "labels_sha256", "settings_sha256")
+            if k in arrays}
+
+
+def record_problem(path: Path, key: dict[str, str]) -> str | None:
+    """Why the cached file at ``path`` cannot be trusted for ``key`` (None: it can; "missing": none)."""
+    if not path.exists():
+        return "missing"
+    try:
+        stored = _stored_key(path)
+    except RecordError as err:
+        return str(err)
+    what = {"image_id": "holds the record of another image ({old!r})",
+            "image_sha256": "was computed from other image pixels (the image file changed)",
+            "labels_sha256": "was computed from other labels (the label file changed)",
+            "settings_sha256": "was computed with other settings"}
+    for field, message in what.items():
+        if stored.get(field) != key[field]:
+            return f"{path} {message.format(old=stored.get(field))}"
+    return None
 
 
 def record_path(out: Path, image_id: str) -> Path:
@@ -203,25 +273,14 @@ def record_path(out: Path, image_id: str) -> Path:
     return out / "per_image" / f"{_safe_id(image_id)}.npz"
 
 
-def write_atomic_bytes(path: Path, data: bytes) -> None:
-    """Write to a temp file in the same folder, then ``os.replace``: never a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | None = None,
+                key: dict[str, str] | None = None) -> None:
+    """Store a record (+ optional full-size label maps and GT for inspection) as one .npz.
 
-
-def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | None = None) -> None:
-    """Store a record (+ optional full-size label maps and GT for inspection) as one .npz."""
+    ``key`` (:func:`content_key`) is stored with it so a later run can verify it.
+    """
     arrays: dict[str, np.ndarray] = {
+        **{k: np.array(v) for k, v in (key or {}).items()},
         "version": np.array(RECORD_VERSION),
         "image_id": np.array(record.image_id),
         "mask_embeddings": record.mask_embeddings.astype(np.float32),
@@ -242,8 +301,23 @@ def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | N
     write_atomic_bytes(path, buf.getvalue())
 
 
-def load_record(path: Path) -> ImageRecord:
-    """Inverse of :func:`save_record` (label maps are not loaded: the protocols do not need them)."""
+def load_record(path: Path, image_id: str | None = None) -> ImageRecord:
+    """Inverse of :func:`save_record` (label maps are not loaded: the protocols do not need them).
+
+    Raises RecordError naming the file if it is unreadable or (with ``image_id``) another image's.
+    """
+    try:
+        record = _load_record(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise RecordError(f"per-image record {path} is unreadable ({type(err).__name__}: {err}); "
+                          "run evaluate again to recompute it") from err
+    if image_id is not None and record.image_id != image_id:
+        raise RecordError(f"per-image record {path} holds image {record.image_id!r}, not {image_id!r}; "
+                          "run evaluate again to recompute it")
+    return record
+
+
+def _load_record(path: Path) -> ImageRecord:
     with np.load(path, allow_pickle=False) as z:
         counts = {k[len("counts_"):]: z[k] for k in z.files if k.startswith("counts_")}
         return ImageRecord(
@@ -261,18 +335,19 @@ def load_record(path: Path) -> ImageRecord:
 class RecordFiles(Sequence[ImageRecord]):
     """Lazy sequence of records on disk: the protocols read it twice without holding it all."""
 
-    def __init__(self, paths: Sequence[Path]):
+    def __init__(self, paths: Sequence[Path], image_ids: Sequence[str] | None = None):
         self.paths = list(paths)
+        self.image_ids = list(image_ids) if image_ids is not None else [None] * len(self.paths)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> ImageRecord:  # type: ignore[override]
-        return load_record(self.paths[i])
+        return load_record(self.paths[i], self.image_ids[i])
 
     def __iter__(self) -> Iterator[ImageRecord]:
-        for p in self.paths:
-            yield load_record(p)
+        for i in range(len(self.paths)):
+            yield self[i]
 
 
 # --------------------------------------------------------------------------- run
@@ -293,18 +368,75 @@ def _run_signature(args: argparse.Namespace, dataset: SegmentationDataset,
     }
 
 
-def _check_signature(out: Path, signature: dict[str, Any], is_main: bool) -> None:
+def signature_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """One ``key: old -> new`` line per differing setting; nested dicts (method_config) key by key."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(unset)"), new.get(key, "(unset)")
+        if a == b:
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += signature_diff(a, b, f"{prefix}{key}.")
+        else:
+            lines.append(f"{prefix}{key}: {json.dumps(a)} in run.json, {json.dumps(b)} now")
+    return lines
+
+
+def _compare_signature(out: Path, signature: dict[str, Any]) -> None:
+    """Refuse to mix runs: an existing ``run.json`` must match these settings (writes nothing)."""
     path = out / "run.json"
-    if path.exists():
+    if not path.exists():
+        return
+    try:
         old = json.loads(path.read_text())
-        if old != json.loads(json.dumps(signature)):
-            diff = sorted(k for k in set(old) | set(signature) if old.get(k) != signature.get(k))
-            raise ValueError(
-                f"{out} holds per-image results of a different run (differs in {diff}); "
-                "use another --out or delete it"
-            )
-    elif is_main:
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); delete it (the per-image records verify "
+                         "themselves) or use another --out") from err
+    diff = signature_diff(old, json.loads(json.dumps(signature)))
+    if diff:
+        raise ValueError(
+            f"{out} holds per-image results of a different run; these settings differ:\n  "
+            + "\n  ".join(diff) + "\nrerun with the same settings, use another --out, or delete it"
+        )
+
+
+def _write_signature(out: Path, signature: dict[str, Any]) -> None:
+    """Write ``run.json`` (only once the settings have been validated)."""
+    path = out / "run.json"
+    if not path.exists():
         write_atomic_bytes(path, (json.dumps(signature, indent=2) + "\n").encode())
+
+
+def _open_dataset(args: argparse.Namespace) -> SegmentationDataset:
+    """The dataset of ``--data``/``--layout``; a missing folder or file is a ValueError saying which."""
+    root = Path(args.data)
+    if not root.is_dir():
+        raise ValueError(f"--data {root}: dataset folder does not exist{' (it is a file)' if root.exists() else ''}; "
+                         "pass the dataset root (folder layout: images/, labels/ and classes.txt)")
+    try:
+        return open_dataset(args.layout, args.data, split=args.split, ignore_index=args.ignore_index)
+    except FileNotFoundError as err:
+        raise ValueError(f"--data {root} (--layout {args.layout}): {err}") from err
+
+
+def _pending(dataset: SegmentationDataset, share: Sequence[int], out: Path, settings: str,
+             labeller: str | None) -> tuple[list[int], list[str]]:
+    """Images of ``share`` whose cached files are missing or cannot be trusted, and one line per
+    image whose existing cache is recomputed (unreadable, another image's, stale)."""
+    todo, notes = [], []
+    for i in share:
+        sample = dataset[i]
+        key = content_key(sample, settings)
+        paths = [record_path(out, sample.image_id)]
+        if labeller is not None:
+            paths.append(openvocab_path(out, labeller, sample.image_id))
+        problems = [pr for pr in (record_problem(p, key) for p in paths) if pr is not None]
+        if problems:
+            todo.append(i)
+            stale = [pr for pr in problems if pr != "missing"]
+            if stale:
+                notes.append(f"recomputing {sample.image_id}: {stale[0]}")
+    return todo, notes
 
 
 def _partial_state(device: str | None) -> Any:
@@ -333,28 +465,22 @@ def _default_device(state: Any) -> str | None:
     return None
 
 
-def _segment_share(state: Any, dataset: SegmentationDataset, indices: Sequence[int], out: Path,
-                   segment_fn: SegmentFn, quiet: bool, openvocab: tuple[str, Any] | None = None) -> int:
-    """Segment this process's share of ``indices`` that has no per-image file yet.
+def _segment_share(state: Any, dataset: SegmentationDataset, todo: Sequence[int], share_size: int, out: Path,
+                   segment_fn: SegmentFn, quiet: bool, settings: str,
+                   openvocab: tuple[str, Any] | None = None) -> int:
+    """Segment the images ``todo`` (this process's share that has no trusted cache) and cache each.
 
     ``openvocab`` = (labeller name, labeller): also label the masks with the
     dataset's class names and cache the result per image.
     """
     from tqdm.auto import tqdm
 
-    share = list(indices)[state.process_index::state.num_processes]
-
-    def missing(i: int) -> bool:
-        image_id = dataset.image_ids[i]
-        return not record_path(out, image_id).exists() or (
-            openvocab is not None and not openvocab_path(out, openvocab[0], image_id).exists())
-
-    todo = [i for i in share if missing(i)]
-    bar = tqdm(total=len(share), initial=len(share) - len(todo), desc=f"evaluate[{state.process_index}]",
+    bar = tqdm(total=share_size, initial=share_size - len(todo), desc=f"evaluate[{state.process_index}]",
                unit="img", disable=quiet, position=state.process_index, leave=True)
     try:
         for i in todo:
             sample = dataset[i]
+            key = content_key(sample, settings)
             seg = segment_fn(sample.image)
             record = build_record(sample.image_id, seg, sample.label, dataset.num_classes,
                                   dataset.ignore_index, METHODS)
@@ -366,10 +492,11 @@ def _segment_share(state: Any, dataset: SegmentationDataset, indices: Sequence[i
                 dense = confusion_matrix(res.dense_class_map, np.asarray(sample.label), dataset.num_classes,
                                          dataset.ignore_index)
                 buf = io.BytesIO()
-                np.savez_compressed(buf, mask_classes=res.mask_classes.astype(np.int64), dense_confusion=dense)
+                np.savez_compressed(buf, mask_classes=res.mask_classes.astype(np.int64), dense_confusion=dense,
+                                    version=np.array(RECORD_VERSION), **{k: np.array(v) for k, v in key.items()})
                 write_atomic_bytes(openvocab_path(out, name, sample.image_id), buf.getvalue())
             # the record last: its presence marks the image done for the mask protocols
-            save_record(record_path(out, sample.image_id), record, maps)
+            save_record(record_path(out, sample.image_id), record, maps, key)
             bar.update(1)
     finally:
         bar.close()
@@ -384,7 +511,7 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise RuntimeError(f"{len(missing)} per-image result(s) missing, e.g. {missing[:3]}")
-    records = RecordFiles(paths)
+    records = RecordFiles(paths, [dataset.image_ids[i] for i in indices])
     first = records[0]
     results, rows = [], []
     for protocol in protocols:
@@ -446,45 +573,58 @@ def _json_safe(obj: Any) -> Any:
 def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     """Run ``emerdiff evaluate``; returns the exit code.
 
+    Every setting that can be checked without the model (values, resolution
+    against the model's config files, --out, the dataset) is checked before the
+    model is loaded or any file is written; ``run.json`` is written only once the
+    model has accepted the settings.
+
     Args:
         args: parsed arguments (see :func:`add_parser`).
         segment_fn: ``image -> segmentation`` used instead of loading
-            ``args.model`` (tests inject a fake). The environment variable
-            ``EMERDIFF_TEST_SEGMENTER=file.py:factory`` does the same for
-            subprocesses (test-only).
+            ``args.model`` (tests inject a fake; its settings are not checked).
     """
-    state = _partial_state(args.device)
+    from .models import model_geometry
+
     out = Path(args.out)
-    dataset = open_dataset(args.layout, args.data, split=args.split, ignore_index=args.ignore_index)
+    check_output_dir(out)
+    state = _partial_state(args.device)
+    device = args.device or _default_device(state)
+    config = None
+    if segment_fn is None:
+        cfg = method_config(args, device)
+        cfg.check_for_segmentation()
+        geometry = model_geometry(args.model)
+        if geometry is not None:
+            cfg.check_resolution(*geometry)
+        config = cfg.to_dict()
+    dataset = _open_dataset(args)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     indices = list(range(n))
     protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
     labeller_name = getattr(args, "labeller", "unet") if "openvocab" in protocols else None
-    device = args.device or _default_device(state)
 
-    hook = os.environ.get(TEST_SEGMENTER_ENV)
-    if segment_fn is None and hook:
-        segment_fn = _test_segmenter(hook, args)
-    config = None if segment_fn is not None else method_config(args, device).to_dict()
     signature = _run_signature(args, dataset, config)
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        _check_signature(out, signature, True)
+    _compare_signature(out, signature)
+    settings = settings_hash(signature)
+    if state.is_main_process:  # before any process writes: the others' temp files are not there yet
+        folders = [out, out / "per_image", *(out.glob("openvocab_*") if out.is_dir() else [])]
+        for leftover in clean_stale_temps(folders):
+            print(f"removed {leftover}, a temp file left by an interrupted run", file=sys.stderr)
     state.wait_for_everyone()
-    if not state.is_main_process:
-        _check_signature(out, signature, False)
 
     share = indices[state.process_index::state.num_processes]
-    pending = [i for i in share if not record_path(out, dataset.image_ids[i]).exists()
-               or (labeller_name is not None and not openvocab_path(out, labeller_name, dataset.image_ids[i]).exists())]
+    todo, notes = _pending(dataset, share, out, settings, labeller_name)
+    for note in notes:
+        print(note, file=sys.stderr)
     model = None
-    if pending and segment_fn is None:  # load the model only when there is work left
-        segment_fn, _, model = _default_segmenter(args, device)
-    openvocab = (labeller_name, _labeller(args, model, device)) if pending and labeller_name else None
-    if segment_fn is not None:
-        done = _segment_share(state, dataset, indices, out, segment_fn, args.quiet, openvocab)
-    else:
-        done = 0
+    if todo and segment_fn is None:  # load the model only when there is work left
+        segment_fn, _, model = _default_segmenter(args, device)  # validates the config against it
+    openvocab = (labeller_name, _labeller(args, model, device)) if todo and labeller_name else None
+    if state.is_main_process:
+        _write_signature(out, signature)
+    done = 0
+    if todo and segment_fn is not None:
+        done = _segment_share(state, dataset, todo, len(share), out, segment_fn, args.quiet, settings, openvocab)
     state.wait_for_everyone()
 
     if state.is_main_process:

@@ -9,6 +9,7 @@ neighbour, so every returned label map has the input's size.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Union
 
@@ -18,6 +19,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 MIN_SIZE = 64  # smaller images have less than one latent pixel per 16x16 token cell
+# Input size limit: decoding and mapping labels back to the original size cost about
+# BYTES_PER_PIXEL bytes per input pixel (float copies, int64 label maps, overlay), so
+# 50 MP (a large phone photo) needs ~4.5 GB. Override with EMERDIFF_MAX_PIXELS.
+MAX_PIXELS = 50_000_000
+MAX_PIXELS_ENV = "EMERDIFF_MAX_PIXELS"
+BYTES_PER_PIXEL = 90
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
 
 
@@ -35,7 +42,8 @@ def _from_pil(img: Image.Image, where: str) -> np.ndarray:
         grey = np.clip(arr / peak, 0, 1)
         return np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     if mode == "F":
-        grey = np.clip(np.asarray(img, dtype=np.float32), 0, 1)
+        # 32-bit float (TIFF): same rule as a float array, never a silent clip
+        grey = _check_float(np.asarray(img, dtype=np.float32), where)
         return np.repeat(grey[..., None], 3, axis=2)
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
@@ -46,6 +54,45 @@ def _from_pil(img: Image.Image, where: str) -> np.ndarray:
         img = Image.alpha_composite(background, img)
     img = img.convert("RGB")
     return np.asarray(img, dtype=np.float32) / 255.0
+
+
+def _check_float(f: np.ndarray, where: str) -> np.ndarray:
+    """Float pixels must be finite and in [0, 1] (a rounding margin is clipped)."""
+    if not np.isfinite(f).all():
+        raise ImageError(f"{where} contains NaN or infinite values; fix or re-export the image")
+    if f.min() < -1e-3 or f.max() > 1 + 1e-3:
+        raise ImageError(
+            f"{where}: float image values must lie in [0, 1], got [{f.min():.3g}, {f.max():.3g}]; "
+            "divide by 255 (8-bit) or 65535 (16-bit) first, or rescale to [0, 1]"
+        )
+    return np.clip(f, 0, 1)
+
+
+def max_pixels() -> int:
+    """The input size limit in pixels: ``EMERDIFF_MAX_PIXELS`` if set, else :data:`MAX_PIXELS`."""
+    value = os.environ.get(MAX_PIXELS_ENV)
+    if value is None or not value.strip():
+        return MAX_PIXELS
+    try:
+        limit = int(value)
+    except ValueError:
+        raise ImageError(f"{MAX_PIXELS_ENV}={value!r} is not a whole number of pixels, e.g. 100000000") from None
+    if limit < 1:
+        raise ImageError(f"{MAX_PIXELS_ENV}={value!r} must be a positive number of pixels")
+    return limit
+
+
+def check_pixels(width: int, height: int, where: str, limit: int | None = None) -> None:
+    """Refuse an image above the pixel limit before it is decoded (it would need ~90 bytes per pixel)."""
+    limit = max_pixels() if limit is None else limit
+    if width * height > limit:
+        need = width * height * BYTES_PER_PIXEL / 1e9
+        raise ImageError(
+            f"{where} is {width}x{height} = {width * height / 1e6:.1f} megapixels, above the limit of "
+            f"{limit / 1e6:.1f} MP (segmenting it would need about {need:.0f} GB of memory). Downscale it "
+            f"(the model sees it at `resolution` px anyway) or raise the limit: {MAX_PIXELS_ENV}=N "
+            "or load_image(..., max_pixels=N)"
+        )
 
 
 def _from_array(arr: np.ndarray) -> np.ndarray:
@@ -65,15 +112,7 @@ def _from_array(arr: np.ndarray) -> np.ndarray:
     elif a.dtype == bool:
         f = a.astype(np.float32)
     elif np.issubdtype(a.dtype, np.floating):
-        f = a.astype(np.float32)
-        if not np.isfinite(f).all():
-            raise ImageError("image array contains NaN or infinite values")
-        if f.min() < -1e-3 or f.max() > 1 + 1e-3:
-            raise ImageError(
-                f"float image values must lie in [0, 1], got [{f.min():.3g}, {f.max():.3g}]; "
-                "divide by 255 (8-bit) or 65535 (16-bit) first"
-            )
-        f = np.clip(f, 0, 1)
+        f = _check_float(a.astype(np.float32), "image array")
     else:
         raise ImageError(f"unsupported image dtype {a.dtype}; use uint8, uint16 or float in [0, 1]")
     if f.shape[2] == 1:
@@ -84,7 +123,7 @@ def _from_array(arr: np.ndarray) -> np.ndarray:
     return f
 
 
-def load_image(image: ImageInput, min_size: int = MIN_SIZE) -> torch.Tensor:
+def load_image(image: ImageInput, min_size: int = MIN_SIZE, max_pixels: int | None = None) -> torch.Tensor:
     """Load an image as an RGB float tensor of shape (3, H, W) with values in [0, 1].
 
     Accepts a file path, a PIL image, a numpy array (HxW, HxWxC; uint8, uint16 or
@@ -92,9 +131,14 @@ def load_image(image: ImageInput, min_size: int = MIN_SIZE) -> torch.Tensor:
     alpha is composited on white, palette images are expanded, 16-bit images are
     scaled by 65535, and EXIF orientation is applied.
 
+    Images above ``max_pixels`` (default :func:`max_pixels`: 50 megapixels, or
+    the ``EMERDIFF_MAX_PIXELS`` environment variable) are refused before they
+    are decoded.
+
     Raises:
         ImageError: missing, empty, corrupt or non-image file; unsupported array;
-            image smaller than ``min_size`` pixels on a side.
+            float values outside [0, 1] or not finite; image smaller than
+            ``min_size`` pixels on a side or larger than ``max_pixels``.
     """
     where = "image"
     if isinstance(image, (str, os.PathLike)):
@@ -107,7 +151,12 @@ def load_image(image: ImageInput, min_size: int = MIN_SIZE) -> torch.Tensor:
         if path.stat().st_size == 0:
             raise ImageError(f"image file {path} is empty (0 bytes); re-export or re-download it")
         try:
-            with Image.open(path) as img:
+            with warnings.catch_warnings():
+                # our own limit below replaces Pillow's DecompressionBombWarning
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+                img = Image.open(path)
+            with img:
+                check_pixels(*img.size, where, max_pixels)  # before decoding: the header has the size
                 img.load()  # decode now so truncated files fail here, not later
                 arr = _from_pil(img, where)
         except Image.DecompressionBombError as err:
@@ -120,6 +169,7 @@ def load_image(image: ImageInput, min_size: int = MIN_SIZE) -> torch.Tensor:
                 "the file is corrupt, truncated or not an image (PNG/JPEG/TIFF/... expected)"
             ) from err
     elif isinstance(image, Image.Image):
+        check_pixels(*image.size, where, max_pixels)
         arr = _from_pil(image, where)
     elif isinstance(image, torch.Tensor):
         t = image.detach().cpu()
@@ -133,6 +183,7 @@ def load_image(image: ImageInput, min_size: int = MIN_SIZE) -> torch.Tensor:
             f"unsupported image type {type(image).__name__}; pass a path, PIL image, numpy array or tensor"
         )
     h, w = arr.shape[:2]
+    check_pixels(w, h, where, max_pixels)
     if min(h, w) < min_size:
         raise ImageError(
             f"{where} is {w}x{h} pixels; EmerDiff needs at least {min_size} px on each side. "

@@ -153,6 +153,7 @@ def load_pipeline(
         An :class:`SDModel` with frozen modules on ``device``.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
     dev = resolve_device(device)
@@ -186,6 +187,11 @@ def load_pipeline(
         text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", use_safetensors=True, **kw)
     except ModelLoadError:
         raise
+    except SafetensorError as err:  # transformers lets a corrupt/empty weights file through unwrapped
+        raise ModelLoadError(
+            f"could not load the model in {path}: a .safetensors weights file is corrupt or empty "
+            f"({err}); re-download or re-save that component"
+        ) from err
     except (OSError, ValueError, EnvironmentError) as err:
         if looks_local:
             raise ModelLoadError(f"could not load the model in {path}: {err}") from err
@@ -223,6 +229,38 @@ def _block_scales(config: Any) -> dict[str, int]:
         if i < len(config.up_block_types) - 1:
             factor //= 2
     return scales
+
+
+def unet_downsampling(config: Any) -> int:
+    """Total downsampling of a UNet config, 2 ** (down blocks - 1): the latent must be a multiple of it."""
+    types = config["down_block_types"] if isinstance(config, dict) else config.down_block_types
+    return 2 ** (len(types) - 1)
+
+
+def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
+    """(VAE downsampling, UNet downsampling) of a model, read from its config files without loading
+    any weights, so a bad resolution can be refused before the (slow) load; None when the configs
+    are not on disk (a hub id not cached yet): then :meth:`EmerDiffConfig.validate` checks after loading."""
+    import json
+
+    name = str(model)
+    try:
+        if name == "tiny":  # known without building it
+            from .testing import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+
+            return (2 ** (len(TINY_VAE_CONFIG["block_out_channels"]) - 1),
+                    unet_downsampling(dict(TINY_UNET_CONFIG)))
+        if name == "reference":
+            from .reference import weights_dir
+
+            folder = Path(weights_dir())
+        else:
+            folder = Path(name).expanduser()
+        unet = json.loads((folder / "unet" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return 2 ** (len(vae["block_out_channels"]) - 1), unet_downsampling(unet)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def feature_resolution(unet: Any, layer: str, latent_size: int | tuple[int, int]) -> tuple[int, int]:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .assign import assign_labels, bilinear_upsample, locality, nearest_upsample
+from .assign import assign_labels, bilinear_upsample, check_difference_maps, locality, nearest_upsample
 from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
 from .images import ImageInput, load_image, resize_labels, to_model_input
@@ -283,6 +283,7 @@ class EmerDiff:
     ) -> Segmentation:
         """Segment one image; labels come back at the image's original size."""
         cfg = self.config
+        cfg.check_for_segmentation()  # e.g. lambda = 0 would label nothing
         t_start = time.perf_counter()
         prepared = self.prepare(image, progress=progress)
         clock = StageClock(self.model.device)
@@ -290,6 +291,8 @@ class EmerDiff:
         counter = prepared.counter
         maps, images = self.perturb(prepared, keep_images=keep_images, counter=counter, clock=clock,
                                     progress=progress)
+        check_difference_maps(maps, f"modulation_strength={cfg.modulation_strength}, "
+                                    f"dtype={str(self.model.dtype).replace('torch.', '')}")
         size = prepared.image_size
         segs = prepared.segments
         with clock("assign"):

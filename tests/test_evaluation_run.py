@@ -2,13 +2,12 @@
 
 Most tests inject a fake segmenter (colour quantisation on a 4x4 grid) so they
 do not depend on the diffusion pipeline; the last one runs the real tiny model.
-This file is also imported by the `accelerate launch` subprocess through the
-test-only EMERDIFF_TEST_SEGMENTER hook (``fake_factory``).
+In-process tests inject it as ``segment_fn`` or with the ``fake_model`` fixture;
+`accelerate launch` subprocesses run ``evaluate_with_fake.py`` (no hook in the product).
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.evaluation_run import TEST_SEGMENTER_ENV, build_parser, load_record, record_path, run
+from emerdiff.evaluation_run import build_parser, load_record, record_path, run
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 230, 50]], dtype=np.float64)
@@ -50,9 +49,13 @@ def fake_segment(image) -> SimpleNamespace:
                            model="fake")
 
 
-def fake_factory(args):
-    """Factory named by EMERDIFF_TEST_SEGMENTER in subprocesses."""
-    return fake_segment
+@pytest.fixture
+def fake_model(monkeypatch):
+    """`emerdiff evaluate` (any entry point in this process) segments with ``fake_segment``."""
+    from emerdiff import evaluation_run
+
+    monkeypatch.setattr(evaluation_run, "_default_segmenter",
+                        lambda args, device: (fake_segment, {"fake": True}, None))
 
 
 def make_folder(root: Path, n: int = 6, size: int = 64) -> Path:
@@ -148,24 +151,23 @@ def test_limit_and_changed_settings_are_refused(tmp_path):
         run(_args(other, out), segment_fn=fake_segment)
 
 
-def test_cli_evaluate_subcommand(tmp_path, monkeypatch):
+def test_cli_evaluate_subcommand(tmp_path, fake_model):
     cli = pytest.importorskip("emerdiff.cli")
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
-    monkeypatch.setenv(TEST_SEGMENTER_ENV, f"{__file__}:fake_factory")
     rc = cli.main(["evaluate", "--data", str(data), "--out", str(out), "--protocol", "concept",
                    "--quiet"])
     assert rc == 0 and (out / "results.json").exists() and (out / "results.csv").exists()
 
 
-def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, env_extra=None) -> dict:
-    """`accelerate launch` 2 processes of the evaluation (CPU: the torchrun-based launcher)."""
+def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: bool = False) -> dict:
+    """`accelerate launch` 2 processes of the evaluation (CPU: the torchrun-based launcher);
+    ``fake``: with the fake segmenter (through the test launcher script)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    env.pop(TEST_SEGMENTER_ENV, None)
-    env.update(env_extra or {})
+    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluation_run"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "-m", "emerdiff.evaluation_run", "--data", str(data), "--out", str(out),
+           *target, "--data", str(data), "--out", str(out),
            "--protocol", "both", "--quiet", *extra]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -180,8 +182,7 @@ def test_accelerate_two_processes_match_single_process(tmp_path):
     single = tmp_path / "single"
     run(_args(data, single, "--protocol", "both"), segment_fn=fake_segment)
     multi = tmp_path / "multi"
-    payload = _launch_two_processes(data, multi, tmp_path,
-                                    env_extra={TEST_SEGMENTER_ENV: f"{__file__}:fake_factory"})
+    payload = _launch_two_processes(data, multi, tmp_path, fake=True)
     assert payload["rows"] == _rows(single)
     assert len(list((multi / "per_image").glob("*.npz"))) == 5
 
