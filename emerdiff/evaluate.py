@@ -284,6 +284,23 @@ def _locality(records: Sequence[ImageRecord]) -> float | None:
 
 
 # --------------------------------------------------------------------------- protocols
+def dataset_clusters(records: Iterable[ImageRecord], num_clusters: int, seed: int = 0, normalize: bool = True,
+                     n_init: int = 10) -> tuple[list[np.ndarray], int]:
+    """k-means of the mask embeddings of all images: each image's mask -> cluster ids, and k
+    (``num_clusters`` capped at the number of masks)."""
+    from sklearn.cluster import KMeans
+
+    embeddings = [np.asarray(rec.mask_embeddings, dtype=np.float64) for rec in records]
+    if not embeddings:
+        raise ValueError("no records to evaluate")
+    x = np.concatenate(embeddings)
+    if normalize:
+        x = _l2_normalize(x)
+    k = min(num_clusters, len(x))
+    ids = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+    return np.split(ids, np.cumsum([len(e) for e in embeddings])[:-1]), k
+
+
 def hungarian_protocol(records: Sequence[ImageRecord], num_classes: int,
                        class_names: Sequence[str] | None = None,
                        methods: Sequence[str] = METHODS, num_clusters: int | None = None,
@@ -302,23 +319,10 @@ def hungarian_protocol(records: Sequence[ImageRecord], num_classes: int,
     Returns:
         ``{"protocol", "methods": {method: scores + cluster_to_class}, ...}``.
     """
-    from sklearn.cluster import KMeans
-
-    embeddings, sizes = [], []
-    for rec in records:
-        embeddings.append(np.asarray(rec.mask_embeddings, dtype=np.float64))
-        sizes.append(rec.num_masks)
-    if not embeddings:
-        raise ValueError("no records to evaluate")
-    x = np.concatenate(embeddings)
-    if normalize:
-        x = _l2_normalize(x)
-    k = min(num_clusters or num_classes, len(x))
-    km = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
-    ids = km.fit_predict(x)
-    assignments = np.split(ids, np.cumsum(sizes)[:-1])
-    out: dict[str, Any] = {"protocol": "hungarian", "num_images": len(sizes),
-                           "num_masks": int(len(x)), "num_clusters": int(k), "methods": {}}
+    assignments, k = dataset_clusters(records, num_clusters or num_classes, seed, normalize, n_init)
+    out: dict[str, Any] = {"protocol": "hungarian", "num_images": len(assignments),
+                           "num_masks": int(sum(len(a) for a in assignments)), "num_clusters": int(k),
+                           "methods": {}}
     for m in methods:
         conf = _assignment_confusion(records, assignments, m, num_classes, k)
         mapping = hungarian_match(conf, criterion)
@@ -413,3 +417,72 @@ def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
             "locality": res.get("locality"),
         })
     return rows
+
+
+# --------------------------------------------------------------------------- uncertainty
+def bootstrap_protocols(records: Sequence[ImageRecord], num_classes: int, methods: Sequence[str] = METHODS,
+                        reference: str = "emerdiff", n_boot: int = 1000, level: float = 0.95, seed: int = 0,
+                        ignore_index: int = 255) -> dict[str, dict[str, dict[str, float]]]:
+    """Percentile bootstrap over images of both dataset-level protocols.
+
+    Each resample draws the images with replacement and recomputes, per protocol, every
+    method's mIoU and its difference to ``reference`` (paired: the same resample for all
+    methods). Hungarian: the dataset k-means clusters are fitted once on all images (as
+    :func:`hungarian_protocol`, seed 0) and the one-to-one matching is redone per resample.
+    Concept: the concept embeddings and every mask's nearest concept are recomputed per
+    resample. Returns ``{protocol: {method or "reference-method": {"value", "lo", "hi"}}}``;
+    ``value`` is the estimate on all images (equal to the protocol functions' mIoU).
+    """
+    recs = list(records)
+    if not recs:
+        raise ValueError("no records to evaluate")
+    n = len(recs)
+    rng = np.random.default_rng(seed)
+    weights = np.vstack([np.ones(n, dtype=np.int64), rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)])
+    owner = np.concatenate([np.full(r.num_masks, i) for i, r in enumerate(recs)])
+    counts = {m: np.concatenate([r.counts[m] for r in recs]).astype(np.float64) for m in methods}  # (M, C)
+    emb = np.concatenate([r.mask_embeddings for r in recs]).astype(np.float64)
+    clusters, k = dataset_clusters(recs, num_classes)
+    clusters = np.concatenate(clusters)
+    # per-image class sums of the low-res features and token counts (concept embeddings)
+    dim = recs[0].query_features.shape[1]
+    class_sums = np.zeros((n, num_classes, dim))
+    class_tokens = np.zeros((n, num_classes))
+    for i, r in enumerate(recs):
+        gt = np.asarray(r.lowres_gt).reshape(-1)
+        valid = gt != ignore_index
+        np.add.at(class_sums[i], gt[valid], np.asarray(r.query_features, dtype=np.float64)[valid])
+        class_tokens[i] = np.bincount(gt[valid], minlength=num_classes)[:num_classes]
+    emb_n = _l2_normalize(emb)
+
+    def confusion(method: str, w_mask: np.ndarray, target: np.ndarray, size: int) -> np.ndarray:
+        onehot = np.zeros((len(target), size))
+        onehot[np.arange(len(target)), target] = 1.0
+        return np.rint((counts[method] * w_mask[:, None]).T @ onehot).astype(np.int64)  # integer pixel counts
+
+    draws: dict[str, dict[str, list[float]]] = {"hungarian": {}, "concept": {}}
+    for w in weights:
+        w_mask = w[owner].astype(np.float64)
+        for m in methods:
+            conf = confusion(m, w_mask, clusters, k)
+            draws["hungarian"].setdefault(m, []).append(
+                miou(remap_confusion(conf, hungarian_match(conf), num_classes)))
+        tokens = w @ class_tokens
+        with np.errstate(invalid="ignore", divide="ignore"):
+            concepts = np.einsum("i,icd->cd", w.astype(np.float64), class_sums) / tokens[:, None]
+        sim = emb_n @ _l2_normalize(np.nan_to_num(concepts)).T
+        sim[:, tokens == 0] = -np.inf
+        assign = sim.argmax(1)
+        for m in methods:
+            draws["concept"].setdefault(m, []).append(miou(confusion(m, w_mask, assign, num_classes)))
+    tail = (1.0 - level) / 2 * 100
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for protocol, per_method in draws.items():
+        values = {m: np.asarray(v) for m, v in per_method.items()}
+        if reference in values:
+            for m in methods:
+                if m != reference:
+                    values[f"{reference}-{m}"] = values[reference] - values[m]
+        out[protocol] = {name: {"value": float(v[0]), "lo": float(np.nanpercentile(v[1:], tail)),
+                                "hi": float(np.nanpercentile(v[1:], 100 - tail))} for name, v in values.items()}
+    return out

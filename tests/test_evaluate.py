@@ -10,6 +10,7 @@ import pytest
 from emerdiff.evaluate import (
     ImageRecord,
     assign_to_concepts,
+    bootstrap_protocols,
     build_record,
     concept_embeddings,
     concept_protocol,
@@ -234,3 +235,30 @@ def test_build_record_resizes_and_downsamples():
     np.testing.assert_array_equal(rec.counts["emerdiff"], [[32, 0], [0, 32]])
     np.testing.assert_array_equal(rec.lowres_gt, [[0, 1], [0, 1]])
     assert not math.isnan(concept_protocol([rec], 2)["methods"]["emerdiff"]["miou"])
+
+
+def test_bootstrap_protocols_agree_with_the_protocols_and_order_methods():
+    """Perfect EmerDiff labels, noisy nearest labels, bilinear identical to EmerDiff: the full-data
+    values are the protocols' own mIoU, intervals hold them, an identical pair differs by exactly 0
+    and a better method's advantage has an interval above 0."""
+    recs, _ = _scene_records(n_images=12, seed=5)
+    rng = np.random.RandomState(1)
+    noisy = []
+    for r in recs:
+        labels = np.kron(r.lowres_labels, np.ones((4, 4), dtype=int))
+        gt = np.kron(r.lowres_gt, np.ones((4, 4), dtype=int))
+        gt[0, 0] = 255
+        near = np.where(rng.rand(*labels.shape) < 0.25, rng.randint(0, 3, labels.shape), labels)
+        seg = dict(labels=labels, nearest_labels=near, bilinear_labels=labels, lowres_labels=r.lowres_labels,
+                   mask_embeddings=r.mask_embeddings, query_features=r.query_features)
+        noisy.append(build_record(r.image_id, seg, gt, 3))
+    out = bootstrap_protocols(noisy, 3, n_boot=200)
+    for protocol, fn in (("hungarian", hungarian_protocol), ("concept", concept_protocol)):
+        full = fn(noisy, 3)["methods"]
+        for m in ("emerdiff", "nearest", "bilinear"):
+            row = out[protocol][m]
+            assert row["value"] == pytest.approx(full[m]["miou"])
+            assert row["lo"] <= row["value"] <= row["hi"]
+        assert out[protocol]["emerdiff-bilinear"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+        assert out[protocol]["emerdiff-nearest"]["lo"] > 0
+    assert bootstrap_protocols(noisy, 3, n_boot=50, seed=3) == bootstrap_protocols(noisy, 3, n_boot=50, seed=3)
