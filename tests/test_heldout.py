@@ -27,7 +27,7 @@ def test_heldout_folder_matches_generator(tmp_path):
 def test_heldout_main_end_to_end(tmp_path, tiny_dir):
     out = tmp_path / "eval"
     code = main(["--model", str(tiny_dir), "--n", "2", "--out", str(out), "--k", "3", "--device", "cpu",
-                 "--set", "num_inference_steps=10", "--set", "modulation_timestep=201"])
+                 "--set", "num_inference_steps=10", "--set", "modulation_timestep=201", "--bootstrap", "100"])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     methods = {(r["protocol"], r["method"]) for r in rows}
@@ -37,6 +37,12 @@ def test_heldout_main_end_to_end(tmp_path, tiny_dir):
     assert ("openvocab", "unet+emerdiff") in methods
     table = (out / "results.md").read_text()
     assert "| hungarian | emerdiff |" in table and "settings:" in table
+    intervals = json.loads((out / "results.json").read_text())["intervals"]
+    for protocol in ("hungarian", "concept"):
+        for name in ("emerdiff", "nearest", "emerdiff-nearest", "emerdiff-bilinear"):
+            v = intervals[protocol][name]
+            assert v["lo"] <= v["hi"] and np.isfinite(v["value"]), (protocol, name)
+    assert "| hungarian | emerdiff - nearest |" in table
 
 
 def test_heldout_folder_of_the_flat_world_and_world_mismatch(tmp_path):

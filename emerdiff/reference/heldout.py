@@ -151,16 +151,39 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
     return {"world": world, "scenes": n, **{k: float(np.mean(v)) for k, v in rows.items()}}
 
 
-def results_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
-    """Markdown table of evaluation rows (from results.json files)."""
-    lines = ["| protocol | method | mIoU | pixel acc. | locality |", "|---|---|---|---|---|"]
+def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
+                  intervals: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
+    """Markdown table of evaluation rows (from results.json files); with ``intervals``
+    (:func:`emerdiff.evaluate.bootstrap_protocols`) a 95 % interval column and a second table
+    of EmerDiff's differences to each baseline."""
+    intervals = intervals or {}
+    lines = ["| protocol | method | mIoU | 95 % interval | pixel acc. | locality |", "|---|---|---|---|---|---|"]
     for row in rows:
         loc = "" if row.get("locality") is None else f"{row['locality']:.3f}"
-        lines.append(f"| {row['protocol']} | {row['method']} | {row['miou']:.1f} | "
+        ci = intervals.get(row["protocol"], {}).get(row["method"])
+        span = f"[{ci['lo']:.1f}, {ci['hi']:.1f}]" if ci else ""
+        lines.append(f"| {row['protocol']} | {row['method']} | {row['miou']:.1f} | {span} | "
                      f"{row['pixel_accuracy']:.1f} | {loc} |")
+    diffs = [(p, name, v) for p, per in intervals.items() for name, v in per.items() if "-" in name]
+    if diffs:
+        lines += ["", "| protocol | difference (mIoU) | value | 95 % interval | excludes 0 |", "|---|---|---|---|---|"]
+        for protocol, name, v in diffs:
+            excludes = "yes" if v["lo"] > 0 or v["hi"] < 0 else "no"
+            lines.append(f"| {protocol} | {name.replace('-', ' - ')} | {v['value']:+.1f} | "
+                         f"[{v['lo']:+.1f}, {v['hi']:+.1f}] | {excludes} |")
     lines.append("")
     lines.append("settings: " + json.dumps(settings, sort_keys=True))
     return "\n".join(lines) + "\n"
+
+
+def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000) -> dict[str, Any]:
+    """Bootstrap intervals over the ``n`` held-out scenes of an ``evaluate`` output folder."""
+    from ..evaluate import bootstrap_protocols
+    from ..evaluation_run import load_record, record_path
+
+    ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n)]
+    records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]
+    return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -176,9 +199,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="other config fields")
     p.add_argument("--no-openvocab", action="store_true", help="skip the open-vocabulary rows")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the 95 %% interval over scenes of each mIoU (default 1000)")
     args = p.parse_args(argv)
     out = Path(args.out)
     data = write_heldout_folder(out / "data", args.n, world=args.world or model_world(args.model))
+    if args.bootstrap < 100:
+        p.error(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 1000)")
     sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", f"max_batch={REFERENCE_CONFIG['max_batch']}", *args.set]
     common = ["--data", str(data), "--model", args.model, "--k", str(args.k),
               "--resolution", str(REFERENCE_CONFIG["resolution"]), *sum([["--set", s] for s in sets], [])]
@@ -193,9 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         run(build_parser().parse_args([*common, "--protocol", protocol, "--labeller", "unet",
                                        "--out", str(out / "evaluate")]))
         rows += json.loads((out / "evaluate" / "results.json").read_text())["rows"]
-    settings = {"model": args.model, "scenes": args.n, "k": args.k, **REFERENCE_CONFIG, "set": args.set}
-    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings}, indent=2))
-    table = results_table(rows, settings)
+    world = args.world or model_world(args.model)
+    settings = {"model": args.model, "world": world, "scenes": args.n, "k": args.k, **REFERENCE_CONFIG,
+                "set": args.set}
+    intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
+                                                 indent=2))
+    table = results_table(rows, settings, intervals)
     (out / "results.md").write_text(table)
     print(table)
     return 0
