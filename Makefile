@@ -44,15 +44,15 @@ KERNEL     ?= emerdiff
 NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
 FIG_STAMPS := $(patsubst notebooks/%.ipynb,$(EXEC_DIR)/%.stamp,$(NOTEBOOKS))
 ifeq ($(MODEL),tiny)
-FIG_SIZE   ?= -p resolution 128 -p K 4 -p num_inference_steps 10 -p modulation_timestep 201 -p blur_sigma 1.0
+FIG_SIZE   ?= -p resolution 128 -p K 4 -p num_inference_steps 10 -p modulation_timestep 201 -p blur_sigma 1.0 -p max_batch 9
 else ifeq ($(MODEL),reference)
 # the reference model sees 128 px scenes; its up_blocks.1 grid is 16x16 as in SD at 512
-FIG_SIZE   ?= -p resolution 128 -p K 8 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 1.0
+FIG_SIZE   ?= -p resolution 128 -p K 8 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 1.0 -p max_batch 17
 else
 # a folder or hub id: sized by its native resolution (emerdiff.cli.figure_sizes, as `emerdiff figures`
 # does: a 128 px reference-model folder gets the reference sizes, SD the paper's)
 FIG_SIZE   ?= $(shell $(VENV)/bin/python -c "import sys; from emerdiff.cli import figure_sizes; print(' '.join(f'-p {k} {v}' for k, v in figure_sizes(sys.argv[1]).items()))" '$(MODEL)' 2>/dev/null \
-                || echo '-p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0')
+                || echo '-p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0 -p max_batch 16')
 endif
 FIG_PARAMS ?=
 FIG_ARGS   := -p model $(MODEL) -p device $(DEVICE) -p output_dir $(abspath $(FIG_DIR)) $(FIG_SIZE) $(FIG_PARAMS)

@@ -13,52 +13,96 @@ import numpy as np
 from .files import FileSet, write_atomic  # noqa: F401  (write_atomic: kept importable from here)
 
 EPILOG = """examples:
-  emerdiff layers tiny
-  emerdiff segment photo.jpg --model ./stable-diffusion-v1-5 --out results/
+  emerdiff segment photo.jpg                 # the reference model, sized for it (128 px, K 8)
+  emerdiff segment photo.jpg --model ./stable-diffusion-v1-5 --out results/   # 512 px, K 25
   emerdiff segment a.png b.png --model tiny --k 8 --resolution 256 --out results/
-models: a local diffusers folder, a hub id (needs network or the HF cache;
-HF_HUB_OFFLINE=1 forbids the network), 'tiny' (random, for tests) or 'reference'."""
+  emerdiff layers reference
+models: 'reference' (the project's own small trained model, the default), a local
+diffusers folder, a hub id (needs network or the HF cache; HF_HUB_OFFLINE=1 forbids
+the network) or 'tiny' (random weights, for tests). Sizes (resolution, K, schedule,
+blur, batch) follow the model unless given: see `emerdiff segment --help`."""
+
+
+# One default for `segment` and `evaluate`: the labeller that needs no extra model and works offline.
+DEFAULT_LABELLER = "unet"
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="diffusers folder, hub id, 'tiny' or 'reference' (default: tiny)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--model", default="reference",
+                   help="'reference' (the project's small trained model), a diffusers folder, a hub id or "
+                   "'tiny' (random weights) (default: reference)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
-                   help="default: float16 on CUDA, float32 on CPU")
-    p.add_argument("--offline", action="store_true", help="never contact the hub (same as HF_HUB_OFFLINE=1)")
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--offline", action="store_true",
+                   help="never contact the hub, same as HF_HUB_OFFLINE=1 (default: off)")
+
+
+def _sized_default(param: str) -> str:
+    """Help text for a setting that follows the model (the values of the size rule)."""
+    t, r, d = (FIGURE_SIZES[k][param] for k in ("tiny", "reference", "default"))
+    return f"(default: from the model: {r} for reference or a <=128 px folder, {t} for tiny, {d} otherwise)"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     from .config import EmerDiffConfig
 
     d = EmerDiffConfig()
-    g = p.add_argument_group("method settings (defaults: the paper's)")
-    g.add_argument("--k", type=int, default=d.num_clusters, help=f"number of k-means segments K (default {d.num_clusters})")
-    g.add_argument("--resolution", type=int, default=d.resolution, help=f"model input size (default {d.resolution})")
-    g.add_argument("--query-layer", default=d.query_layer, help="attention layer whose queries are clustered")
-    g.add_argument("--feature-timestep", type=int, default=d.feature_timestep)
-    g.add_argument("--modulation-layer", default=d.modulation_layer, help="attention layer that is perturbed")
-    g.add_argument("--modulation-timestep", type=int, default=d.modulation_timestep)
-    g.add_argument("--strength", type=float, default=d.modulation_strength, help="lambda (default 10)")
-    g.add_argument("--no-injection", action="store_true", help="do not share attention with the reference run")
-    g.add_argument("--steps", type=int, default=d.num_inference_steps, help="schedule length (default 50)")
-    g.add_argument("--readout-steps", type=int, default=None, help="reduced-step readout after the modulation")
-    g.add_argument("--blur-sigma", type=float, default=d.blur_sigma)
-    g.add_argument("--seed", type=int, default=d.seed)
-    g.add_argument("--max-batch", type=int, default=d.max_batch, help="UNet batch of the modulated runs")
+    g = p.add_argument_group("method settings (sized for the model unless given; the rest: the paper's)")
+    g.add_argument("--k", type=int, default=None, help=f"number of k-means segments K {_sized_default('K')}")
+    g.add_argument("--resolution", type=int, default=None,
+                   help=f"model input size in pixels {_sized_default('resolution')}")
+    g.add_argument("--query-layer", default=d.query_layer,
+                   help=f"attention layer whose queries are clustered (default: {d.query_layer})")
+    g.add_argument("--feature-timestep", type=int, default=d.feature_timestep,
+                   help=f"timestep of the noised image whose queries are clustered (default: {d.feature_timestep})")
+    g.add_argument("--modulation-layer", default=d.modulation_layer,
+                   help=f"attention layer that is perturbed (default: {d.modulation_layer})")
+    g.add_argument("--modulation-timestep", type=int, default=None,
+                   help=f"timestep t_m of the perturbation, on the schedule {_sized_default('modulation_timestep')}")
+    g.add_argument("--strength", type=float, default=d.modulation_strength,
+                   help=f"lambda, the perturbation strength (default: {d.modulation_strength:g})")
+    g.add_argument("--no-injection", action="store_true",
+                   help="do not share attention with the reference run (default: shared, as in the paper)")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"denoising schedule length {_sized_default('num_inference_steps')}")
+    g.add_argument("--readout-steps", type=int, default=None, metavar="N",
+                   help="denoise with N steps from t_m to 0 instead of the full schedule with the stored "
+                   "inversion noise (an integer >= 1; default: off, the paper's full readout)")
+    g.add_argument("--blur-sigma", type=float, default=None,
+                   help=f"Gaussian blur of the difference maps in pixels {_sized_default('blur_sigma')}")
+    g.add_argument("--seed", type=int, default=d.seed, help=f"k-means and noise seed (default: {d.seed})")
+    g.add_argument("--max-batch", type=int, default=None,
+                   help=f"UNet batch of the modulated runs (lower it if memory runs out) {_sized_default('max_batch')}")
+
+
+# The sized command-line flags and the EmerDiffConfig fields they set.
+_SIZED_FLAGS = {"resolution": "resolution", "k": "num_clusters", "steps": "num_inference_steps",
+                "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
+    """The EmerDiffConfig of the flags; sized settings not given come from the model (:func:`config_sizes`)."""
     from .config import EmerDiffConfig
 
+    sizes = config_sizes(args.model)
+    sized = {field: sizes[field] if getattr(args, flag) is None else getattr(args, flag)
+             for flag, field in _SIZED_FLAGS.items()}
     return EmerDiffConfig(
-        num_clusters=args.k, resolution=args.resolution, query_layer=args.query_layer,
-        feature_timestep=args.feature_timestep, modulation_layer=args.modulation_layer,
-        modulation_timestep=args.modulation_timestep, modulation_strength=args.strength,
-        attention_injection=not args.no_injection, num_inference_steps=args.steps,
-        readout_steps=args.readout_steps, blur_sigma=args.blur_sigma, seed=args.seed,
-        max_batch=args.max_batch, device=args.device, dtype=args.dtype,
+        query_layer=args.query_layer, feature_timestep=args.feature_timestep,
+        modulation_layer=args.modulation_layer, modulation_strength=args.strength,
+        attention_injection=not args.no_injection, readout_steps=args.readout_steps, seed=args.seed,
+        device=args.device, dtype=args.dtype, **sized,
     )
+
+
+def settings_line(args: argparse.Namespace, config: Any) -> str:
+    """One line naming the sized settings and where each came from (the model, or a flag)."""
+    parts = []
+    for flag, field in _SIZED_FLAGS.items():
+        given = getattr(args, flag) is not None
+        parts.append(f"{field}={getattr(config, field)}" + (" (given)" if given else ""))
+    return f"settings for model {args.model!r}: " + ", ".join(parts)
 
 
 def load_model_from_args(args: argparse.Namespace) -> Any:
@@ -148,6 +192,8 @@ def cmd_segment(args: argparse.Namespace) -> int:
     from .models import model_geometry
 
     config = config_from_args(args)
+    if not args.quiet:
+        print(settings_line(args, config), file=sys.stderr)
     try:
         # everything checkable without the model, before the (slow) load and before any write
         config.check_for_segmentation()
@@ -179,7 +225,9 @@ def cmd_segment(args: argparse.Namespace) -> int:
         print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
     stems = unique_stems(args.images)
     failed = 0
-    for item, stem in zip(args.images, stems):
+    for i, (item, stem) in enumerate(zip(args.images, stems), 1):
+        if not args.quiet:
+            print(f"[{i}/{len(args.images)}] {item}", file=sys.stderr)
         if stem != Path(item).stem:
             print(f"{item}: another input is also named {Path(item).stem}; writing {stem}_* for this one",
                   file=sys.stderr)
@@ -205,12 +253,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-# Notebook sizes per model (mirrors the Makefile's FIG_SIZE).
+# The one size rule per model, as notebook parameters: `emerdiff figures`, `segment` and `evaluate`
+# use it (the Makefile's FIG_SIZE repeats the tiny and reference rows; a test keeps them equal).
+# max_batch 2K + 1 runs every modulated run and the reference in one UNet batch.
 FIGURE_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0),
-    "reference": dict(resolution=128, K=8, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0),
-    "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0),
+    "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0, max_batch=9),
+    "reference": dict(resolution=128, K=8, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0,
+                      max_batch=17),
+    "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0,
+                    max_batch=16),
 }
+# notebook parameter -> EmerDiffConfig field
+_CONFIG_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
+                  "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
 
 
 def figure_sizes(model: str) -> dict[str, Any]:
@@ -227,6 +282,11 @@ def figure_sizes(model: str) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes
     return dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
+
+
+def config_sizes(model: str) -> dict[str, Any]:
+    """:func:`figure_sizes` as EmerDiffConfig fields: the defaults of ``segment`` and ``evaluate``."""
+    return {_CONFIG_FIELDS[k]: v for k, v in figure_sizes(model).items()}
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
@@ -249,13 +309,25 @@ def cmd_figures(args: argparse.Namespace) -> int:
             params[key] = value
     executed = Path(args.executed)
     executed.mkdir(parents=True, exist_ok=True)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    for nb in notebooks:
-        print(f"running {nb.name} ...", file=sys.stderr)
-        papermill.execute_notebook(str(nb), str(executed / nb.name), parameters=params,
-                                   kernel_name=args.kernel, log_output=False, progress_bar=False)
-    print(f"figures in {args.out}", file=sys.stderr)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    kernel = jupyter_kernel(args.kernel)
+    for i, nb in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] running {nb.name} ...", file=sys.stderr)
+        # the kernel's log level: silences ipykernel's per-kernel "running over TCP" warning
+        papermill.execute_notebook(str(nb), str(executed / nb.name), parameters=params, kernel_name=kernel,
+                                   log_output=False, progress_bar=False,
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    print(f"{len(notebooks)} notebook(s) ran; {len(list(out.glob('*.png')))} figure(s) (PNG + PDF, JSON numbers) in {out}; "
+          f"executed notebooks in {executed.resolve()}", file=sys.stderr)
     return 0
+
+
+def jupyter_kernel(preferred: str = "emerdiff") -> str:
+    """``preferred`` if that Jupyter kernel is registered, else python3 (a venv without `make setup`)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return preferred if preferred in KernelSpecManager().find_kernel_specs() else "python3"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -270,58 +342,76 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Segment each IMAGE and write IMAGE_labels.png (indexed palette), "
                        "IMAGE_overlay.png and IMAGE.npz into --out. A bad image is reported and skipped; "
                        "the exit code is 1 if any image failed.")
-    p.add_argument("images", nargs="+", metavar="IMAGE")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...; greyscale, RGBA, 16-bit and EXIF-rotated are handled)")
     p.add_argument("--out", default="emerdiff_out", help="output folder (default: emerdiff_out)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no settings line, no per-image line, no progress or weight-loading bars (default: off)")
     p.add_argument("--vocab", default=None,
-                   help="comma-separated class names: also write a class map + legend (open vocabulary)")
-    p.add_argument("--labeller", choices=["clip", "unet"], default="clip",
-                   help="clip: MaskCLIP features pooled in masks; unet: the diffusion model's own "
-                   "cross-attention (no extra model) (default: clip)")
-    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16", help="CLIP hub id or folder")
+                   help="comma-separated class names: also write a class map + legend (open vocabulary) "
+                   "(default: none)")
+    p.add_argument("--labeller", choices=["clip", "unet"], default=DEFAULT_LABELLER,
+                   help="unet: the diffusion model's own cross-attention (no extra model, works offline); "
+                   f"clip: MaskCLIP features pooled in masks (needs --clip-model) (default: {DEFAULT_LABELLER})")
+    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
+                   help="with --labeller clip: CLIP hub id or folder (default: openai/clip-vit-base-patch16)")
     _add_model_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("layers", help="list every attention layer with kind, block and token grid",
                        description="List the attention layers of MODEL's UNet, to pick probe layers.")
-    p.add_argument("model", help="diffusers folder, hub id, 'tiny' or 'reference'")
-    p.add_argument("--resolution", type=int, default=None, help="image size for the grid column (default: the UNet's sample size x 8)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default=None)
-    p.add_argument("--offline", action="store_true")
+    p.add_argument("model", help="'reference', a diffusers folder, a hub id or 'tiny'")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size for the grid column (default: the UNet's sample size x the VAE factor)")
+    p.add_argument("--device", default="cpu", help="where to load the model (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--offline", action="store_true",
+                   help="never contact the hub, same as HF_HUB_OFFLINE=1 (default: off)")
     p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("figures", help="run the study notebooks (papermill) and write every figure",
                        description="Run notebooks/NN_*.ipynb top to bottom with papermill (what `make "
                        "figures` does, without the Make dependency tracking). A failing cell stops "
                        "with that cell's error.")
-    p.add_argument("--model", default="reference", help="model for every notebook (default: reference)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="reference",
+                   help="model for every notebook; sizes follow it as in `segment` (default: reference)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--out", default="figures", help="figure folder (default: figures)")
-    p.add_argument("--notebooks", default="notebooks", help="folder of the study notebooks")
-    p.add_argument("--executed", default="notebooks/executed", help="where executed copies go")
-    p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 04")
-    p.add_argument("--kernel", default="python3", help="Jupyter kernel (default: python3; `make setup` "
-                   "also registers 'emerdiff')")
+    p.add_argument("--notebooks", default="notebooks", help="folder of the study notebooks (default: notebooks)")
+    p.add_argument("--executed", default="notebooks/executed",
+                   help="where executed copies go (default: notebooks/executed)")
+    p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 04 (default: all)")
+    p.add_argument("--kernel", default="emerdiff",
+                   help="Jupyter kernel; 'emerdiff' is the one `make setup` registers and `make figures` "
+                   "uses, python3 is taken if it is missing (default: emerdiff)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
-                   help="override a notebook parameter (JSON value), repeatable")
+                   help="override a notebook parameter (JSON value), repeatable (default: none)")
     p.set_defaults(func=cmd_figures)
 
     from .evaluation_run import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
     return parser
-    evaluation_run.add_parser(sub)
-    evaluate = sub.choices["evaluate"]
-    if evaluate.get_default("func") is None:
-        evaluate.set_defaults(func=evaluation_run.run)
-    return parser
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and diffusers' progress bars ("Loading weights") and info logs (--quiet)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (transformers_logging, diffusers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `emerdiff` command; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:

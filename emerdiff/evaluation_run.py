@@ -55,35 +55,44 @@ SegmentFn = Callable[[Any], Any]
 
 # --------------------------------------------------------------------------- arguments
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", required=True, help="dataset root folder")
+    from .cli import DEFAULT_LABELLER, FIGURE_SIZES
+
+    sizes = " ".join(f"{m} {FIGURE_SIZES[m]['resolution']} px / K {FIGURE_SIZES[m]['K']}," for m in ("reference", "tiny"))
+    p.add_argument("--data", required=True, help="dataset root folder (required)")
     p.add_argument("--layout", default="folder", choices=sorted(LAYOUTS),
                    help="folder: images/ + labels/ + classes.txt; or a benchmark layout (default: folder)")
     p.add_argument("--split", default=None,
                    help="benchmark split (default: its validation split); folder layout: a sub-folder")
     p.add_argument("--ignore-index", type=int, default=None,
-                   help="void label value of the folder layout (default 255)")
+                   help="void label value of the folder layout (default: 255)")
     p.add_argument("--protocol", default="hungarian", choices=[*PROTOCOLS, "both", "openvocab"],
                    help="hungarian: dataset k-means + Hungarian matching; concept: nearest GT "
                         "concept embedding, no matching; both; openvocab: class names from the "
                         "dataset's class list by an open-vocabulary labeller, alone and pooled in "
                         "EmerDiff masks, no matching (default: hungarian)")
-    p.add_argument("--labeller", choices=["clip", "unet"], default="unet",
-                   help="openvocab: clip (MaskCLIP features) or unet (the diffusion model's own "
-                        "cross-attention) (default: unet)")
+    p.add_argument("--labeller", choices=["clip", "unet"], default=DEFAULT_LABELLER,
+                   help="openvocab: unet (the diffusion model's own cross-attention, no extra model) or "
+                        f"clip (MaskCLIP features) (default: {DEFAULT_LABELLER})")
     p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
-                   help="openvocab with --labeller clip: CLIP hub id or folder")
-    p.add_argument("--model", default="tiny", help="diffusers folder, hub id, 'tiny' or 'reference'")
-    p.add_argument("--out", required=True, help="output folder (per_image/, results.json, results.csv)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only")
-    p.add_argument("--k", type=int, default=None, help="k-means segments per image K (default: config's, 25)")
-    p.add_argument("--resolution", type=int, default=None, help="model input size (default: config's, 512)")
+                   help="openvocab with --labeller clip: CLIP hub id or folder (default: openai/clip-vit-base-patch16)")
+    p.add_argument("--model", default="reference",
+                   help="'reference', a diffusers folder, a hub id or 'tiny' (default: reference)")
+    p.add_argument("--out", required=True, help="output folder (per_image/, results.json, results.csv) (required)")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only (default: all)")
+    p.add_argument("--k", type=int, default=None,
+                   help=f"k-means segments per image K (default: from the model as in `segment`: {sizes} else 25)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="model input size; steps, t_m, blur and batch follow the model too, --set overrides "
+                        "(default: from the model as in `segment`, 512 for SD)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: the process's accelerate device)")
-    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--seed", type=int, default=0, help="method seed and protocol k-means seed")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--seed", type=int, default=0, help="method seed and protocol k-means seed (default: 0)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other EmerDiffConfig field, JSON value (repeatable), e.g. --set blur_sigma=2")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+                   help="any other EmerDiffConfig field, JSON value (repeatable), e.g. --set blur_sigma=2 "
+                        "(default: none)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -123,7 +132,10 @@ def method_config(args: argparse.Namespace, device: str | None) -> Any:
     """The EmerDiffConfig of this run (fields from --k, --resolution, --seed, --set)."""
     from .config import EmerDiffConfig
 
-    fields = _parse_sets(getattr(args, "set", []) or [])
+    from .cli import config_sizes
+
+    # the size rule of `segment` first; --k / --resolution / --set override it
+    fields = {**config_sizes(args.model), **_parse_sets(getattr(args, "set", []) or [])}
     if args.k is not None:
         fields["num_clusters"] = args.k
     if args.resolution is not None:

@@ -103,6 +103,37 @@ def scores_to_result(vocabulary: list[str], segmentation_labels: np.ndarray, mas
 
 
 # --------------------------------------------------------------------- CLIP
+def _in_hub_cache(repo_id: str) -> bool:
+    """True if the Hugging Face cache holds ``repo_id``'s config (then loading needs no network)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a TCP connection to the Hugging Face endpoint opens within ``timeout`` seconds.
+
+    With a proxy configured the direct probe says nothing, so it answers True and lets the
+    hub client try.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 class CLIPMaskLabeller:
     """MaskCLIP-style dense CLIP features pooled in EmerDiff masks.
 
@@ -124,15 +155,18 @@ class CLIPMaskLabeller:
 
         self.device = resolve_device(device)
         offline = _offline(local_files_only) or Path(model).exists()
+        how = (f"Download it where the hub is reachable (`hf download {model} --local-dir ./clip`) and pass "
+               "the folder, or use the labeller that needs no extra model (CLI: --labeller unet).")
+        if not offline and not _in_hub_cache(str(model)) and not hub_reachable():
+            # without this check the hub client retries for about half a minute before failing
+            raise ModelLoadError(f"the CLIP model {model!r} is not in the local cache and the hub is "
+                                 f"unreachable. {how}")
         try:
             self.model = CLIPModel.from_pretrained(str(model), use_safetensors=True,
                                                    local_files_only=offline).to(self.device).eval()
             self.tokenizer = CLIPTokenizer.from_pretrained(str(model), local_files_only=offline)
         except OSError as err:
-            raise ModelLoadError(
-                f"could not load the CLIP model {model!r} ({err}). Download it where the hub is "
-                f"reachable (`hf download {model} --local-dir ./clip`) and pass the folder."
-            ) from err
+            raise ModelLoadError(f"could not load the CLIP model {model!r} ({err}). {how}") from err
         self.templates = list(templates)
         self.image_size = image_size or int(self.model.config.vision_config.image_size)
 

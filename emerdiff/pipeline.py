@@ -159,7 +159,7 @@ class EmerDiff:
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         controller = AttentionController()
         t_f = cfg.feature_timestep
-        bar = tqdm(total=len([t for t in self.schedule.timesteps if t <= t_stop]), desc="inversion",
+        bar = tqdm(total=len([t for t in self.schedule.timesteps if t <= t_stop]), desc="inversion (UNet calls)",
                    disable=not progress, leave=False)
 
         def unet_fn(x: torch.Tensor, t: int) -> torch.Tensor:
@@ -256,7 +256,10 @@ class EmerDiff:
         if cfg.readout_steps is not None:
             steps = min(steps, cfg.readout_steps)
         calls = expected_unet_calls(masks.shape[0], steps, cfg.max_batch)
-        bar = tqdm(total=calls + 2 * masks.shape[0], desc="modulation", disable=not progress, leave=False)
+        # one tick per batched UNet call, then one per decoded image (I+ and I- of every mask)
+        decodes = 2 * masks.shape[0]
+        bar = tqdm(total=calls + decodes, desc=f"modulation ({calls} UNet calls + {decodes} decodes)",
+                   disable=not progress, leave=False)
         with clock("modulation"):
             latents, _ = modulated_latents(
                 self.model, prepared.inversion, masks, prepared.grid, layer=layer, t_modulation=t_m,

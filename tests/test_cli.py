@@ -84,12 +84,16 @@ def test_segment_duplicate_vocabulary(tiny_dir, tmp_path, capsys):
     assert code == 2 and "duplicate" in capsys.readouterr().err
 
 
-def test_figures_runs_a_notebook(tmp_path):
+def test_figures_runs_a_notebook(tmp_path, capfd):
     out = tmp_path / "figs"
     code = main(["figures", "--model", "tiny", "--only", "00", "--out", str(out), "--executed", str(tmp_path / "exec"),
                  "-p", "images", '["astronaut"]', "-p", "torch_threads", "1"])
     assert code == 0
     assert (out / "00_quickstart_segmentation.png").exists() and (out / "00_quickstart.json").exists()
+    err = capfd.readouterr().err  # fd level: the kernel process writes there, not to sys.stderr
+    assert "[1/1] running 00_quickstart.ipynb" in err
+    assert "over TCP" not in err  # the kernel's per-notebook warning is silenced
+    assert str(out.resolve()) in err.splitlines()[-1]  # ends naming the absolute figure folder
 
 
 def test_figures_no_notebooks(tmp_path, capsys):
@@ -114,3 +118,122 @@ def test_figure_sizes_follow_the_model_folder(tmp_path):
     assert figure_sizes(str(sd)) == FIGURE_SIZES["default"]
     assert figure_sizes("runwayml/stable-diffusion-v1-5") == FIGURE_SIZES["default"]
     assert figure_sizes(str(tmp_path / "missing")) == FIGURE_SIZES["default"]
+
+
+def _subcommands():
+    from emerdiff.cli import build_parser
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    return sub.choices
+
+
+@pytest.mark.parametrize("command", ["segment", "layers", "figures", "evaluate"])
+def test_every_option_has_help_with_its_default(command, capsys):
+    parser = _subcommands()[command]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, (command, action.dest)
+        if action.option_strings:  # options say their default (or that they are required)
+            text = action.help.lower()
+            assert "default" in text or (action.required and "required" in text), (command, action.option_strings)
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "default" in capsys.readouterr().out
+
+
+def test_labeller_defaults_agree():
+    subs = _subcommands()
+    assert subs["segment"].get_default("labeller") == subs["evaluate"].get_default("labeller") == "unet"
+    assert subs["segment"].get_default("model") == subs["evaluate"].get_default("model") == "reference"
+
+
+def test_figures_kernel_matches_the_makefile():
+    from pathlib import Path
+
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    kernel = next(l.split("?=")[1].strip() for l in make.splitlines() if l.startswith("KERNEL"))
+    assert _subcommands()["figures"].get_default("kernel") == kernel == "emerdiff"
+
+
+def test_makefile_sizes_are_the_size_rule():
+    """The Makefile's FIG_SIZE rows for tiny and reference repeat FIGURE_SIZES (it runs before a venv exists)."""
+    import re
+    from pathlib import Path
+
+    from emerdiff.cli import FIGURE_SIZES
+
+    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    for model in ("tiny", "reference"):
+        block = make.split(f"ifeq ($(MODEL),{model})")[1]
+        line = next(l for l in block.splitlines() if l.startswith("FIG_SIZE"))
+        params = dict(re.findall(r"-p (\w+) (\S+)", line))
+        assert {k: float(v) for k, v in params.items()} == {k: float(v) for k, v in FIGURE_SIZES[model].items()}
+
+
+def _sized(argv):
+    """The EmerDiffConfig fields that segment and evaluate would use for these arguments."""
+    from emerdiff.cli import build_parser, config_from_args
+    from emerdiff.evaluation_run import method_config
+
+    parser = build_parser()
+    seg = config_from_args(parser.parse_args(["segment", "x.png", *argv]))
+    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", *argv]), "cpu")
+    keys = ("resolution", "num_clusters", "num_inference_steps", "modulation_timestep", "blur_sigma", "max_batch")
+    fields = {k: getattr(seg, k) for k in keys}
+    assert fields == {k: getattr(ev, k) for k in keys}  # one rule for both commands
+    return fields
+
+
+def test_size_rule_per_model(tiny_dir):
+    # no --model: the reference model at its native 128 px, K 8, every modulated run in one batch
+    assert _sized([]) == dict(resolution=128, num_clusters=8, num_inference_steps=50, modulation_timestep=281,
+                              blur_sigma=1.0, max_batch=17)
+    assert _sized(["--model", "tiny"]) == dict(resolution=128, num_clusters=4, num_inference_steps=10,
+                                               modulation_timestep=201, blur_sigma=1.0, max_batch=9)
+    # an SD-shaped folder written with save_pretrained (native 256 px > 128): the paper's settings
+    paper = dict(resolution=512, num_clusters=25, num_inference_steps=50, modulation_timestep=281,
+                 blur_sigma=4.0, max_batch=16)
+    assert _sized(["--model", str(tiny_dir)]) == paper
+    # flags override the rule
+    assert _sized(["--model", str(tiny_dir), "--k", "5", "--resolution", "256"]) == dict(paper, num_clusters=5,
+                                                                                       resolution=256)
+
+
+def test_segment_says_what_it_chose(tiny_dir, tmp_path, capsys):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img)
+    code = main(["segment", str(img), str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
+                 "--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert f"settings for model {str(tiny_dir)!r}" in err
+    assert "resolution=128 (given)" in err and "num_clusters=3 (given)" in err and "blur_sigma=4.0," in err
+    assert "[1/2] " in err and "[2/2] " in err
+    assert "modulation (" in err and "UNet calls + 6 decodes" in err  # the bar says what it counts
+
+
+def test_quiet_silences_weight_loading(tiny_dir, tmp_path, capfd):
+    img = tmp_path / "a.png"
+    Image.fromarray(np.random.default_rng(3).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img)
+    assert main(["segment", str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "o"), *FAST]) == 0
+    err = capfd.readouterr().err
+    assert "Loading weights" not in err and "settings for" not in err and "[1/1]" not in err
+
+
+def test_clip_labeller_without_network_fails_at_once(tiny_dir, tmp_path, monkeypatch, capsys):
+    import emerdiff.openvocab as ov
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(ov, "hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(ov, "_in_hub_cache", lambda repo: False)
+    code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST,
+                 "--vocab", "cat,dog", "--labeller", "clip", "--clip-model", "someone/not-cached-clip"])
+    err = capsys.readouterr().err
+    assert code == 2 and "unreachable" in err and "--labeller unet" in err
+    # offline (HF_HUB_OFFLINE=1): the loader's own error, with the same hint
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST,
+                 "--vocab", "cat,dog", "--labeller", "clip", "--clip-model", "someone/not-cached-clip"])
+    assert code == 2 and "--labeller unet" in capsys.readouterr().err
