@@ -7,7 +7,10 @@
 Pick an image, choose a segment by clicking on the image or from the list,
 move the lambda / modulation-timestep sliders or change the modulation layer:
 I+, I-, the difference map of the chosen segment and the full-resolution
-labels of all segments update.
+labels of all segments update. The panels sit in two rows of three (under
+1000 px wide, so they fit beside JupyterLab's file browser); a busy label
+next to the sliders says when a recompute (a few seconds on a CPU) is running.
+lambda = 0 perturbs nothing: the panels say so instead of showing a black map.
 
 Cost model: :meth:`EmerDiff.prepare` (encode, inversion up to the *largest*
 timestep the slider offers, k-means) runs once per image and is cached, so a
@@ -17,7 +20,8 @@ the last few settings are cached too).
 
 For tests and scripts every widget is an attribute (``image_dropdown``,
 ``segment_select``, ``lambda_slider``, ``timestep_slider``, ``layer_dropdown``)
-and what is on screen is in ``displayed`` (numpy arrays). Errors raised in a
+and what is on screen is in ``displayed`` (numpy arrays); ``busy_log`` records
+every busy message shown (``busy`` is the label). Errors raised in a
 callback are appended to ``errors`` and written to the ``log`` Output widget
 instead of vanishing in the kernel log.
 """
@@ -35,6 +39,27 @@ from .images import resize_labels
 from .pipeline import EmerDiff, PreparedImage
 from .probes import Perturbation, candidate_layers, perturb_images, short_layer
 from .viz import HEATMAP_CMAP, colorize, highlight_mask, overlay, resize_image, stamp_model
+
+
+PANELS = ("image", "plus", "minus", "difference", "labels", "reference")
+FIGSIZE = (9.0, 6.3)  # inches at 100 dpi
+IDLE = "<span style='color:#2a7a2a'>ready</span>"
+
+
+LAMBDA_ZERO_NOTE = ("lambda = 0 perturbs nothing: I+ = I- = I0, the difference map is zero and the labels "
+                    "are undefined; move the slider away from 0")
+
+
+def panel_titles(segment: int, strength: float) -> dict[str, str]:
+    """Panel titles for a segment and lambda; at lambda 0 they say why the maps are empty."""
+    if strength == 0:
+        return {"image": f"segments (chosen: {segment})", "plus": "I+ = I0 (lambda = 0: no perturbation)",
+                "minus": "I- = I0 (lambda = 0)", "difference": "||I- - I+|| = 0 at lambda = 0",
+                "labels": "labels undefined at lambda = 0", "reference": "I0 (unperturbed reconstruction)"}
+    return {"image": f"segments (chosen: {segment})", "plus": f"I+ (c = {strength:+g})",
+            "minus": f"I- (c = {-strength:+g})",
+            "difference": "||I- - I+||", "labels": "EmerDiff labels (all segments)",
+            "reference": "I0 (unperturbed reconstruction)"}
 
 
 class Inspector:
@@ -96,15 +121,18 @@ class Inspector:
         self.layer_dropdown = widgets.Dropdown(options=[(short_layer(n), n) for n in self.layers],
                                                value=cfg.modulation_layer, description="layer")
         self.status = widgets.HTML()
+        self.busy = widgets.HTML(value=IDLE, layout={"min_width": "16em"})
+        self.busy_log: list[str] = []
         self.log = widgets.Output(layout={"border": "1px solid #ddd", "max_height": "12em", "overflow": "auto"})
 
         with plt.ioff():
-            self.fig, axes = plt.subplots(1, 5, figsize=(13, 3.1))
-        self.axes = dict(zip(("image", "plus", "minus", "difference", "labels"), axes))
-        for ax in axes:
+            # two rows of three at 100 dpi: 900 px wide, fits ~1000 px with the file browser open
+            self.fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=100)
+        self.axes = dict(zip(PANELS, axes.flat))
+        for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
-        self.fig.subplots_adjust(left=0.01, right=0.99, bottom=0.06, top=0.8, wspace=0.05)
+        self.fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=0.9, wspace=0.04, hspace=0.14)
         stamp_model(self.fig, ed.model.source)
         self._artists: dict[str, Any] = {}
         self.fig.canvas.mpl_connect("button_press_event", self._guard(self._on_click))
@@ -119,9 +147,9 @@ class Inspector:
         self.view = widgets.Output() if self._static else canvas
         self.widget = widgets.VBox([
             widgets.HBox([self.image_dropdown, self.segment_select, self.layer_dropdown]),
-            widgets.HBox([self.lambda_slider, self.timestep_slider]),
+            widgets.HBox([self.lambda_slider, self.timestep_slider, self.busy]),
             self.view, self.status, self.log,
-        ])
+        ], layout={"max_width": "1000px"})
         self._guard(self._on_image)(None)
 
     # ------------------------------------------------------------------ state
@@ -135,7 +163,11 @@ class Inspector:
         name = self.image_name
         if name not in self._prepared:
             self.calls["prepare"] += 1
-            self._prepared[name] = self.ed.prepare(self.images[name], t_stop=self.t_stop)
+            self._set_busy(f"preparing {name}: inversion and k-means...")
+            try:
+                self._prepared[name] = self.ed.prepare(self.images[name], t_stop=self.t_stop)
+            finally:
+                self._set_busy(None)
         return self._prepared[name]
 
     @property
@@ -158,12 +190,26 @@ class Inspector:
             return self._results[key]
         _, lam, t, layer = key
         self.calls["perturb"] += 1
-        pert = perturb_images(self.ed, self.prepared, strength=lam, layer=layer, timestep=t)
-        labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma).numpy()
+        self._set_busy(f"computing: lambda {lam:g}, t_m {t}, {short_layer(layer)} "
+                       f"({2 * self.num_segments} modulated runs)...")
+        try:
+            pert = perturb_images(self.ed, self.prepared, strength=lam, layer=layer, timestep=t)
+            labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma).numpy()
+        finally:
+            self._set_busy(None)
         self._results[key] = (pert, labels)
         while len(self._results) > self.cache_size:
             self._results.popitem(last=False)
         return pert, labels
+
+    def _set_busy(self, message: str | None) -> None:
+        """Show (or clear, with None) the busy label; a widget change reaches the browser at once,
+        before the blocking computation starts."""
+        if message is None:
+            self.busy.value = IDLE
+            return
+        self.busy_log.append(message)
+        self.busy.value = f"<span style='color:#b35900'>&#9203; {message}</span>"
 
     # ------------------------------------------------------------------ callbacks
     def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -228,10 +274,10 @@ class Inspector:
             "minus": pert.minus[sid].clamp(0, 1).permute(1, 2, 0).numpy(),
             "difference": diff,
             "labels": labels,
+            "reference": pert.reference.clamp(0, 1).permute(1, 2, 0).numpy(),
         }
         lam, t, layer = self.lambda_slider.value, self.timestep_slider.value, self.layer_dropdown.value
-        titles = {"image": f"segments (chosen: {sid})", "plus": f"I+ (c = {lam:+g})", "minus": f"I- (c = {-lam:+g})",
-                  "difference": "||I- - I+||", "labels": "EmerDiff labels"}
+        titles = panel_titles(sid, float(lam))
         shown = dict(self.displayed, labels=colorize(labels))
         for key, ax in self.axes.items():
             arr = shown[key]
@@ -247,7 +293,8 @@ class Inspector:
         if self._static:
             self._show_static()
         loc = float((diff ** 2 * (lowres == sid)).sum() / max(float((diff ** 2).sum()), 1e-12))
-        self.status.value = (f"segment {sid}: locality {loc:.2f} · cache: {len(self._prepared)} image(s), "
+        note = f"<b>{LAMBDA_ZERO_NOTE}</b> · " if lam == 0 else ""
+        self.status.value = (f"{note}segment {sid}: locality {loc:.2f} · cache: {len(self._prepared)} image(s), "
                              f"{len(self._results)} setting(s) · UNet batches so far: {self.calls['perturb']}")
 
     def _show_static(self) -> None:

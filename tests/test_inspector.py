@@ -130,3 +130,44 @@ def test_callback_errors_are_shown_not_lost(inspector, monkeypatch):
 def test_bad_timesteps_fail_early(tiny_model, fast_config):
     with pytest.raises(ValueError, match="not on the schedule"):
         Inspector(EmerDiff(tiny_model, fast_config), {"x": np.zeros((64, 64, 3), np.uint8)}, timesteps=[250])
+
+
+def test_fits_1000_px_in_two_rows(inspector):
+    ins = inspector
+    width, height = ins.fig.get_size_inches() * ins.fig.dpi
+    assert width <= 1000 and height <= 700
+    rows = {round(ax.get_position().y0, 2) for ax in ins.axes.values()}
+    assert len(rows) == 2 and len(ins.axes) == 6
+    assert ins.widget.layout.max_width == "1000px"
+    assert ins.displayed["reference"].shape == ins.displayed["plus"].shape
+
+
+def test_busy_label_during_recompute(inspector, monkeypatch):
+    import emerdiff.inspector as mod
+
+    ins = inspector
+    seen = []
+    real = mod.perturb_images
+
+    def spy(*args, **kwargs):
+        seen.append(ins.busy.value)  # what the browser shows while the UNet runs
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mod, "perturb_images", spy)
+    ins.lambda_slider.value = 7.0
+    assert len(seen) == 1 and "computing" in seen[0] and "lambda 7" in seen[0]
+    assert ins.busy.value == mod.IDLE and "computing" in ins.busy_log[-1]
+    ins.segment_select.value = (ins.segment_select.value + 1) % ins.num_segments  # cached: no busy label
+    assert len(seen) == 1
+
+
+def test_lambda_zero_is_explained_in_place(inspector):
+    ins = inspector
+    ins.lambda_slider.value = 0.0
+    titles = {k: ax.get_title() for k, ax in ins.axes.items()}
+    assert "lambda = 0" in titles["difference"] and "undefined" in titles["labels"]
+    assert "perturbs nothing" in ins.status.value
+    assert not any("-0)" in t for t in titles.values())
+    ins.lambda_slider.value = 10.0
+    assert ins.axes["plus"].get_title() == "I+ (c = +10)" and ins.axes["minus"].get_title() == "I- (c = -10)"
+    assert "perturbs nothing" not in ins.status.value
