@@ -1,4 +1,4 @@
-"""One dataclass holding every knob of the method (DESIGN §1).
+"""One dataclass holding every knob of the method (docs/METHOD.md).
 
 Every number of the paper is a default here, never a literal in the code, so
 the probe notebooks can sweep it. `EmerDiffConfig.validate(model)` checks the

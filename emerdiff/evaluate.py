@@ -1,4 +1,4 @@
-"""Segmentation metrics and the two evaluation protocols of EmerDiff (DESIGN §1).
+"""Segmentation metrics and the two evaluation protocols of EmerDiff (docs/METHOD.md).
 
 Conventions
 - A confusion matrix has ground-truth classes on rows and predictions on

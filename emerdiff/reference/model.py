@@ -18,7 +18,7 @@ trains on 2 CPU cores in hours or on one GPU in minutes:
   (plain DownBlock2D/UpBlock2D there); preset "base" keeps SD's pattern.
 
 Why not factor 8 at 256 px or a 4-level UNet: a 64x64 latent puts
-self-attention over 4096 tokens in ``down_blocks.0`` (DESIGN §3: ~8x slower
+self-attention over 4096 tokens in ``down_blocks.0`` (measured: ~8x slower
 per step), and a 256-px VAE costs 4x more per image than a 128-px one.
 
 The tokenizer is the offline CLIP BPE of :func:`emerdiff.testing.write_tokenizer`
