@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= reference
 DEVICE ?= cpu
 
-.PHONY: setup test lab bench figures clean FORCE
+.PHONY: setup test test-browser lab bench figures clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,15 @@ setup: $(VENV)/.installed
 test: setup
 	$(PY) -m pytest
 
+# The inspector notebook in JupyterLab, driven by headless chromium (apt: chromium chromium-driver).
+# Screenshots in runs/browser-test/. `-m browser` selects what the default run deselects.
+test-browser: setup
+	$(PY) -m pytest -m browser tests/test_browser.py
+
+# Saving strips outputs from the tracked notebooks (kept in notebooks/executed/lab/); figures of
+# hand-run notebooks go to figures/lab/. Both are ignored by git.
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab --config=notebooks/jupyter_server_config.py notebooks/
 
 bench: setup
 	$(PY) benchmarks/bench_segment.py

@@ -27,6 +27,15 @@ blur, batch) follow the model unless given: see `emerdiff segment --help`."""
 DEFAULT_LABELLER = "unet"
 
 
+def add_labeller_args(p: argparse.ArgumentParser, when: str = "") -> None:
+    """--labeller and --clip-model, one definition (and one default) for `segment` and `evaluate`."""
+    p.add_argument("--labeller", choices=["clip", "unet"], default=DEFAULT_LABELLER,
+                   help=f"{when}unet: the diffusion model's own cross-attention (no extra model, works offline); "
+                   f"clip: MaskCLIP features pooled in masks (needs --clip-model) (default: {DEFAULT_LABELLER})")
+    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
+                   help="with --labeller clip: CLIP hub id or folder (default: openai/clip-vit-base-patch16)")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="reference",
                    help="'reference' (the project's small trained model), a diffusers folder, a hub id or "
@@ -350,11 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vocab", default=None,
                    help="comma-separated class names: also write a class map + legend (open vocabulary) "
                    "(default: none)")
-    p.add_argument("--labeller", choices=["clip", "unet"], default=DEFAULT_LABELLER,
-                   help="unet: the diffusion model's own cross-attention (no extra model, works offline); "
-                   f"clip: MaskCLIP features pooled in masks (needs --clip-model) (default: {DEFAULT_LABELLER})")
-    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
-                   help="with --labeller clip: CLIP hub id or folder (default: openai/clip-vit-base-patch16)")
+    add_labeller_args(p)
     _add_model_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_segment)

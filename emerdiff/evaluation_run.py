@@ -55,7 +55,7 @@ SegmentFn = Callable[[Any], Any]
 
 # --------------------------------------------------------------------------- arguments
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import DEFAULT_LABELLER, FIGURE_SIZES
+    from .cli import FIGURE_SIZES, add_labeller_args
 
     sizes = " ".join(f"{m} {FIGURE_SIZES[m]['resolution']} px / K {FIGURE_SIZES[m]['K']}," for m in ("reference", "tiny"))
     p.add_argument("--data", required=True, help="dataset root folder (required)")
@@ -70,11 +70,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "concept embedding, no matching; both; openvocab: class names from the "
                         "dataset's class list by an open-vocabulary labeller, alone and pooled in "
                         "EmerDiff masks, no matching (default: hungarian)")
-    p.add_argument("--labeller", choices=["clip", "unet"], default=DEFAULT_LABELLER,
-                   help="openvocab: unet (the diffusion model's own cross-attention, no extra model) or "
-                        f"clip (MaskCLIP features) (default: {DEFAULT_LABELLER})")
-    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
-                   help="openvocab with --labeller clip: CLIP hub id or folder (default: openai/clip-vit-base-patch16)")
+    add_labeller_args(p, "with --protocol openvocab: ")
     p.add_argument("--model", default="reference",
                    help="'reference', a diffusers folder, a hub id or 'tiny' (default: reference)")
     p.add_argument("--out", required=True, help="output folder (per_image/, results.json, results.csv) (required)")

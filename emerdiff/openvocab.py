@@ -339,8 +339,9 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 
     return folder
 
 
-def legend_figure(image: ImageInput, result: OpenVocabResult, title: str = "") -> Any:
-    """Image beside its class map, with a legend of the classes present."""
+def legend_figure(image: ImageInput, result: OpenVocabResult, title: str = "", caveat: str = "") -> Any:
+    """Image beside its class map, with a legend of the classes present and an optional caveat line
+    (in red, above the legend) when the labeller's names are not to be trusted."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -360,5 +361,11 @@ def legend_figure(image: ImageInput, result: OpenVocabResult, title: str = "") -
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.08, 1, 0.95))
+    bottom = 0.08
+    if caveat:
+        import textwrap
+
+        fig.text(0.5, 0.075, textwrap.fill(caveat, 120), ha="center", va="bottom", fontsize=8, color="#b00000")
+        bottom = 0.08 + 0.035 * (1 + len(caveat) // 120)
+    fig.tight_layout(rect=(0, bottom, 1, 0.95))
     return fig

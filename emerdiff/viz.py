@@ -139,8 +139,10 @@ def stamp_model(fig: Any, model: str, note: str = "") -> None:
 def _axes_grid(rows: int, cols: int, cell: float = 2.2, title: str | None = None) -> tuple[Any, np.ndarray]:
     import matplotlib.pyplot as plt
 
+    # "compressed": constrained layout for fixed-aspect images; it leaves room for the suptitle,
+    # the column titles and the axis labels, which tight_layout let overlap the row above
     fig, axes = plt.subplots(rows, cols, figsize=(cell * cols, cell * rows + (0.5 if title else 0.2)),
-                             squeeze=False)
+                             squeeze=False, layout="compressed")
     for ax in axes.flat:
         ax.set_xticks([])
         ax.set_yticks([])
@@ -150,7 +152,11 @@ def _axes_grid(rows: int, cols: int, cell: float = 2.2, title: str | None = None
 
 
 def _finish(fig: Any, model: str, note: str = "") -> Any:
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    engine = fig.get_layout_engine()
+    if engine is None:
+        fig.tight_layout(rect=(0, 0.03, 1, 1))
+    else:  # constrained/compressed: keep the footer's strip free
+        engine.set(rect=(0, 0.03, 1, 0.97))
     stamp_model(fig, model, note)
     return fig
 
@@ -220,7 +226,8 @@ def key_observation(image: Any, lowres_mask: np.ndarray, plus: Any, minus: Any, 
 
 def upsampling_vs_emerdiff(images: Sequence[Any], segs: Sequence[Any], model: str,
                            gts: Sequence[np.ndarray | None] | None = None,
-                           scores: Sequence[Mapping[str, float]] | None = None) -> Any:
+                           scores: Sequence[Mapping[str, float]] | None = None,
+                           names: Sequence[str] | None = None) -> Any:
     """Paper Fig. 4: nearest / bilinear upsampling of the low-res segments vs EmerDiff, per image row."""
     cols = ["image", "low-res", "nearest", "bilinear", "EmerDiff"]
     has_gt = gts is not None and any(g is not None for g in gts)
@@ -237,20 +244,22 @@ def upsampling_vs_emerdiff(images: Sequence[Any], segs: Sequence[Any], model: st
             g = gts[i] if gts is not None else None
             maps.append(overlay(u, np.where(g == 255, 0, g)) if g is not None else np.ones_like(u) * 255)
         for j, arr in enumerate(maps):
-            title = cols[j] if i == 0 else None
+            show(axes[i, j], arr, cols[j] if i == 0 else None)
+            # scores under each image (a title on rows > 0 would sit on the image above)
             if scores is not None and scores[i] and cols[j] in ("nearest", "bilinear", "EmerDiff"):
                 key = cols[j].lower()
                 if key in scores[i] and scores[i][key] is not None and np.isfinite(scores[i][key]):
-                    title = (title + "\n" if title else "") + f"mIoU {scores[i][key]:.1f}"
-            show(axes[i, j], arr, title)
+                    axes[i, j].set_xlabel(f"mIoU {scores[i][key]:.1f}")
+        if names is not None:
+            axes[i, 0].set_ylabel(names[i])
     return _finish(fig, model)
 
 
 def heatmap_grid(maps: Sequence[Sequence[np.ndarray]], row_labels: Sequence[str], col_labels: Sequence[str],
-                 model: str, title: str, shared_scale: bool = False) -> Any:
+                 model: str, title: str, shared_scale: bool = False, cell: float = 1.8) -> Any:
     """A grid of difference-map heat maps (rows x cols), e.g. layer x timestep or lambda x mask."""
     rows, cols = len(maps), max(len(r) for r in maps)
-    fig, axes = _axes_grid(rows, cols, cell=1.8, title=title)
+    fig, axes = _axes_grid(rows, cols, cell=cell, title=title)
     vmax = max(float(np.max(m)) for r in maps for m in r) if shared_scale else None
     for i, r in enumerate(maps):
         for j, m in enumerate(r):

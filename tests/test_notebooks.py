@@ -46,10 +46,9 @@ FIGURES = {
 
 def kernel_name() -> str:
     """The project's kernel (registered by `make setup`), else the venv's default python3."""
-    from jupyter_client.kernelspec import KernelSpecManager
+    from emerdiff.cli import jupyter_kernel
 
-    specs = KernelSpecManager().find_kernel_specs()
-    return "emerdiff" if "emerdiff" in specs else "python3"
+    return jupyter_kernel("emerdiff")
 
 
 def run_notebook(name: str, out: Path) -> dict:
@@ -75,6 +74,46 @@ def finite_in(x, lo, hi) -> bool:
 
 def test_every_notebook_is_tested():
     assert sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb")) == sorted(FIGURES)
+
+
+def test_committed_notebooks_have_no_outputs():
+    """The tracked notebooks stay output-free (JupyterLab's save hook keeps outputs in executed/lab/)."""
+    import nbformat
+
+    from emerdiff.lab import has_outputs
+
+    for path in sorted(NOTEBOOKS.glob("*.ipynb")):
+        assert not has_outputs(nbformat.read(path, as_version=4)), f"{path.name} has outputs: clear them"
+
+
+def test_hand_run_notebooks_write_to_ignored_places(tmp_path):
+    """Run from JupyterLab, figures go to figures/lab/ and saved outputs to notebooks/executed/lab/:
+    both ignored by git, so running a notebook by hand leaves the working tree clean."""
+    import subprocess
+
+    import nbformat
+
+    from emerdiff.lab import LAB_COPIES, default_figure_dir, pre_save
+
+    places = [default_figure_dir() / "x.png", NOTEBOOKS / LAB_COPIES / "05_inspector.ipynb"]
+    for place in places:
+        rel = place.relative_to(ROOT)
+        assert subprocess.run(["git", "check-ignore", "-q", str(rel)], cwd=ROOT).returncode == 0, rel
+    # the save hook: outputs kept beside the notebook under executed/lab/, stripped from what is saved
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 + 1")])
+    nb.cells[0].outputs = [nbformat.v4.new_output("execute_result", {"text/plain": "2"}, execution_count=1)]
+    nb.cells[0].execution_count = 1
+    model = {"type": "notebook", "content": nb}
+
+    class Manager:
+        root_dir = str(tmp_path)
+
+    pre_save(model, "sub/a.ipynb", Manager())
+    assert not nbformat.validate(model["content"]) and model["content"].cells[0].outputs == []
+    kept = nbformat.read(tmp_path / "sub" / LAB_COPIES / "a.ipynb", as_version=4)
+    assert kept.cells[0].outputs[0]["data"]["text/plain"] == "2"
+    lab_config = (NOTEBOOKS / "jupyter_server_config.py").read_text()
+    assert "emerdiff.lab.pre_save" in lab_config
 
 
 def test_parameters_cell_is_tagged():
@@ -149,6 +188,7 @@ def test_05_inspector(tmp_path):
     assert data["errors"] == []
     # flipping lambda's sign changes I+/I-; selecting another segment changes the highlight
     assert data["changed"]["plus"] and data["changed"]["minus"] and data["changed"]["image"]
+    assert data["restored"]  # the last cell leaves the widget in its starting state
     assert data["displayed"]["labels"][:2] == data["displayed"]["difference"][:2]
 
 

@@ -86,3 +86,45 @@ def test_writer_saves_png_pdf_and_strict_json(tmp_path):
     side = w.sidecar("00_x", {"a": float("nan"), "b": np.float32(1.5), "c": np.arange(2)})
     data = json.loads(side.read_text())
     assert data == {"model": "m", "figures": ["fig1_teaser"], "a": None, "b": 1.5, "c": [0, 1]}
+
+
+def text_overlaps(fig) -> list[tuple[str, str]]:
+    """Pairs (text, text-or-axes) whose drawn boxes intersect: titles, labels, suptitle, footers vs each
+    other and vs every image panel."""
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    candidates = [t for ax in fig.axes for t in (ax.title, ax.xaxis.label, ax.yaxis.label)]
+    candidates += list(fig.texts) + ([fig._suptitle] if fig._suptitle is not None else [])
+    texts = [t for t in dict.fromkeys(candidates) if t.get_visible() and t.get_text().strip()]
+    boxes = [(t.get_text(), t.get_window_extent(r)) for t in texts]
+    panels = [(f"axes {i}", ax.get_window_extent(r)) for i, ax in enumerate(fig.axes)]
+    bad = []
+    for i, (name, box) in enumerate(boxes):
+        bad += [(name, other) for other, b in boxes[i + 1:] if box.overlaps(b)]
+        bad += [(name, other) for other, b in panels if box.overlaps(b)]
+    return bad
+
+
+def test_grid_figures_have_no_overlapping_text():
+    """fig4 (per-row scores, several rows) and the wide layer x (timestep, lambda) grid: no title, label
+    or footer sits on an image or on another text (tight_layout let row titles cover the row above)."""
+    segs = [FakeSeg(), FakeSeg(), FakeSeg(30, 60)]
+    imgs = [np.zeros((s.labels.shape[0], s.labels.shape[1], 3), np.uint8) for s in segs]
+    scores = [dict(nearest=15.8, bilinear=16.4, emerdiff=19.7)] * 3
+    fig = viz.upsampling_vs_emerdiff(imgs, segs, "reference", gts=[s.labels for s in segs], scores=scores,
+                                     names=["scene_0", "scene_1", "voc_sample"])
+    assert text_overlaps(fig) == []
+    assert sum(ax.get_xlabel().startswith("mIoU") for ax in fig.axes) == 9
+    maps = [[np.random.default_rng(j).random((32, 32)) for j in range(9)] for _ in range(3)]
+    cols = [f"t={t}\nlambda={s}" for t in (281, 141, 21) for s in (-10, 10, 100)]
+    fig = viz.heatmap_grid(maps, ["up1.a0.attn2", "up1.a1.attn2", "up1.a2.attn2"], cols, "reference",
+                           "Difference maps of mask 3: layer (rows) x timestep x lambda (columns)", cell=1.4)
+    assert text_overlaps(fig) == []
+    width, height = fig.get_size_inches() * 120  # savefig dpi of the house style
+    assert height < 700 < width
+
+
+def test_overlap_check_sees_overlaps():
+    fig, ax = plt.subplots(2, 1, figsize=(2, 2))
+    ax[1].set_title("a long title that runs into the panel above it\n\n\n")
+    assert text_overlaps(fig)
