@@ -204,8 +204,16 @@ def test_size_rule_per_model(tiny_dir):
 def test_segment_says_what_it_chose(tiny_dir, tmp_path, capsys):
     img = tmp_path / "a.png"
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img)
-    code = main(["segment", str(img), str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
-                 "--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201"])
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        code = main(["segment", str(img), str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
+                     "--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201",
+                     "--threads", "1"])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     err = capsys.readouterr().err
     assert f"settings for model {str(tiny_dir)!r}" in err
