@@ -145,6 +145,8 @@ class Inspector:
         # ipympl's canvas is itself a widget; any other backend gets a static re-display in an Output
         self._static = not isinstance(canvas, widgets.DOMWidget)
         self.view = widgets.Output() if self._static else canvas
+        if not self._static:
+            canvas.header_visible = False  # ipympl's "Figure 1" line: the suptitle already names the view
         self.widget = widgets.VBox([
             widgets.HBox([self.image_dropdown, self.segment_select, self.layer_dropdown]),
             widgets.HBox([self.lambda_slider, self.timestep_slider, self.busy]),
@@ -163,7 +165,7 @@ class Inspector:
         name = self.image_name
         if name not in self._prepared:
             self.calls["prepare"] += 1
-            self._set_busy(f"preparing {name}: inversion and k-means...")
+            self._set_busy(f"preparing {name}...")
             try:
                 self._prepared[name] = self.ed.prepare(self.images[name], t_stop=self.t_stop)
             finally:
@@ -190,8 +192,7 @@ class Inspector:
             return self._results[key]
         _, lam, t, layer = key
         self.calls["perturb"] += 1
-        self._set_busy(f"computing: lambda {lam:g}, t_m {t}, {short_layer(layer)} "
-                       f"({2 * self.num_segments} modulated runs)...")
+        self._set_busy(f"computing {2 * self.num_segments} modulated runs...")  # short: one line, no reflow
         try:
             pert = perturb_images(self.ed, self.prepared, strength=lam, layer=layer, timestep=t)
             labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma).numpy()
@@ -209,7 +210,7 @@ class Inspector:
             self.busy.value = IDLE
             return
         self.busy_log.append(message)
-        self.busy.value = f"<span style='color:#b35900'>&#9203; {message}</span>"
+        self.busy.value = f"<span style='color:#b35900; white-space:nowrap'>&#9679; {message}</span>"
 
     # ------------------------------------------------------------------ callbacks
     def _guard(self, fn: Callable[..., Any]) -> Callable[..., Any]:
