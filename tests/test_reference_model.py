@@ -24,9 +24,10 @@ def reference():
 
 @pytest.fixture(scope="module")
 def scene():
+    from emerdiff.reference import model_world
     from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
 
-    return make_scene(heldout_scene_seeds(1, start=500)[0], 128)
+    return make_scene(heldout_scene_seeds(1, start=500)[0], 128, world=model_world("reference"))
 
 
 def test_predicts_the_noise_of_held_out_scenes(reference, scene):
