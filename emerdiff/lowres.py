@@ -63,3 +63,51 @@ def cluster_features(
     used, labels = np.unique(raw, return_inverse=True)
     centroids = km.cluster_centers_[used].astype(np.float32)
     return LowResSegments(labels.reshape(h, w).astype(np.int64), f.astype(np.float32), centroids)
+
+
+def project_labels(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+    """A label map of any size -> labels 0..K'-1 on the token grid (h, w).
+
+    Each token takes the most frequent label among the pixels whose nearest token
+    it is (ties: the smaller label); a map coarser than the grid is first upsampled
+    with nearest neighbour. Label values are arbitrary integers (e.g. a SAM or
+    hand-drawn PNG); they are renumbered in increasing order, and labels that win
+    no token are dropped.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.size == 0:
+        raise ValueError(f"a low-resolution label map must be a non-empty 2-D array, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not np.all(np.isfinite(labels)) or not np.all(labels == np.round(labels)):
+            raise ValueError("label map values must be integers (segment ids)")
+        labels = labels.astype(np.int64)
+    h, w = grid
+    H, W = labels.shape
+    if H < h or W < w:  # coarser than the grid: nearest upsampling first
+        rows = (np.arange(max(H, h)) * H // max(H, h))
+        cols = (np.arange(max(W, w)) * W // max(W, w))
+        labels = labels[rows[:, None], cols[None, :]]
+        H, W = labels.shape
+    values, ids = np.unique(labels, return_inverse=True)
+    ids = ids.reshape(H, W)
+    token = (np.arange(H) * h // H)[:, None] * w + (np.arange(W) * w // W)[None, :]
+    votes = np.zeros((h * w, len(values)), dtype=np.int64)
+    np.add.at(votes, (token.ravel(), ids.ravel()), 1)
+    winner = votes.argmax(1)
+    _, renumbered = np.unique(winner, return_inverse=True)
+    return renumbered.reshape(h, w).astype(np.int64)
+
+
+def segments_from_labels(labels: np.ndarray, features: np.ndarray | torch.Tensor,
+                         grid: tuple[int, int]) -> LowResSegments:
+    """Low-res segments from a given label map (any size, any source) instead of k-means:
+    labels projected onto the grid (:func:`project_labels`), centroids = mean feature per segment."""
+    f = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
+    h, w = grid
+    if f.shape[0] != h * w:
+        raise ValueError(f"{f.shape[0]} feature vectors do not fill a {h}x{w} grid")
+    projected = project_labels(labels, grid)
+    k = int(projected.max()) + 1
+    onehot = (projected.reshape(-1)[None, :] == np.arange(k)[:, None]).astype(np.float32)
+    centroids = (onehot @ f) / onehot.sum(1, keepdims=True)
+    return LowResSegments(projected, f.astype(np.float32), centroids.astype(np.float32))

@@ -21,7 +21,7 @@ from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
 from .images import ImageInput, load_image, resize_labels, to_model_input
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
-from .lowres import LowResSegments, cluster_features
+from .lowres import LowResSegments, cluster_features, segments_from_labels
 from .models import SDModel, feature_resolution
 from .modulation import (CallCounter, decode, difference_maps, expected_unet_calls, modulated_latents,
                          unet_forward)
@@ -147,8 +147,13 @@ class EmerDiff:
     def query_grid(self, layer: str | None = None) -> tuple[int, int]:
         return feature_resolution(self.model.unet, layer or self.config.query_layer, self.latent_size())
 
-    def prepare(self, image: ImageInput, t_stop: int | None = None, progress: bool = False) -> PreparedImage:
-        """Load, encode, invert (t <= t_stop, default the modulation timestep) and cluster."""
+    def prepare(self, image: ImageInput, t_stop: int | None = None, progress: bool = False,
+                lowres_labels: np.ndarray | None = None) -> PreparedImage:
+        """Load, encode, invert (t <= t_stop, default the modulation timestep) and cluster.
+
+        ``lowres_labels`` (a label map of any size and source) replaces the k-means of Step A:
+        it is projected onto the query grid (:func:`emerdiff.lowres.project_labels`).
+        """
         cfg = self.config
         img = load_image(image)
         clock = StageClock(self.model.device)
@@ -191,7 +196,8 @@ class EmerDiff:
                     queries = queries[0]
         grid = self.query_grid()
         with clock("kmeans"):
-            segments = cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
+            segments = (cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
+                        if lowres_labels is None else segments_from_labels(lowres_labels, queries, grid))
         return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter)
 
     def extract_queries(
@@ -283,12 +289,16 @@ class EmerDiff:
         return_difference_maps: bool = False,
         keep_images: bool = False,
         progress: bool = True,
+        lowres_labels: np.ndarray | None = None,
     ) -> Segmentation:
-        """Segment one image; labels come back at the image's original size."""
+        """Segment one image; labels come back at the image's original size.
+
+        ``lowres_labels``: use these segments instead of Step A's k-means (see :meth:`refine`).
+        """
         cfg = self.config
         cfg.check_for_segmentation()  # e.g. lambda = 0 would label nothing
         t_start = time.perf_counter()
-        prepared = self.prepare(image, progress=progress)
+        prepared = self.prepare(image, progress=progress, lowres_labels=lowres_labels)
         clock = StageClock(self.model.device)
         clock.timings.update(prepared.timings)
         counter = prepared.counter
@@ -324,3 +334,13 @@ class EmerDiff:
             difference_maps=maps.cpu().numpy() if return_difference_maps else None,
             images=(((images + 1) / 2).clamp(0, 1).cpu().numpy() if images is not None else None),
         )
+
+    def refine(self, image: ImageInput, lowres_labels: np.ndarray, **kwargs: Any) -> Segmentation:
+        """Pixel-level labels for segments from any source (SAM, DINO k-means, DiffSeg, a drawing).
+
+        ``lowres_labels`` is a label map at any resolution; it is projected onto the modulation
+        grid by majority vote per token and read out through the modulated denoising exactly as
+        :meth:`segment` reads out its own k-means segments (given those, it reproduces them).
+        Keyword arguments are :meth:`segment`'s.
+        """
+        return self.segment(image, lowres_labels=np.asarray(lowres_labels), **kwargs)

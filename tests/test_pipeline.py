@@ -223,3 +223,43 @@ def test_other_errors_are_not_swallowed(prepared, monkeypatch):
     monkeypatch.setattr(modulation, "unet_forward", broken)
     with pytest.raises(RuntimeError, match="shape mismatch"):
         _run(seg, prep, prep.masks())
+
+
+# --------------------------------------------------------------------------- refine
+def test_refine_with_the_pipelines_own_segments_reproduces_segment(tiny_model, fast_config, photo):
+    """Given segment's own k-means labels, at the grid's size or upsampled 8x, refine reproduces it."""
+    ed = EmerDiff(tiny_model, fast_config)
+    seg = ed.segment(photo, return_difference_maps=True, progress=False)
+    low = seg.lowres_labels
+    for given in (low, np.kron(low, np.ones((8, 8), dtype=np.int64))):
+        ref = ed.refine(photo, given, return_difference_maps=True, progress=False)
+        assert np.array_equal(ref.lowres_labels, low)
+        assert np.array_equal(ref.labels, seg.labels)
+        assert np.array_equal(ref.nearest_labels, seg.nearest_labels)
+        np.testing.assert_array_equal(ref.difference_maps, seg.difference_maps)
+
+
+def test_refine_a_hand_drawn_two_region_map(tiny_model, fast_config, photo):
+    """Any label values and size: a left/right split drawn at 37x50 with ids 7 and 255 -> 2 segments;
+    the nearest baseline is the projected split and EmerDiff's labels use both ids."""
+    drawing = np.full((37, 50), 7, dtype=np.int64)
+    drawing[:, 25:] = 255
+    ed = EmerDiff(tiny_model, fast_config)
+    ref = ed.refine(photo, drawing, progress=False)
+    h, w = ref.lowres_labels.shape
+    assert ref.num_segments == 2
+    assert (ref.lowres_labels[:, : w // 2] == 0).all() and (ref.lowres_labels[:, w // 2:] == 1).all()
+    assert set(np.unique(ref.labels)) <= {0, 1}
+
+
+def test_project_labels_majority_and_errors():
+    from emerdiff.lowres import project_labels
+
+    labels = np.zeros((8, 8), dtype=np.int64)
+    labels[:3, :4] = 5  # 12 of the 16 pixels of token (0, 0) at a 2x2 grid
+    assert project_labels(labels, (2, 2)).tolist() == [[1, 0], [0, 0]]
+    assert project_labels(np.array([[3, 4]]), (2, 4)).tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]  # coarser: upsampled
+    with pytest.raises(ValueError, match="2-D"):
+        project_labels(np.zeros((2, 2, 3)), (2, 2))
+    with pytest.raises(ValueError, match="integers"):
+        project_labels(np.full((4, 4), 0.5), (2, 2))
