@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= reference
 DEVICE ?= cpu
 
-.PHONY: setup test test-browser lab bench figures clean FORCE
+.PHONY: setup test test-browser lint lab bench figures clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ setup: $(VENV)/.installed
 
 test: setup
 	$(PY) -m pytest
+
+# pyflakes, import order and pyupgrade rules (pyproject [tool.ruff]); CI fails on any finding
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # The inspector notebook in JupyterLab, driven by headless chromium (apt: chromium chromium-driver).
 # Screenshots in runs/browser-test/. `-m browser` selects what the default run deselects.

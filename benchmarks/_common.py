@@ -111,7 +111,7 @@ class MemoryProbe:
             self.rss_peak = max(self.rss_peak, rss_bytes())
             self._stop.wait(self.interval)
 
-    def __enter__(self) -> "MemoryProbe":
+    def __enter__(self) -> MemoryProbe:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

@@ -25,19 +25,28 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
 from _common import (  # noqa: E402
-    RANDOM_MODELS, STAGES, EmerDiffConfig, Run, build_model, config_for, machine_info,
-    pixel_agreement, run_batched, run_per_mask_loop,
+    RANDOM_MODELS,
+    STAGES,
+    EmerDiffConfig,
+    Run,
+    build_model,
+    config_for,
+    machine_info,
+    pixel_agreement,
+    run_batched,
+    run_per_mask_loop,
 )
+
 from emerdiff.pipeline import EmerDiff  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"

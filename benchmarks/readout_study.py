@@ -40,17 +40,22 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
-
 from _common import (  # noqa: E402
-    EmerDiffConfig, build_model, config_for, machine_info, pixel_agreement,
+    EmerDiffConfig,
+    build_model,
+    config_for,
+    machine_info,
+    pixel_agreement,
 )
+
 from emerdiff.assign import assign_labels  # noqa: E402
 from emerdiff.images import resize_labels  # noqa: E402
 from emerdiff.modulation import CallCounter  # noqa: E402

@@ -197,11 +197,10 @@ def save_openvocab(labeller: Any, seg: Any, image: Any, vocabulary: list[str], o
 
 
 def cmd_segment(args: argparse.Namespace) -> int:
-    from .images import ImageError, load_image
-    from .pipeline import EmerDiff
-
     from .files import check_output_dir, clean_stale_temps, unique_stems
+    from .images import ImageError, load_image
     from .models import model_geometry
+    from .pipeline import EmerDiff
 
     config = config_from_args(args)
     if args.threads:

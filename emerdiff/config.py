@@ -74,7 +74,7 @@ class EmerDiffConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "EmerDiffConfig":
+    def from_dict(cls, values: dict[str, Any]) -> EmerDiffConfig:
         """Inverse of :meth:`to_dict`; unknown keys are an error naming them."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
@@ -84,7 +84,7 @@ class EmerDiffConfig:
             )
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "EmerDiffConfig":
+    def replace(self, **changes: Any) -> EmerDiffConfig:
         """A copy with some fields changed (validated names)."""
         return EmerDiffConfig.from_dict({**self.to_dict(), **changes})
 
@@ -166,8 +166,8 @@ class EmerDiffConfig:
 
         Raises ValueError naming the bad value and listing the valid ones.
         """
-        from .models import attention_layers, feature_resolution, unet_downsampling
         from .inversion import schedule_timesteps
+        from .models import attention_layers, feature_resolution, unet_downsampling
 
         self.check_values()
         self.check_resolution(model.vae_scale_factor, unet_downsampling(model.unet.config))

@@ -29,11 +29,12 @@ samples (:func:`sample_images`, :func:`voc_sample`) ship inside pip packages.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -78,7 +79,7 @@ class Sample:
 
 
 # --------------------------------------------------------------------------- mapping tables
-@lru_cache(maxsize=None)
+@cache
 def load_table(name: str) -> dict[str, Any]:
     """A mapping table shipped in ``emerdiff/data/<name>.json``.
 
@@ -192,7 +193,7 @@ class SegmentationDataset(Sequence[Sample]):
         image_id, image_path, _ = self.items[index]
         return Sample(image_id, image_path, self.load_label(index), self.class_names, self.ignore_index)
 
-    def subset(self, indices: Sequence[int]) -> "SegmentationDataset":
+    def subset(self, indices: Sequence[int]) -> SegmentationDataset:
         """A dataset with the given items only (same classes and mapping)."""
         return SegmentationDataset([self.items[i] for i in indices], self.class_names,
                                    self.ignore_index, self.lut, self.name, self.root, self.split)

@@ -20,7 +20,8 @@ The probes (``emerdiff.probes``) score a whole readout; these two functions take
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

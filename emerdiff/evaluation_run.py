@@ -39,14 +39,25 @@ import math
 import os
 import sys
 import zipfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
 from .datasets import LAYOUTS, SegmentationDataset, open_dataset
-from .evaluate import (METHOD_FIELDS, METHODS, PROTOCOLS, ImageRecord, build_record, confusion_matrix,
-                       evaluate_records, scores, segmentation_field, summary_rows)
+from .evaluate import (
+    METHOD_FIELDS,
+    METHODS,
+    PROTOCOLS,
+    ImageRecord,
+    build_record,
+    confusion_matrix,
+    evaluate_records,
+    scores,
+    segmentation_field,
+    summary_rows,
+)
 from .files import check_output_dir, clean_stale_temps, write_atomic_bytes
 
 RECORD_VERSION = 2  # 2: image id + image/labels/settings hashes, verified on every run
@@ -126,9 +137,8 @@ def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
 
 def method_config(args: argparse.Namespace, device: str | None) -> Any:
     """The EmerDiffConfig of this run (fields from --k, --resolution, --seed, --set)."""
-    from .config import EmerDiffConfig
-
     from .cli import config_sizes
+    from .config import EmerDiffConfig
 
     # the size rule of `segment` first; --k / --resolution / --set override it
     fields = {**config_sizes(args.model), **_parse_sets(getattr(args, "set", []) or [])}

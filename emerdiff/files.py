@@ -15,8 +15,9 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 TEMP_SUFFIX = ".emerdiff-tmp"
 _TEMP_RE = re.compile(r"^\..+\.(\d+)-[0-9a-f]{8}" + re.escape(TEMP_SUFFIX) + "$")

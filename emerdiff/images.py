@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ MIN_SIZE = 64  # smaller images have less than one latent pixel per 16x16 token 
 MAX_PIXELS = 50_000_000
 MAX_PIXELS_ENV = "EMERDIFF_MAX_PIXELS"
 BYTES_PER_PIXEL = 90
-ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor]
+ImageInput = str | os.PathLike | Image.Image | np.ndarray | torch.Tensor
 
 
 class ImageError(ValueError):

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import traceback
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,6 @@ from .images import resize_labels
 from .pipeline import EmerDiff, PreparedImage
 from .probes import Perturbation, candidate_layers, perturb_images, short_layer
 from .viz import HEATMAP_CMAP, colorize, highlight_mask, overlay, resize_image, stamp_model
-
 
 PANELS = ("image", "plus", "minus", "difference", "labels", "reference")
 FIGSIZE = (9.0, 6.3)  # inches at 100 dpi

@@ -12,8 +12,9 @@ the whole schedule.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -36,7 +37,7 @@ class Schedule:
     prediction_type: str
 
     @classmethod
-    def from_scheduler(cls, scheduler: Any, num_inference_steps: int) -> "Schedule":
+    def from_scheduler(cls, scheduler: Any, num_inference_steps: int) -> Schedule:
         ptype = scheduler.config.prediction_type
         if ptype not in ("epsilon", "v_prediction"):
             raise ValueError(f"prediction_type {ptype!r} is not supported (epsilon or v_prediction)")

@@ -192,7 +192,7 @@ def load_pipeline(
             f"could not load the model in {path}: a .safetensors weights file is corrupt or empty "
             f"({err}); re-download or re-save that component"
         ) from err
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         if looks_local:
             raise ModelLoadError(f"could not load the model in {path}: {err}") from err
         raise _hub_error(name, err, offline) from err

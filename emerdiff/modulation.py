@@ -10,8 +10,9 @@ self-contained; on CUDA out-of-memory a chunk is retried at half the size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

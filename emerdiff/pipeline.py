@@ -9,8 +9,9 @@ batched modulated denoising -> difference maps -> full-resolution labels.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,8 +24,7 @@ from .images import ImageInput, load_image, resize_labels, to_model_input
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features, segments_from_labels
 from .models import SDModel, feature_resolution
-from .modulation import (CallCounter, decode, difference_maps, expected_unet_calls, modulated_latents,
-                         unet_forward)
+from .modulation import CallCounter, decode, difference_maps, expected_unet_calls, modulated_latents, unet_forward
 
 
 @dataclass
@@ -102,7 +102,7 @@ class StageClock:
         self.device = device
         self.timings: dict[str, float] = {}
 
-    def __call__(self, stage: str) -> "StageClock":
+    def __call__(self, stage: str) -> StageClock:
         self.current = stage
         return self
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from emerdiff.datasets import open_dataset
-import pytest
-
 from emerdiff.reference.heldout import learning_curve_probe, main, model_world, write_heldout_folder
 from emerdiff.reference.scenes import CLASSES, heldout_scene_seeds, make_scene
 

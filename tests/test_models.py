@@ -9,7 +9,7 @@ import torch
 
 from emerdiff import ModelLoadError, load_pipeline
 from emerdiff.models import attention_layers, check_architecture, feature_resolution, layer_table
-from emerdiff.testing import build_tiny_pipeline, meta_unet
+from emerdiff.testing import meta_unet
 
 QUERY = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 

@@ -9,8 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from emerdiff.openvocab import (CLIPMaskLabeller, CrossAttentionLabeller, build_tiny_clip, check_vocabulary,
-                                pool_in_masks, scores_to_result)
+from emerdiff.openvocab import (
+    CLIPMaskLabeller,
+    CrossAttentionLabeller,
+    build_tiny_clip,
+    check_vocabulary,
+    pool_in_masks,
+    scores_to_result,
+)
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from emerdiff import EmerDiff
-from emerdiff import probes
+from emerdiff import EmerDiff, probes
 from emerdiff.models import layer_table
 
 

@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from emerdiff.reference.scenes import (
-    CAPTION_WORDS, CLASSES, NUMBERS, PLURALS, STUFF, THINGS, heldout_scene_seeds, make_scene,
+    CAPTION_WORDS,
+    CLASSES,
+    NUMBERS,
+    PLURALS,
+    STUFF,
+    THINGS,
+    heldout_scene_seeds,
+    make_scene,
     train_scene_seed,
 )
 
@@ -281,7 +288,12 @@ def test_fine_tuning_on_the_flat_world_from_a_pipeline_folder(trained, tmp_path)
 
 def test_small_preset_fits_the_package_budget():
     from emerdiff.reference.model import (
-        build_text_encoder, build_tokenizer, build_unet, build_vae, count_parameters, preset,
+        build_text_encoder,
+        build_tokenizer,
+        build_unet,
+        build_vae,
+        count_parameters,
+        preset,
     )
 
     cfg = preset("small")

@@ -20,12 +20,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_evaluation_run import fake_segment, make_folder  # noqa: E402  (same tests folder)
 
 from emerdiff import EmerDiff, EmerDiffConfig
 from emerdiff.cli import main
 from emerdiff.evaluation_run import build_parser, load_record, record_path, run
-
-from test_evaluation_run import fake_segment, make_folder  # noqa: E402  (same tests folder)
 
 S = ["--model", "tiny", "--resolution", "128", "--k", "4", "--steps", "10", "--modulation-timestep", "201",
      "--quiet"]

@@ -32,8 +32,8 @@ seen in training whatever the run seed or step count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence, Union
 
 import numpy as np
 
@@ -57,7 +57,7 @@ _WORLD_OBJECTS = {"textured": (6, (0.08, 0.2)), "flat": (4, (0.12, 0.25))}
 TRAIN_STREAM = 7001  # first entry of every training seed tuple
 HELDOUT_STREAM = 9002  # first entry of every held-out seed tuple
 
-Seed = Union[int, Sequence[int]]
+Seed = int | Sequence[int]
 
 
 # ------------------------------------------------------------------ seeds

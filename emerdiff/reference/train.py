@@ -47,22 +47,30 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from . import WEIGHTS
 from .model import (
-    build_text_encoder, build_tokenizer, build_unet, build_vae, count_parameters,
-    encode_prompts, folder_size_mb, preset, save_reference,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    count_parameters,
+    encode_prompts,
+    folder_size_mb,
+    preset,
+    save_reference,
 )
 from .scenes import CAPTION_WORDS, WORLDS, make_scene, train_scene_seed
 
 # eval_fn(pipeline_folder, step) -> optional dict of metrics (logged); e.g. locality.
-EvalFn = Callable[[Path, int], Optional[dict]]
+EvalFn = Callable[[Path, int], dict | None]
 MAX_SHIPPED_MB = 50.0
 
 
