@@ -126,3 +126,14 @@ def test_readout_study_refuses_mixed_ground_truth(tiny_dir, tmp_path):
     Image.new("RGB", (96, 96), (10, 200, 30)).save(path)
     with pytest.raises(SystemExit):
         readout_study.main(["--model", str(tiny_dir), "--images", str(path), "--scenes", "1"])
+
+
+def test_train_speed_table(capsys, monkeypatch):
+    """Every variant of the training-speed table runs (tiny preset) and gets a ratio to the baseline."""
+    import train_speed
+
+    monkeypatch.setattr(train_speed.torch, "get_num_threads", lambda: 1)  # keep the suite on one thread
+    assert train_speed.main(["--preset", "tiny", "--batch", "4", "--steps", "1", "--warmup", "0"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "x |" in line]
+    assert len(rows) == 6 and rows[0].endswith("| 1.00x |")
+    assert all(float(r.split("|")[2]) > 0 for r in rows)
