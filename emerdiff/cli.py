@@ -289,10 +289,10 @@ def figure_sizes(model: str) -> dict[str, Any]:
     sized like the reference model; everything else gets the paper's 512 px settings."""
     if model in FIGURE_SIZES:
         return dict(FIGURE_SIZES[model])
-    folder = Path(model)
+    from .models import component_configs
+
     try:
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
+        unet, vae = component_configs(model)
         native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes

@@ -237,11 +237,20 @@ def unet_downsampling(config: Any) -> int:
     return 2 ** (len(types) - 1)
 
 
+def component_configs(folder: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The UNet and VAE ``config.json`` of a diffusers folder, read without loading weights
+    (OSError / ValueError when missing or unreadable)."""
+    import json
+
+    folder = Path(folder).expanduser()
+    return (json.loads((folder / "unet" / "config.json").read_text()),
+            json.loads((folder / "vae" / "config.json").read_text()))
+
+
 def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
     """(VAE downsampling, UNet downsampling) of a model, read from its config files without loading
     any weights, so a bad resolution can be refused before the (slow) load; None when the configs
     are not on disk (a hub id not cached yet): then :meth:`EmerDiffConfig.validate` checks after loading."""
-    import json
 
     name = str(model)
     try:
@@ -255,9 +264,8 @@ def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
 
             folder = Path(weights_dir())
         else:
-            folder = Path(name).expanduser()
-        unet = json.loads((folder / "unet" / "config.json").read_text())
-        vae = json.loads((folder / "vae" / "config.json").read_text())
+            folder = Path(name)
+        unet, vae = component_configs(folder)
         return 2 ** (len(vae["block_out_channels"]) - 1), unet_downsampling(unet)
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -126,7 +126,7 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
     ed = EmerDiff(load_pipeline(pipeline_folder, device="cpu"), EmerDiffConfig(**{**REFERENCE_CONFIG, **(config or {})}))
     readouts = CURVE_READOUTS if readouts is None else readouts
     variants = {name: with_config(ed, **changes) for name, changes in readouts.items()}
-    t_stop = max(ed.config.modulation_timestep, *(v.config.modulation_timestep for v in variants.values()))
+    t_stop = max([ed.config.modulation_timestep, *(v.config.modulation_timestep for v in variants.values())])
     rows: dict[str, list[float]] = {}
 
     def add(key: str, value: float) -> None:
