@@ -18,6 +18,7 @@ QUERY_LAYER = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 MODULATION_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 MAX_STEPS = 1000  # the SD training schedule has 1000 timesteps
 MAX_STRENGTH = 1e4  # 1000x the paper's lambda; beyond it activations overflow
+LOWRES_METHODS = ("kmeans", "diffseg")  # Step A sources (EmerDiffConfig.lowres)
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -50,6 +51,14 @@ class EmerDiffConfig:
     feature_noise_draws: int = 1  # >1: average the queries over several noise draws
     num_clusters: int = 25  # K
     kmeans_n_init: int = 10
+    lowres: str = "kmeans"  # Step A source: "kmeans" (the paper) or "diffseg" (emerdiff/diffseg.py)
+    # DiffSeg (Tian et al., CVPR 2024); sources of each value in emerdiff/diffseg.py
+    diffseg_timestep: int = 300  # the UNet's timestep for its one call
+    diffseg_add_noise: bool = False  # official code: the clean latent with t's embedding
+    diffseg_kl_threshold: float = 1.1  # tau (COCO-Stuff-27 setting; 0.9 for Cityscapes)
+    diffseg_iterations: int = 3  # N merging iterations
+    diffseg_anchors: int = 16  # M: an M x M anchor grid
+    diffseg_refine: bool = False  # k-means refinement of the proposals
     # Step B: inversion schedule
     num_inference_steps: int = 50
     # Step C: perturbation
@@ -128,8 +137,33 @@ class EmerDiffConfig:
             )
         if self.readout_steps is not None and self.readout_steps < 1:
             raise ValueError("readout_steps must be None (full schedule) or >= 1")
+        self.check_diffseg()
         if self.dtype not in (None, "float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    def check_diffseg(self) -> None:
+        """The Step A source and DiffSeg's constants (checked even when k-means is used, so a bad
+        value never waits for the day someone switches)."""
+        if self.lowres not in LOWRES_METHODS:
+            raise ValueError(f"lowres must be one of {list(LOWRES_METHODS)}, got {self.lowres!r} "
+                             "(kmeans: the paper's Step A; diffseg: DiffSeg's self-attention merging)")
+        for name in ("diffseg_timestep", "diffseg_iterations", "diffseg_anchors"):
+            _check_int(name, getattr(self, name))
+        _check_number("diffseg_kl_threshold", self.diffseg_kl_threshold)
+        for name in ("diffseg_add_noise", "diffseg_refine"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not 0 <= self.diffseg_timestep < MAX_STEPS:
+            raise ValueError(f"diffseg_timestep must lie in [0, {MAX_STEPS - 1}], got {self.diffseg_timestep}; "
+                             "DiffSeg uses 300")
+        if self.diffseg_kl_threshold <= 0:
+            raise ValueError(f"diffseg_kl_threshold must be > 0 (a KL distance), got {self.diffseg_kl_threshold}; "
+                             "DiffSeg uses 1.1 (COCO-Stuff) or 0.9 (Cityscapes)")
+        if self.diffseg_iterations < 1:
+            raise ValueError(f"diffseg_iterations must be >= 1, got {self.diffseg_iterations}; DiffSeg uses 3")
+        if self.diffseg_anchors < 1:
+            raise ValueError(f"diffseg_anchors must be >= 1 (anchors per side), got {self.diffseg_anchors}; "
+                             "DiffSeg uses 16")
 
     def check_for_segmentation(self) -> None:
         """:meth:`check_values` plus what a segmentation needs: a non-zero lambda.
@@ -188,6 +222,12 @@ class EmerDiffConfig:
                     f"{what}={t} is not on the {self.num_inference_steps}-step schedule; "
                     f"nearest valid timesteps: {sorted(nearest)}"
                 )
+        if self.lowres == "diffseg":
+            from .diffseg import self_attention_layers
+
+            if not self_attention_layers(model.unet):
+                raise ValueError("lowres='diffseg' needs self-attention layers and this UNet has none; "
+                                 "use lowres='kmeans'")
         latent = self.resolution // model.vae_scale_factor
         h, w = feature_resolution(model.unet, self.query_layer, latent)
         if self.num_clusters > h * w:

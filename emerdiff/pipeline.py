@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .assign import assign_labels, bilinear_upsample, check_difference_maps, locality, nearest_upsample
 from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
+from .diffseg import DiffSegResult, run_diffseg
 from .images import ImageInput, load_image, resize_labels, to_model_input
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features, segments_from_labels
@@ -60,6 +61,8 @@ class Segmentation:
     model: str
     difference_maps: np.ndarray | None = None
     images: np.ndarray | None = None  # (2K', 3, R, R) I+ / I- in [0, 1], if requested
+    # other methods' (H, W) labels in the same mask ids, e.g. "diffseg" (DiffSeg alone) when lowres="diffseg"
+    extra_labels: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_segments(self) -> int:
@@ -70,6 +73,7 @@ class Segmentation:
         import json
 
         arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
+        arrays.update({f"extra_{k}_labels": v for k, v in self.extra_labels.items()})
         meta = dict(image_size=self.image_size, timings=self.timings, unet_calls=self.unet_calls,
                     unet_samples=self.unet_samples, config=self.config, model=self.model)
         np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
@@ -86,6 +90,7 @@ class PreparedImage:
     grid: tuple[int, int]
     timings: dict[str, float] = field(default_factory=dict)
     counter: CallCounter = field(default_factory=CallCounter)
+    diffseg: DiffSegResult | None = None  # DiffSeg's own segments when lowres="diffseg"
 
     @property
     def image_size(self) -> tuple[int, int]:
@@ -195,10 +200,15 @@ class EmerDiff:
                 else:
                     queries = queries[0]
         grid = self.query_grid()
+        diffseg = None
+        if cfg.lowres == "diffseg" and lowres_labels is None:  # DiffSeg's map, refined like external labels
+            with clock("diffseg"):
+                diffseg = run_diffseg(self.model, x0, cfg, counter)
+            lowres_labels = diffseg.labels
         with clock("kmeans"):
             segments = (cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
                         if lowres_labels is None else segments_from_labels(lowres_labels, queries, grid))
-        return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter)
+        return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter, diffseg)
 
     def extract_queries(
         self,
@@ -333,6 +343,8 @@ class EmerDiff:
             model=self.model.source,
             difference_maps=maps.cpu().numpy() if return_difference_maps else None,
             images=(((images + 1) / 2).clamp(0, 1).cpu().numpy() if images is not None else None),
+            extra_labels={} if prepared.diffseg is None else
+            {"diffseg": prepared.diffseg.pixel_labels(size, cfg.resolution, segs.labels)},
         )
 
     def refine(self, image: ImageInput, lowres_labels: np.ndarray, **kwargs: Any) -> Segmentation:
