@@ -1,7 +1,7 @@
 """Shared pieces of the benchmark scripts: models, memory probes, the measured runs.
 
 Everything here is built from emerdiff's public pieces (``EmerDiff.prepare`` /
-``perturb``, ``modulated_latents``, ``difference_maps``, ``assign_labels``),
+``modulate`` / ``perturb``, ``difference_maps``, ``assign_labels``),
 so what is timed is the package's own code path, not a re-implementation.
 
 Two runners produce a :class:`Run` each:
@@ -13,7 +13,7 @@ Two runners produce a :class:`Run` each:
   inversion at all: x_t are sampled and one feature call remains), difference
   maps decoded ``decode_batch`` at a time.
 * :func:`run_per_mask_loop` -- what a straightforward implementation does:
-  for every mask one ``modulated_latents`` call with ``max_batch=3`` (the
+  for every mask one ``EmerDiff.modulate`` call with ``max_batch=3`` (the
   reference recomputed alongside +lambda and -lambda, so attention injection
   still works), then one VAE decode of that mask's two images. Its
   preparation is either the same as ours (``prepare="shared"``, which isolates
@@ -39,7 +39,7 @@ from emerdiff import EmerDiffConfig
 from emerdiff.assign import assign_labels
 from emerdiff.images import resize_labels
 from emerdiff.models import SDModel, load_pipeline, resolve_device, resolve_dtype
-from emerdiff.modulation import difference_maps, modulated_latents
+from emerdiff.modulation import difference_maps
 from emerdiff.pipeline import EmerDiff, StageClock
 
 RANDOM_MODELS = {"sd15-random": "sd15", "sd21-random": "sd21-base"}
@@ -192,12 +192,7 @@ def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa") -> Run:
             maps, _ = pipe.perturb(prepared, counter=counter, clock=clock)  # type: ignore[arg-type]
         elif attention == "explicit":
             with clock.stage("modulation"):
-                latents, _ = modulated_latents(
-                    pipe.model, prepared.inversion, prepared.masks(), prepared.grid,
-                    layer=cfg.modulation_layer, t_modulation=cfg.modulation_timestep,
-                    strength=cfg.modulation_strength, share_attention=cfg.attention_injection,
-                    max_batch=cfg.max_batch, readout_steps=cfg.readout_steps,
-                    explicit_probabilities=True, counter=counter)
+                latents, _ = pipe.modulate(prepared, explicit_probabilities=True, counter=counter)
             with clock.stage("decode"):
                 maps, _ = difference_maps(pipe.model, latents, cfg.decode_batch)
         else:
@@ -220,7 +215,7 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
     "shared" -- our preparation, ``pipe.prepare`` (inversion t <= t_m with the
     features from its t_f call; with ``readout_steps``: no inversion, one
     feature call), so the ratio shows the batching alone.
-    The modulated stage calls ``modulated_latents`` once per mask with
+    The modulated stage calls ``EmerDiff.modulate`` once per mask with
     ``max_batch=3`` (the reference is recomputed alongside every pair, which is
     what attention injection needs when masks are processed one by one), and
     decodes that mask's two images as one batch of 2.
@@ -247,11 +242,8 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
         maps = []
         for i in range(masks.shape[0]):
             with clock.stage("modulation"):
-                latents, _ = modulated_latents(
-                    pipe.model, prepared.inversion, masks[i:i + 1], prepared.grid,
-                    layer=cfg.modulation_layer, t_modulation=cfg.modulation_timestep,
-                    strength=cfg.modulation_strength, share_attention=cfg.attention_injection,
-                    max_batch=3, readout_steps=cfg.readout_steps, counter=counter)
+                # max_batch=3: the reference is recomputed alongside every +/- pair
+                latents, _ = pipe.modulate(prepared, [i], max_batch=3, counter=counter)
             with clock.stage("decode"):
                 maps.append(difference_maps(pipe.model, latents, decode_batch=2)[0])
         labels = _assign(pipe, torch.cat(maps), prepared.image_size, clock)

@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from .assign import assign_labels, locality, nearest_upsample
 from .images import resize_labels
-from .modulation import difference_maps, modulated_latents
+from .modulation import difference_maps
 from .pipeline import EmerDiff, PreparedImage
 from .probes import ProbeImage, hungarian_miou
 
@@ -53,12 +53,9 @@ def locality_by_stage(ed: EmerDiff, prepared: PreparedImage, timestep: int | Non
     t_m = cfg.modulation_timestep if timestep is None else timestep
     masks = prepared.masks()
     grid = prepared.grid
-    common = dict(layer=cfg.modulation_layer, t_modulation=t_m, strength=cfg.modulation_strength,
-                  share_attention=cfg.attention_injection, max_batch=cfg.max_batch)
     # readout_steps=1: the x_0 prediction of the modulated call itself, before any later step
-    first, _ = modulated_latents(ed.model, prepared.inversion, masks, grid, readout_steps=1, **common)
-    final, ref = modulated_latents(ed.model, prepared.inversion, masks, grid,
-                                   readout_steps=cfg.readout_steps, **common)
+    first, _ = ed.modulate(prepared, modulation_timestep=t_m, readout_steps=1)
+    final, ref = ed.modulate(prepared, modulation_timestep=t_m)
     decoded, _ = difference_maps(ed.model, final, cfg.decode_batch)
     # the decoder alone: the same latent change, but cut to the mask, around the reference latent
     k = masks.shape[0]

@@ -194,7 +194,8 @@ class Inspector:
         self.calls["perturb"] += 1
         self._set_busy(f"computing {2 * self.num_segments} modulated runs...")  # short: one line, no reflow
         try:
-            pert = perturb_images(self.ed, self.prepared, strength=lam, layer=layer, timestep=t)
+            pert = perturb_images(self.ed, self.prepared, modulation_strength=lam, modulation_layer=layer,
+                                  modulation_timestep=t)
             labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma).numpy()
         finally:
             self._set_busy(None)

@@ -9,7 +9,7 @@ batched modulated denoising -> difference maps -> full-resolution labels.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,20 @@ class PreparedImage:
     def masks(self, device: torch.device | None = None) -> torch.Tensor:
         return torch.from_numpy(self.segments.masks()).to(device or self.x0.device)
 
+    def check_start(self, timestep: int, readout_steps: int | None) -> None:
+        """Raise unless the modulated denoising can start at ``timestep`` from this preparation.
+
+        The full-schedule readout replays the stored noise maps, so it needs ``timestep``
+        inverted; the reduced readout (``readout_steps`` set) is deterministic from x_t,
+        which exists for every schedule timestep.
+        """
+        inv = self.inversion
+        if timestep not in inv.noisy:
+            raise ValueError(f"timestep {timestep} is not on the schedule {sorted(inv.noisy, reverse=True)}")
+        if readout_steps is None and timestep not in inv.noise_maps:
+            raise ValueError(f"timestep {timestep} was not inverted (this image was prepared up to "
+                             f"t={inv.t_stop}); call prepare(image, t_stop={timestep}) or set readout_steps")
+
 
 class StageClock:
     """Accumulating per-stage wall clock (``with clock("stage"):``); synchronises CUDA at both ends."""
@@ -122,6 +136,11 @@ class StageClock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         self.timings[self.current] = self.timings.get(self.current, 0.0) + time.perf_counter() - self.t0
+
+
+# Config fields Step C may override per call (probes, inspector, diagnosis); the others fix the preparation.
+MODULATION_FIELDS = ("modulation_layer", "modulation_timestep", "modulation_strength", "attention_injection",
+                     "readout_steps", "max_batch", "decode_batch")
 
 
 class EmerDiff:
@@ -239,50 +258,97 @@ class EmerDiff:
             unet_forward(self.model, torch.cat(xs), timestep, counter, "features")
         return {name: controller.captured[name].float().mean(0) for name in layers}
 
+    def modulation_config(self, **overrides: Any) -> EmerDiffConfig:
+        """The config with Step C overrides applied and checked against the model.
+
+        Only the fields of :data:`MODULATION_FIELDS` may change here: everything
+        else (resolution, clustering, the schedule) is fixed by :meth:`prepare`.
+        """
+        if not overrides:
+            return self.config
+        bad = sorted(set(overrides) - set(MODULATION_FIELDS))
+        if bad:
+            raise ValueError(f"cannot override {bad} at modulation time; allowed: {list(MODULATION_FIELDS)} "
+                             "(other fields need a new EmerDiff and a new prepare)")
+        cfg = self.config.replace(**overrides)
+        cfg.validate(self.model)
+        return cfg
+
+    def modulate(
+        self,
+        prepared: PreparedImage,
+        mask_ids: Sequence[int] | None = None,
+        *,
+        masks: torch.Tensor | None = None,
+        explicit_probabilities: bool = False,
+        counter: CallCounter | None = None,
+        progress: Any = None,
+        **overrides: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step C, the one entry point: final latents of every (mask, +/-lambda) run and the reference.
+
+        Args:
+            prepared: from :meth:`prepare`.
+            mask_ids: which of the prepared segments to perturb (default all); or
+            masks: (K, h*w) float masks on ``prepared.grid`` given directly.
+            explicit_probabilities: compute attention with explicit softmax (benchmarks).
+            overrides: any of :data:`MODULATION_FIELDS` (e.g. ``modulation_strength=-10``,
+                ``readout_steps=1``, or ``readout_steps=None`` for the full schedule).
+        Returns:
+            (latents (2K, C, h, w) ordered +M_0, -M_0, +M_1, ..., reference latent (1, C, h, w)).
+        """
+        cfg = self.modulation_config(**overrides)
+        prepared.check_start(cfg.modulation_timestep, cfg.readout_steps)
+        if masks is None:
+            masks = prepared.masks()
+            if mask_ids is not None:
+                masks = masks[list(mask_ids)]
+        elif mask_ids is not None:
+            raise ValueError("give mask_ids or masks, not both")
+        return modulated_latents(
+            self.model, prepared.inversion, masks, prepared.grid, layer=cfg.modulation_layer,
+            t_modulation=cfg.modulation_timestep, strength=cfg.modulation_strength,
+            share_attention=cfg.attention_injection, max_batch=cfg.max_batch, readout_steps=cfg.readout_steps,
+            explicit_probabilities=explicit_probabilities, counter=counter, progress=progress,
+        )
+
+    def unet_calls_after(self, timestep: int | None = None, readout_steps: int | None = None) -> int:
+        """UNet steps of one modulated run from ``timestep`` (default t_m) down to x_0."""
+        cfg = self.config
+        t_m = cfg.modulation_timestep if timestep is None else timestep
+        steps = len([t for t in self.schedule.timesteps if t <= t_m])
+        n = cfg.readout_steps if readout_steps is None else readout_steps
+        return steps if n is None else min(steps, n)
+
     def perturb(
         self,
         prepared: PreparedImage,
-        mask_ids: list[int] | None = None,
+        mask_ids: Sequence[int] | None = None,
         *,
-        strength: float | None = None,
-        layer: str | None = None,
-        timestep: int | None = None,
         keep_images: bool = False,
         counter: CallCounter | None = None,
         clock: StageClock | None = None,
         progress: bool = False,
+        **overrides: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Difference maps (len(mask_ids), R, R) for the chosen masks (default all).
 
-        Overrides of strength / layer / timestep are for probes and the inspector;
-        the timestep must have been inverted (``prepare(t_stop=...)``).
+        ``overrides`` are :meth:`modulate`'s (e.g. ``modulation_layer=...`` for probes and
+        the inspector); a timestep other than the prepared one needs ``prepare(t_stop=...)``.
+        Returns (maps, the decoded I+/I- images in [-1, 1] if ``keep_images``).
         """
-        cfg = self.config
-        t_m = cfg.modulation_timestep if timestep is None else timestep
-        layer = layer or cfg.modulation_layer
-        inverted = t_m in prepared.inversion.noise_maps
-        if not inverted and (cfg.readout_steps is None or t_m not in prepared.inversion.noisy):
-            raise ValueError(f"timestep {t_m} was not inverted; call prepare(image, t_stop={t_m})")
-        masks = prepared.masks()
-        if mask_ids is not None:
-            masks = masks[list(mask_ids)]
+        cfg = self.modulation_config(**overrides)
         counter = counter or CallCounter()
         clock = clock or StageClock(self.model.device)
-        steps = len([t for t in self.schedule.timesteps if t <= t_m])
-        if cfg.readout_steps is not None:
-            steps = min(steps, cfg.readout_steps)
-        calls = expected_unet_calls(masks.shape[0], steps, cfg.max_batch)
+        k = prepared.segments.num_segments if mask_ids is None else len(list(mask_ids))
+        calls = expected_unet_calls(k, self.unet_calls_after(cfg.modulation_timestep, cfg.readout_steps),
+                                    cfg.max_batch)
         # one tick per batched UNet call, then one per decoded image (I+ and I- of every mask)
-        decodes = 2 * masks.shape[0]
+        decodes = 2 * k
         bar = tqdm(total=calls + decodes, desc=f"modulation ({calls} UNet calls + {decodes} decodes)",
                    disable=not progress, leave=False)
         with clock("modulation"):
-            latents, _ = modulated_latents(
-                self.model, prepared.inversion, masks, prepared.grid, layer=layer, t_modulation=t_m,
-                strength=cfg.modulation_strength if strength is None else strength,
-                share_attention=cfg.attention_injection, max_batch=cfg.max_batch,
-                readout_steps=cfg.readout_steps, counter=counter, progress=bar,
-            )
+            latents, _ = self.modulate(prepared, mask_ids, counter=counter, progress=bar, **overrides)
         with clock("decode"):
             maps, images = difference_maps(self.model, latents, cfg.decode_batch, keep_images, progress=bar)
         bar.close()

@@ -49,7 +49,7 @@ from .evaluate import confusion_matrix, hungarian_match, miou, remap_confusion
 from .images import load_image, resize_labels
 from .lowres import cluster_features
 from .models import feature_resolution, layer_table
-from .modulation import decode, modulated_latents
+from .modulation import decode
 from .pipeline import EmerDiff, PreparedImage
 
 # Energy per pixel below which a set of difference maps counts as "nothing changed".
@@ -221,7 +221,11 @@ def readout(ed: EmerDiff, prepared: PreparedImage, maps: torch.Tensor, item: Pro
     return out
 
 
-def _prep(ed: EmerDiff, item: ProbeImage, t_stop: int | None = None) -> PreparedImage:
+def _prep(ed: EmerDiff, item: ProbeImage, t_stop: int | None = None, invert: bool = False) -> PreparedImage:
+    """Prepare one probe image; ``invert`` forces the inversion (full-schedule readouts) even when the
+    config's ``readout_steps`` would skip it (the x_t and the Step A features are the same either way)."""
+    if invert and ed.config.readout_steps is not None:
+        ed = with_config(ed, readout_steps=None)
     return ed.prepare(item.image, t_stop=t_stop)
 
 
@@ -315,7 +319,7 @@ def modulation_layer_probe(
             prepared = _prep(eds, item)
             for name in layers:
                 t0 = time.perf_counter()
-                maps, _ = eds.perturb(prepared, layer=name)
+                maps, _ = eds.perturb(prepared, modulation_layer=name)
                 r = readout(eds, prepared, maps, item)
                 r.pop("labels")
                 rows.append(dict(image=item.name, seed=seed, layer=name, short=short_layer(name),
@@ -381,7 +385,7 @@ def modulation_timestep_sweep(
             eds = with_config(ed, seed=seed)
             prepared = _prep(eds, item, t_stop=max(timesteps))
             for t in timesteps:
-                maps, _ = eds.perturb(prepared, timestep=t)
+                maps, _ = eds.perturb(prepared, modulation_timestep=t)
                 r = readout(eds, prepared, maps, item)
                 r.pop("labels")
                 steps = len([s for s in eds.schedule.timesteps if s <= t])
@@ -405,11 +409,11 @@ def readout_steps_sweep(
     for item in items:
         for seed in seeds:
             eds = with_config(ed, seed=seed)
-            prepared = _prep(eds, item)
+            # the full-schedule readout replays the inversion's noise maps, so invert when it is swept
+            prepared = _prep(eds, item, invert=None in steps)
             for n in steps:
-                edn = with_config(eds, readout_steps=n)
-                maps, _ = edn.perturb(prepared)
-                r = readout(edn, prepared, maps, item)
+                maps, _ = eds.perturb(prepared, readout_steps=n)
+                r = readout(eds, prepared, maps, item)
                 r.pop("labels")
                 rows.append(dict(image=item.name, seed=seed, readout_steps=full if n is None else min(int(n), full),
                                  mode="stored noise (full)" if n is None else "DDIM", **r))
@@ -444,27 +448,16 @@ class Perturbation:
 def perturb_images(
     ed: EmerDiff,
     prepared: PreparedImage,
-    *,
-    strength: float | None = None,
-    layer: str | None = None,
-    timestep: int | None = None,
     mask_ids: Sequence[int] | None = None,
+    **overrides: Any,
 ) -> Perturbation:
-    """Like :meth:`EmerDiff.perturb` but keeps I+, I- and the unmodulated reference of the same batch."""
-    cfg = ed.config
-    t_m = cfg.modulation_timestep if timestep is None else timestep
-    if t_m not in prepared.inversion.noise_maps:
-        raise ValueError(f"timestep {t_m} was not inverted; call prepare(image, t_stop={t_m})")
-    masks = prepared.masks()
-    if mask_ids is not None:
-        masks = masks[list(mask_ids)]
-    lat, ref = modulated_latents(
-        ed.model, prepared.inversion, masks, prepared.grid, layer=layer or cfg.modulation_layer,
-        t_modulation=t_m, strength=cfg.modulation_strength if strength is None else strength,
-        share_attention=cfg.attention_injection, max_batch=cfg.max_batch, readout_steps=cfg.readout_steps,
-    )
+    """Like :meth:`EmerDiff.perturb` but keeps I+, I- and the unmodulated reference of the same batch.
+
+    ``overrides``: :meth:`EmerDiff.modulate`'s (``modulation_strength=...``, ``readout_steps=...``).
+    """
+    lat, ref = ed.modulate(prepared, mask_ids, **overrides)
     imgs = []
-    step = max(1, cfg.decode_batch)
+    step = max(1, ed.modulation_config(**overrides).decode_batch)
     allx = torch.cat([ref, lat])
     for s in range(0, allx.shape[0], step):
         imgs.append(((decode(ed.model, allx[s:s + step]).float() + 1) / 2).cpu())
@@ -494,7 +487,7 @@ def lambda_sweep(
             eds = with_config(ed, seed=seed)
             prepared = _prep(eds, item)
             for mag in mags:
-                pert = perturb_images(eds, prepared, strength=mag)
+                pert = perturb_images(eds, prepared, modulation_strength=mag)
                 for lam in [float(s) for s in strengths if abs(float(s)) == mag]:
                     side = pert.plus if lam >= 0 else pert.minus
                     r = readout(eds, prepared, pert.difference("plus" if lam >= 0 else "minus"), item)
@@ -563,7 +556,8 @@ def difference_map_grid(
     for layer in layers:
         for t in timesteps:
             for lam in strengths:
-                maps, _ = ed.perturb(prepared, [mask_id], strength=lam, layer=layer, timestep=t)
+                maps, _ = ed.perturb(prepared, [mask_id], modulation_strength=lam, modulation_layer=layer,
+                                     modulation_timestep=t)
                 out[(layer, int(t), float(lam))] = maps[0].float().cpu().numpy()
     return out
 

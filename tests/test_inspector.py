@@ -171,3 +171,14 @@ def test_lambda_zero_is_explained_in_place(inspector):
     ins.lambda_slider.value = 10.0
     assert ins.axes["plus"].get_title() == "I+ (c = +10)" and ins.axes["minus"].get_title() == "I- (c = -10)"
     assert "perturbs nothing" not in ins.status.value
+
+
+def test_inspector_with_readout_steps(tiny_model, fast_config, photo, one_thread):
+    """The reduced readout runs no inversion; the inspector must still move t_m freely."""
+    ed = EmerDiff(tiny_model, fast_config.replace(readout_steps=2))
+    ins = Inspector(ed, {"photo": photo}, timesteps=[401, 201])
+    first = snapshot(ins)
+    ins.timestep_slider.value = 401
+    moved = snapshot(ins)
+    assert ins.prepared.inversion.noise_maps == {}  # nothing was inverted
+    assert any(not np.array_equal(first[k], moved[k]) for k in first)

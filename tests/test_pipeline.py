@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emerdiff import EmerDiff, EmerDiffConfig, Segmentation
-from emerdiff.modulation import CallCounter, difference_maps, expected_unet_calls, modulated_latents
+from emerdiff.modulation import CallCounter, difference_maps, expected_unet_calls
 
 
 @pytest.fixture
@@ -17,21 +17,17 @@ def prepared(tiny_model, fast_config, photo):
 
 
 def _run(seg, prep, masks, **kw):
-    cfg = seg.config
-    args = dict(layer=cfg.modulation_layer, t_modulation=cfg.modulation_timestep,
-                strength=cfg.modulation_strength, share_attention=True, max_batch=cfg.max_batch)
-    args.update(kw)
-    return modulated_latents(seg.model, prep.inversion, masks, prep.grid, **args)
+    return seg.modulate(prep, masks=masks, **kw)
 
 
 @pytest.mark.parametrize("share", [True, False])
 def test_batched_equals_per_mask_loop(prepared, share):
     seg, prep = prepared
     masks = prep.masks()
-    loop = torch.cat([_run(seg, prep, masks[i:i + 1], max_batch=3, share_attention=share)[0]
+    loop = torch.cat([_run(seg, prep, masks[i:i + 1], max_batch=3, attention_injection=share)[0]
                       for i in range(masks.shape[0])])
     for max_batch in ((2, 16) if share else (5,)):  # chunking with and without a ragged last chunk
-        batched, _ = _run(seg, prep, masks, max_batch=max_batch, share_attention=share)
+        batched, _ = _run(seg, prep, masks, max_batch=max_batch, attention_injection=share)
         assert batched.shape == loop.shape
         assert torch.allclose(batched, loop, atol=1e-4), max_batch
 
@@ -46,7 +42,7 @@ def test_shared_sdpa_equals_explicit_path_end_to_end(prepared):
 
 def test_lambda_zero_gives_zero_maps_and_exact_replay(prepared):
     seg, prep = prepared
-    latents, reference = _run(seg, prep, prep.masks(), strength=0.0)
+    latents, reference = _run(seg, prep, prep.masks(), modulation_strength=0.0)
     assert (reference - prep.inversion.x0).abs().max() < 1e-4  # unmodulated replay is the image latent
     maps, _ = difference_maps(seg.model, latents)
     assert float(maps.abs().max()) < 1e-4  # float noise of batched kernels; pixels span [-1, 1]
@@ -263,3 +259,33 @@ def test_project_labels_majority_and_errors():
         project_labels(np.zeros((2, 2, 3)), (2, 2))
     with pytest.raises(ValueError, match="integers"):
         project_labels(np.full((4, 4), 0.5), (2, 2))
+
+
+# --------------------------------------------------------------------------- modulate
+def test_modulate_is_the_one_step_c_entry_point(prepared):
+    """Overrides are config fields, checked; perturb's maps come from modulate's latents."""
+    seg, prep = prepared
+    latents, reference = seg.modulate(prep, [0, 2])
+    assert latents.shape[0] == 4 and reference.shape[0] == 1
+    maps, _ = seg.perturb(prep, [0, 2])
+    torch.testing.assert_close(maps, difference_maps(seg.model, latents, 8)[0])
+    flipped, _ = seg.modulate(prep, [0], modulation_strength=-seg.config.modulation_strength)
+    torch.testing.assert_close(flipped[0], latents[1], atol=1e-5, rtol=1e-4)  # +(-l) is -(+l)
+    with pytest.raises(ValueError, match="cannot override.*num_clusters"):
+        seg.modulate(prep, num_clusters=3)
+    with pytest.raises(ValueError, match="unknown modulation_layer"):
+        seg.modulate(prep, modulation_layer="nope")
+    with pytest.raises(ValueError, match="mask_ids or masks"):
+        seg.modulate(prep, [0], masks=prep.masks()[:1])
+
+
+def test_start_timestep_check(tiny_model, fast_config, photo):
+    """Full readout needs the timestep inverted; the reduced readout can start anywhere."""
+    seg = EmerDiff(tiny_model, fast_config)
+    prep = seg.prepare(photo)  # inverted up to t_m = 201
+    with pytest.raises(ValueError, match=r"timestep 401 was not inverted.*t_stop=401.*readout_steps"):
+        seg.modulate(prep, [0], modulation_timestep=401)
+    latents, _ = seg.modulate(prep, [0], modulation_timestep=401, readout_steps=2)
+    assert torch.isfinite(latents).all()
+    with pytest.raises(ValueError, match="not on the"):
+        prep.check_start(400, 2)

@@ -177,3 +177,26 @@ def test_scene_probe_images_follow_the_reference_world_unless_named():
     assert np.array_equal(textured.image, make_scene(seed, 128).image)
     assert np.array_equal(default.image, make_scene(seed, 128, world=model_world("reference")).image)
     assert flat.name == "scene_3_flat" and default.name == "scene_3"
+
+
+# ------------------------------------------------------------------ readout_steps everywhere
+def test_every_sweep_works_with_readout_steps_set(tiny_model, fast_config, items):
+    """With the reduced readout, prepare skips the inversion; every sweep must still run, and the
+    full-schedule rows of readout_steps_sweep must equal those of a config without readout_steps."""
+    voc = items[0]
+    ed = EmerDiff(tiny_model, fast_config.replace(readout_steps=2))
+    layer = ed.config.modulation_layer
+    assert [r["layer"] for r in probes.modulation_layer_probe(ed, [voc], layers=[layer])] == [layer]
+    rows = probes.lambda_sweep(ed, [voc], strengths=(-5.0, 5.0))
+    assert all(r["energy"] > 0 for r in rows)
+    rows = probes.modulation_timestep_sweep(ed, [voc], timesteps=[401, 201])
+    assert [r["modulation_timestep"] for r in rows] == [401, 201] and all(r["energy"] > 0 for r in rows)
+    assert [r["K"] for r in probes.k_sweep(ed, [voc], ks=(2, 3))] == [2, 3]
+    got = probes.readout_steps_sweep(ed, [voc], steps=(1, None))
+    want = probes.readout_steps_sweep(EmerDiff(tiny_model, fast_config), [voc], steps=(1, None))
+    for g, w in zip(got, want):
+        assert g["readout_steps"] == w["readout_steps"]
+        assert g["miou"] == pytest.approx(w["miou"]) and g["locality"] == pytest.approx(w["locality"], abs=1e-5)
+    prepared = ed.prepare(voc.image, t_stop=401)
+    grid = probes.difference_map_grid(ed, prepared, 0, [layer], [401, 201], [10.0])
+    assert all(m.shape == (128, 128) and m.max() > 0 for m in grid.values())
