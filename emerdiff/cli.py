@@ -401,9 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a notebook parameter (JSON value), repeatable (default: none)")
     p.set_defaults(func=cmd_figures)
 
+    from .evaluation_run import add_compare_parser
     from .evaluation_run import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
+    add_compare_parser(sub)
     return parser
 
 

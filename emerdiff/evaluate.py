@@ -1,4 +1,4 @@
-"""Segmentation metrics and the two evaluation protocols of EmerDiff (docs/METHOD.md).
+"""Segmentation metrics and the evaluation protocols (docs/METHOD.md, "Evaluation protocols").
 
 Conventions
 - A confusion matrix has ground-truth classes on rows and predictions on
@@ -11,21 +11,39 @@ Conventions
   from both ground truth and prediction has IoU NaN and is left out of the
   mean, as in the usual benchmarks.
 
-Protocols
-Every image contributes K' low-resolution masks; the three per-pixel label
-maps (EmerDiff, nearest and bilinear upsampling) use the same mask ids, so a
-mask -> class assignment applies to all three. Per image we only need the
-joint histogram ``counts[m, c]`` (pixels of mask m with GT class c) of each
-label map: the dataset confusion of any assignment is a sum of those.
+Records
+Every image contributes an :class:`ImageRecord`: per method (EmerDiff,
+nearest and bilinear upsampling, and any other method a record holds) the
+joint histogram ``counts[m, c]`` (pixels of mask m with GT class c, at GT
+resolution) of that method's per-pixel mask-id map, plus the masks'
+embeddings. EmerDiff and the two upsamplings label pixels with the same K'
+low-resolution masks, so they share one embedding array; a method with masks
+of its own (e.g. DiffSeg's) carries its own (``ImageRecord.method_embeddings``).
+Every protocol below is a function of these records, so all of them are
+computed from one cached run without segmenting again.
 
-- :func:`hungarian_protocol` (traditional unsupervised protocol): the mask
-  embeddings of *all* images are clustered with k-means into as many clusters
-  as classes; each method's dataset-level (class x cluster) confusion is
-  matched one-to-one with :func:`hungarian_match`; mIoU.
-- :func:`concept_protocol` (the paper's modified protocol): one concept
-  embedding per GT class, the mean low-res feature over the class's
-  downsampled pixels accumulated over the dataset; each mask takes the class
-  of the most cosine-similar concept; mIoU without Hungarian matching.
+Protocols (names as in results files and ``--protocol``)
+- ``per_image_hungarian`` (as DiffSeg and DiffCut report): each image's masks
+  are matched one-to-one to the GT classes present in that image
+  (:func:`hungarian_match` on the image's own confusion); unmatched masks
+  predict no class; the matched confusions are pooled over the dataset; mIoU.
+- ``dataset_hungarian`` (the traditional unsupervised protocol EmerDiff
+  reports): the mask embeddings of *all* images are clustered with k-means into
+  as many clusters as classes; each method's dataset-level (class x cluster)
+  confusion is matched one-to-one; mIoU.
+- ``concept`` (the paper's modified protocol): one concept embedding per GT
+  class; each mask takes the class of the most cosine-similar concept; mIoU
+  without matching. The concept of class c is the paper's: the mean, over
+  the dataset's pixels of class c, of the embedding of the mask each pixel
+  belongs to (:func:`mask_concept_embeddings`), so it depends on the method's
+  label map.
+- ``concept_token_mean`` (our earlier variant, kept for continuity): the same
+  protocol with the concept = mean low-resolution token feature over the
+  class's GT downsampled to the token grid (:func:`concept_embeddings`), the
+  same for every method.
+
+:func:`bootstrap_protocols` adds a paired percentile bootstrap over images to
+every protocol's mIoU and to the differences between methods.
 """
 
 from __future__ import annotations
@@ -44,8 +62,9 @@ METHOD_FIELDS: dict[str, str] = {
     "nearest": "nearest_labels",
     "bilinear": "bilinear_labels",
 }
-PROTOCOLS: tuple[str, ...] = ("hungarian", "concept")
-
+PROTOCOLS: tuple[str, ...] = ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean")
+# concept-embedding variant -> its protocol name ("mask_mean" is the paper's and the default)
+CONCEPT_VARIANTS: dict[str, str] = {"mask_mean": "concept", "token_mean": "concept_token_mean"}
 
 # --------------------------------------------------------------------------- metrics
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int,
@@ -187,20 +206,25 @@ def resize_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return labels[rows[:, None], cols[None, :]]
 
 
+
 @dataclass
 class ImageRecord:
     """What the protocols need from one segmented image.
 
     Attributes:
         image_id: identifier.
-        counts: method -> ``(K', C)`` joint histogram of mask ids and GT classes.
-        mask_embeddings: ``(K', D)`` embedding of each low-res mask.
+        counts: method -> ``(K_m, C)`` joint histogram of the method's mask ids
+            (at GT resolution) and GT classes.
+        mask_embeddings: ``(K', D)`` embedding of each low-res mask (shared by
+            every method without an entry in ``method_embeddings``).
         query_features: ``(h*w, D)`` low-res features (Step A queries).
         lowres_labels: ``(h, w)`` low-res mask ids.
         lowres_gt: ``(h, w)`` GT downsampled to the feature grid (nearest, at
             token centres), ``ignore_index`` where void.
         locality: optional ``(K',)`` share of difference energy inside each mask.
         meta: free-form (segmentation config, model name).
+        method_embeddings: method -> ``(K_m, D)`` embeddings of a method whose
+            masks are its own (not the K' low-res masks), e.g. DiffSeg's.
     """
 
     image_id: str
@@ -211,10 +235,21 @@ class ImageRecord:
     lowres_gt: np.ndarray
     locality: np.ndarray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    method_embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def num_masks(self) -> int:
+        """Number of shared low-res masks K'."""
         return int(self.mask_embeddings.shape[0])
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The methods this record holds, in stored order."""
+        return tuple(self.counts)
+
+    def embeddings(self, method: str) -> np.ndarray:
+        """``(K_m, D)`` embeddings of the masks whose ids ``method``'s label map uses."""
+        return self.method_embeddings.get(method, self.mask_embeddings)
 
 
 def segmentation_field(seg: Any, name: str) -> Any:
@@ -222,14 +257,38 @@ def segmentation_field(seg: Any, name: str) -> Any:
     return seg.get(name) if isinstance(seg, Mapping) else getattr(seg, name, None)
 
 
+def extra_method_items(seg: Any, extra_methods: Mapping[str, Mapping[str, Any]] | None = None,
+                       ) -> dict[str, Mapping[str, Any]]:
+    """Methods of ``seg`` beyond :data:`METHOD_FIELDS`: its ``extra_labels`` (shared mask ids)
+    and ``extra_methods`` (or the given ``extra_methods``), name -> ``{"labels", "mask_embeddings"?}``."""
+    items: dict[str, Mapping[str, Any]] = {
+        name: {"labels": labels} for name, labels in (segmentation_field(seg, "extra_labels") or {}).items()}
+    more = segmentation_field(seg, "extra_methods") if extra_methods is None else extra_methods
+    for name, item in (more or {}).items():
+        if name in items:
+            raise ValueError(f"method {name!r} is both in extra_labels and extra_methods; keep one")
+        items[name] = item
+    return items
+
+
 def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
-                 ignore_index: int = 255, methods: Sequence[str] = METHODS) -> ImageRecord:
+                 ignore_index: int = 255, methods: Sequence[str] = METHODS,
+                 extra_methods: Mapping[str, Mapping[str, Any]] | None = None) -> ImageRecord:
     """An :class:`ImageRecord` from a segmentation (object or mapping) and its GT map.
 
     ``seg`` needs ``labels``, ``nearest_labels``, ``bilinear_labels`` (mask
     ids, any size: resized to the GT with nearest if different),
     ``lowres_labels``, ``mask_embeddings``, ``query_features`` and optionally
     ``locality``, ``config``, ``model``.
+
+    Further methods are scored too: ``seg``'s ``extra_labels`` (name -> mask-id
+    map in the shared low-res mask ids, as ``Segmentation.extra_labels``) and
+    ``extra_methods`` (default: ``seg``'s field of that name) name ->
+    ``{"labels": mask ids, "mask_embeddings": (K_m, D) or absent}``. Without ``mask_embeddings`` the
+    ids must be the shared low-res masks (e.g. a refinement of them); with it
+    they are the method's own masks (e.g. DiffSeg's segments), embedded like
+    the shared ones (mean query feature inside each mask, so that every
+    protocol, token-mean concepts included, compares like with like).
     """
     gt = np.asarray(gt)
     emb = np.asarray(segmentation_field(seg, "mask_embeddings"), dtype=np.float32)
@@ -244,6 +303,19 @@ def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
         if ids is None:
             raise ValueError(f"segmentation lacks {METHOD_FIELDS[m]!r} needed for method {m!r}")
         counts[m] = mask_class_counts(ids, gt, k, num_classes, ignore_index)
+    own: dict[str, np.ndarray] = {}
+    for name, item in extra_method_items(seg, extra_methods).items():
+        if name in counts or "-" in name:
+            raise ValueError(f"extra method name {name!r} is taken or contains '-' (reserved for differences "
+                             "such as 'emerdiff-nearest'); rename it")
+        ids = np.asarray(item["labels"])
+        if item.get("mask_embeddings") is not None:
+            own[name] = np.asarray(item["mask_embeddings"], dtype=np.float32)
+        k_m = own[name].shape[0] if name in own else k
+        if ids.size and (ids.min() < 0 or ids.max() >= k_m):
+            raise ValueError(f"method {name!r}: mask ids {int(ids.min())}..{int(ids.max())} outside 0..{k_m - 1} "
+                             f"({'its own' if name in own else 'the shared'} {k_m} masks)")
+        counts[name] = mask_class_counts(ids, gt, k_m, num_classes, ignore_index)
     loc = segmentation_field(seg, "locality")
     meta = {}
     for key in ("config", "model"):
@@ -259,7 +331,41 @@ def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
         lowres_gt=resize_nearest(gt, low.shape).astype(np.int64),
         locality=None if loc is None else np.asarray(loc, dtype=np.float64),
         meta=meta,
+        method_embeddings=own,
     )
+
+
+def record_methods(records: Iterable[ImageRecord]) -> tuple[str, ...]:
+    """The methods of the first record (the protocols check that every record has them)."""
+    for rec in records:
+        return rec.methods
+    raise ValueError("no records to evaluate")
+
+
+def _check_record(rec: ImageRecord, methods: Sequence[str]) -> None:
+    missing = [m for m in methods if m not in rec.counts]
+    if missing:
+        raise ValueError(f"record {rec.image_id!r} lacks method(s) {missing} that other images have "
+                         f"(it holds {list(rec.counts)}); re-run evaluate so that every image has the same "
+                         "methods, or pass methods= explicitly")
+    for m in methods:
+        k_m, k_e = rec.counts[m].shape[0], rec.embeddings(m).shape[0]
+        if k_m != k_e:
+            raise ValueError(f"record {rec.image_id!r}, method {m!r}: counts have {k_m} masks but its "
+                             f"embeddings {k_e}")
+
+
+def _methods(records: Sequence[ImageRecord], methods: Sequence[str] | None) -> tuple[str, ...]:
+    return tuple(methods) if methods is not None else record_methods(records)
+
+
+def _embedding_groups(records: Sequence[ImageRecord], methods: Sequence[str]) -> dict[str | None, list[str]]:
+    """Methods grouped by whose masks they label: None = the shared low-res masks, else a method's own."""
+    first = records[0]
+    groups: dict[str | None, list[str]] = {}
+    for m in methods:
+        groups.setdefault(m if m in first.method_embeddings else None, []).append(m)
+    return groups
 
 
 def _assignment_confusion(records: Iterable[ImageRecord], assignments: Iterable[np.ndarray],
@@ -267,9 +373,10 @@ def _assignment_confusion(records: Iterable[ImageRecord], assignments: Iterable[
     """Dataset confusion ``(C, T)`` when each image's mask m is assigned target a[m]."""
     conf = np.zeros((num_classes, num_targets), dtype=np.int64)
     for rec, assign in zip(records, assignments):
-        onehot = np.zeros((rec.num_masks, num_targets), dtype=np.int64)
-        onehot[np.arange(rec.num_masks), assign] = 1
-        conf += rec.counts[method].T @ onehot
+        counts = rec.counts[method]
+        onehot = np.zeros((counts.shape[0], num_targets), dtype=np.int64)
+        onehot[np.arange(counts.shape[0]), assign] = 1
+        conf += counts.T @ onehot
     return conf
 
 
@@ -284,61 +391,133 @@ def _locality(records: Sequence[ImageRecord]) -> float | None:
     return float(np.mean(np.concatenate(values))) if values else None
 
 
+def _add_locality(out: dict[str, Any], records: Sequence[ImageRecord]) -> None:
+    # locality is a property of EmerDiff's difference maps, reported on its row only
+    loc = _locality(records)
+    if loc is not None and "emerdiff" in out["methods"]:
+        out["methods"]["emerdiff"]["locality"] = loc
+
+
 # --------------------------------------------------------------------------- protocols
-def dataset_clusters(records: Iterable[ImageRecord], num_clusters: int, seed: int = 0, normalize: bool = True,
-                     n_init: int = 10) -> tuple[list[np.ndarray], int]:
-    """k-means of the mask embeddings of all images: each image's mask -> cluster ids, and k
-    (``num_clusters`` capped at the number of masks)."""
+def per_image_match(counts: np.ndarray, criterion: str = "iou") -> np.ndarray:
+    """Class of each mask of one image by one-to-one matching to the classes present in it.
+
+    Args:
+        counts: ``(K, C)`` pixels of mask k with GT class c in this image.
+        criterion: as :func:`hungarian_match`.
+    Returns:
+        ``(K,)`` class per mask, -1 for masks left unmatched (more masks than
+        classes present). Absent classes are never matched: a free mask would
+        otherwise take one at zero gain and turn into false positives.
+    """
+    conf = np.asarray(counts).T  # (C, K)
+    present = np.flatnonzero(conf.sum(axis=1) > 0)
+    mapping = np.full(conf.shape[1], -1, dtype=np.int64)
+    if present.size == 0 or conf.shape[1] == 0:
+        return mapping
+    sub = hungarian_match(conf[present], criterion)
+    matched = sub >= 0
+    mapping[matched] = present[sub[matched]]
+    return mapping
+
+
+def per_image_hungarian_protocol(records: Sequence[ImageRecord], num_classes: int,
+                                 class_names: Sequence[str] | None = None,
+                                 methods: Sequence[str] | None = None, criterion: str = "iou") -> dict[str, Any]:
+    """Per-image Hungarian protocol (DiffSeg, DiffCut): match each image's masks to its own classes.
+
+    Each image's masks are matched one-to-one to the GT classes present in it
+    (:func:`per_image_match`), unmatched masks predict no class, and the
+    class-space confusions are summed over the dataset before the mIoU (not an
+    average of per-image mIoUs). ``methods`` defaults to every method the records hold.
+    """
+    methods = _methods(records, methods)
+    confs = {m: np.zeros((num_classes, num_classes + 1), dtype=np.int64) for m in methods}
+    n = 0
+    for rec in records:
+        _check_record(rec, methods)
+        n += 1
+        for m in methods:
+            confs[m] += remap_confusion(rec.counts[m].T, per_image_match(rec.counts[m], criterion), num_classes)
+    if n == 0:
+        raise ValueError("no records to evaluate")
+    out: dict[str, Any] = {"protocol": "per_image_hungarian", "num_images": n, "criterion": criterion,
+                           "methods": {m: scores(confs[m], class_names) for m in methods}}
+    _add_locality(out, records)
+    return out
+
+
+def _kmeans_ids(x: np.ndarray, num_clusters: int, seed: int, normalize: bool, n_init: int) -> tuple[np.ndarray, int]:
     from sklearn.cluster import KMeans
 
-    embeddings = [np.asarray(rec.mask_embeddings, dtype=np.float64) for rec in records]
-    if not embeddings:
-        raise ValueError("no records to evaluate")
-    x = np.concatenate(embeddings)
+    x = np.asarray(x, dtype=np.float64)
     if normalize:
         x = _l2_normalize(x)
     k = min(num_clusters, len(x))
-    ids = KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x)
+    return KMeans(n_clusters=k, n_init=n_init, random_state=seed).fit_predict(x), k
+
+
+def dataset_clusters(records: Iterable[ImageRecord], num_clusters: int, seed: int = 0, normalize: bool = True,
+                     n_init: int = 10, method: str | None = None) -> tuple[list[np.ndarray], int]:
+    """k-means of the mask embeddings of all images: each image's mask -> cluster ids, and k
+    (``num_clusters`` capped at the number of masks). ``method``: cluster that method's
+    masks (its own embeddings if it has them); default the shared low-res masks."""
+    embeddings = [np.asarray(rec.mask_embeddings if method is None else rec.embeddings(method), dtype=np.float64)
+                  for rec in records]
+    if not embeddings:
+        raise ValueError("no records to evaluate")
+    ids, k = _kmeans_ids(np.concatenate(embeddings), num_clusters, seed, normalize, n_init)
     return np.split(ids, np.cumsum([len(e) for e in embeddings])[:-1]), k
 
 
-def hungarian_protocol(records: Sequence[ImageRecord], num_classes: int,
-                       class_names: Sequence[str] | None = None,
-                       methods: Sequence[str] = METHODS, num_clusters: int | None = None,
-                       seed: int = 0, normalize: bool = True, criterion: str = "iou",
-                       n_init: int = 10) -> dict[str, Any]:
-    """Traditional unsupervised protocol: dataset k-means of mask embeddings + Hungarian.
+def dataset_hungarian_protocol(records: Sequence[ImageRecord], num_classes: int,
+                               class_names: Sequence[str] | None = None,
+                               methods: Sequence[str] | None = None, num_clusters: int | None = None,
+                               seed: int = 0, normalize: bool = True, criterion: str = "iou",
+                               n_init: int = 10) -> dict[str, Any]:
+    """Dataset-level Hungarian protocol (EmerDiff's "traditional" one): k-means of all mask
+    embeddings + one Hungarian matching per method.
 
     Args:
         records: one :class:`ImageRecord` per image (a lazy Sequence is fine;
-            it is read twice).
+            it is read several times).
         num_classes: number of GT classes; also the number of k-means clusters
             unless ``num_clusters`` is given (capped at the number of masks).
+        methods: default every method the records hold. Methods labelling the
+            shared low-res masks share one clustering; a method with masks of
+            its own gets its own clustering (same settings).
         normalize: L2-normalise embeddings before k-means (cosine geometry,
             as the concept protocol uses).
         criterion: matching criterion of :func:`hungarian_match`.
     Returns:
         ``{"protocol", "methods": {method: scores + cluster_to_class}, ...}``.
     """
-    assignments, k = dataset_clusters(records, num_clusters or num_classes, seed, normalize, n_init)
-    out: dict[str, Any] = {"protocol": "hungarian", "num_images": len(assignments),
-                           "num_masks": int(sum(len(a) for a in assignments)), "num_clusters": int(k),
-                           "methods": {}}
-    for m in methods:
-        conf = _assignment_confusion(records, assignments, m, num_classes, k)
-        mapping = hungarian_match(conf, criterion)
-        res = scores(remap_confusion(conf, mapping, num_classes), class_names)
-        res["cluster_to_class"] = mapping.tolist()
-        out["methods"][m] = res
-    loc = _locality(records)
-    if loc is not None:
-        out["methods"].get("emerdiff", {})["locality"] = loc
+    methods = _methods(records, methods)
+    for rec in records:
+        _check_record(rec, methods)
+    out: dict[str, Any] = {"protocol": "dataset_hungarian", "methods": {}}
+    for source, group in _embedding_groups(records, methods).items():
+        assignments, k = dataset_clusters(records, num_clusters or num_classes, seed, normalize, n_init, source)
+        if source is None or "num_images" not in out:
+            out.update(num_images=len(assignments), num_masks=int(sum(len(a) for a in assignments)),
+                       num_clusters=int(k))
+        for m in group:
+            conf = _assignment_confusion(records, assignments, m, num_classes, k)
+            mapping = hungarian_match(conf, criterion)
+            res = scores(remap_confusion(conf, mapping, num_classes), class_names)
+            res["cluster_to_class"] = mapping.tolist()
+            if source is not None:
+                res["num_clusters"] = int(k)
+            out["methods"][m] = res
+    out["methods"] = {m: out["methods"][m] for m in methods}
+    _add_locality(out, records)
     return out
 
 
 def concept_embeddings(records: Iterable[ImageRecord], num_classes: int,
                        ignore_index: int = 255) -> tuple[np.ndarray, np.ndarray]:
-    """Per-class mean of the low-res features over the class's downsampled pixels.
+    """Token-mean concepts (variant ``token_mean``): per-class mean of the low-res features over
+    the class's GT pixels downsampled to the token grid, accumulated over the dataset.
 
     Returns ``(concepts (C, D), token_counts (C,))``; rows of classes without
     any token are NaN.
@@ -361,6 +540,33 @@ def concept_embeddings(records: Iterable[ImageRecord], num_classes: int,
     return concepts, counts
 
 
+def mask_concept_embeddings(records: Iterable[ImageRecord], num_classes: int,
+                            method: str = "emerdiff") -> tuple[np.ndarray, np.ndarray]:
+    """The paper's concepts (variant ``mask_mean``): the concept of class c is the mean, over
+    the dataset's (non-ignored) pixels of class c, of the embedding of the mask that
+    ``method``'s label map puts the pixel in.
+
+    From the records' joint histograms: ``sum_images counts.T @ embeddings`` divided by the
+    class's pixel count. Returns ``(concepts (C, D), pixel_counts (C,))``; rows of classes
+    without pixels are NaN.
+    """
+    sums: np.ndarray | None = None
+    pixels = np.zeros(num_classes, dtype=np.int64)
+    for rec in records:
+        counts = np.asarray(rec.counts[method], dtype=np.int64)  # (K, C)
+        emb = np.asarray(rec.embeddings(method), dtype=np.float64)
+        if sums is None:
+            sums = np.zeros((num_classes, emb.shape[1]))
+        sums += counts.T.astype(np.float64) @ emb
+        pixels += counts.sum(axis=0)
+    if sums is None:
+        raise ValueError("no records to evaluate")
+    with np.errstate(invalid="ignore", divide="ignore"):
+        concepts = sums / pixels[:, None]
+    concepts[pixels == 0] = np.nan
+    return concepts, pixels
+
+
 def assign_to_concepts(mask_embeddings: np.ndarray, concepts: np.ndarray) -> np.ndarray:
     """Class of the most cosine-similar concept for each mask (NaN concepts never win)."""
     present = np.isfinite(concepts).all(axis=1)
@@ -371,47 +577,84 @@ def assign_to_concepts(mask_embeddings: np.ndarray, concepts: np.ndarray) -> np.
     return np.argmax(sim, axis=1).astype(np.int64)
 
 
+def _in_concept_space(rec: ImageRecord, method: str, concepts: np.ndarray) -> np.ndarray:
+    emb = rec.embeddings(method)
+    if emb.shape[1] != concepts.shape[1]:
+        raise ValueError(f"record {rec.image_id!r}, method {method!r}: mask embeddings have {emb.shape[1]} dims but "
+                         f"the concepts {concepts.shape[1]}; token-mean concepts need mask embeddings in the "
+                         "token-feature space (e.g. the mean query feature inside each mask)")
+    return emb
+
+
 def concept_protocol(records: Sequence[ImageRecord], num_classes: int,
                      class_names: Sequence[str] | None = None,
-                     methods: Sequence[str] = METHODS, ignore_index: int = 255) -> dict[str, Any]:
+                     methods: Sequence[str] | None = None, ignore_index: int = 255,
+                     variant: str = "mask_mean") -> dict[str, Any]:
     """The paper's modified protocol: nearest concept (cosine) per mask, mIoU, no Hungarian.
+
+    Args:
+        variant: ``"mask_mean"`` (default, the paper's): concepts from each
+            method's own label map (:func:`mask_concept_embeddings`), so each
+            method is scored against concepts built from its own segmentation;
+            ``"token_mean"``: one set of token-feature concepts for every method
+            (:func:`concept_embeddings`); protocol name ``concept_token_mean``.
+        methods: default every method the records hold.
 
     The concepts are computed from the same records (dataset-level, as in the
     paper); they use GT labels, so this measures how well the masks separate
     known concepts, not an unsupervised labelling.
     """
-    concepts, token_counts = concept_embeddings(records, num_classes, ignore_index)
-    assignments = [assign_to_concepts(rec.mask_embeddings, concepts) for rec in records]
-    out: dict[str, Any] = {"protocol": "concept", "num_images": len(assignments),
-                           "num_concepts": int((token_counts > 0).sum()), "methods": {}}
+    if variant not in CONCEPT_VARIANTS:
+        raise ValueError(f"unknown concept variant {variant!r}; choose from {list(CONCEPT_VARIANTS)}")
+    methods = _methods(records, methods)
+    for rec in records:
+        _check_record(rec, methods)
+    out: dict[str, Any] = {"protocol": CONCEPT_VARIANTS[variant], "concept_variant": variant, "methods": {}}
+    if variant == "token_mean":
+        concepts, token_counts = concept_embeddings(records, num_classes, ignore_index)
+        out["num_concepts"] = int((token_counts > 0).sum())
     for m in methods:
-        conf = _assignment_confusion(records, assignments, m, num_classes, num_classes)
-        out["methods"][m] = scores(conf, class_names)
-    loc = _locality(records)
-    if loc is not None:
-        out["methods"].get("emerdiff", {})["locality"] = loc
+        if variant == "mask_mean":  # each method's concepts come from its own label map
+            concepts, pixels = mask_concept_embeddings(records, num_classes, m)
+            out.setdefault("num_concepts", int((pixels > 0).sum()))
+        assignments = [assign_to_concepts(_in_concept_space(rec, m, concepts), concepts) for rec in records]
+        out["num_images"] = len(assignments)
+        res = scores(_assignment_confusion(records, assignments, m, num_classes, num_classes), class_names)
+        if variant == "mask_mean":
+            res["num_concepts"] = int((pixels > 0).sum())
+        out["methods"][m] = res
+    _add_locality(out, records)
     return out
 
 
 def evaluate_records(records: Sequence[ImageRecord], protocol: str, num_classes: int,
                      class_names: Sequence[str] | None = None, ignore_index: int = 255,
-                     methods: Sequence[str] = METHODS, seed: int = 0) -> dict[str, Any]:
-    """Run one protocol (``"hungarian"`` or ``"concept"``) on per-image records."""
-    if protocol == "hungarian":
-        return hungarian_protocol(records, num_classes, class_names, methods, seed=seed)
-    if protocol == "concept":
-        return concept_protocol(records, num_classes, class_names, methods, ignore_index)
-    raise ValueError(f"unknown protocol {protocol!r}; choose from {PROTOCOLS}")
+                     methods: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run one protocol of :data:`PROTOCOLS` on per-image records (``seed``: dataset k-means)."""
+    if protocol == "per_image_hungarian":
+        return per_image_hungarian_protocol(records, num_classes, class_names, methods)
+    if protocol == "dataset_hungarian":
+        return dataset_hungarian_protocol(records, num_classes, class_names, methods, seed=seed)
+    for variant, name in CONCEPT_VARIANTS.items():
+        if protocol == name:
+            return concept_protocol(records, num_classes, class_names, methods, ignore_index, variant)
+    raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
 
 
-def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """Flat rows (protocol, method, miou, pixel_accuracy, ..., locality) of a protocol result."""
+def summary_rows(result: Mapping[str, Any],
+                 intervals: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> list[dict[str, Any]]:
+    """Flat rows (protocol, method, miou, miou_lo, miou_hi, pixel_accuracy, ..., locality) of a
+    protocol result; ``miou_lo``/``miou_hi`` from ``intervals`` (:func:`bootstrap_protocols`), None without."""
     rows = []
+    per = (intervals or {}).get(result["protocol"], {})
     for method, res in result["methods"].items():
+        ci = per.get(method) or {}
         rows.append({
             "protocol": result["protocol"],
             "method": method,
             "miou": res["miou"],
+            "miou_lo": ci.get("lo"),
+            "miou_hi": ci.get("hi"),
             "pixel_accuracy": res["pixel_accuracy"],
             "num_classes_present": res["num_classes_present"],
             "num_images": result["num_images"],
@@ -420,70 +663,227 @@ def summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def per_class_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One row per (protocol, method, class): ``class_id``, ``class`` name and ``iou`` (None if
+    the class is absent from both GT and prediction)."""
+    rows = []
+    for method, res in result["methods"].items():
+        for class_id, (name, iou) in enumerate(res["per_class_iou"].items()):
+            rows.append({"protocol": result["protocol"], "method": method, "class_id": class_id,
+                         "class": name, "iou": iou})
+    return rows
+
+
 # --------------------------------------------------------------------------- uncertainty
-def bootstrap_protocols(records: Sequence[ImageRecord], num_classes: int, methods: Sequence[str] = METHODS,
-                        reference: str = "emerdiff", n_boot: int = 1000, level: float = 0.95, seed: int = 0,
-                        ignore_index: int = 255) -> dict[str, dict[str, dict[str, float]]]:
-    """Percentile bootstrap over images of both dataset-level protocols.
-
-    Each resample draws the images with replacement and recomputes, per protocol, every
-    method's mIoU and its difference to ``reference`` (paired: the same resample for all
-    methods). Hungarian: the dataset k-means clusters are fitted once on all images (as
-    :func:`hungarian_protocol`, seed 0) and the one-to-one matching is redone per resample.
-    Concept: the concept embeddings and every mask's nearest concept are recomputed per
-    resample. Returns ``{protocol: {method or "reference-method": {"value", "lo", "hi"}}}``;
-    ``value`` is the estimate on all images (equal to the protocol functions' mIoU).
-    """
-    recs = list(records)
-    if not recs:
+def bootstrap_weights(num_images: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """``(n_boot + 1, num_images)`` image multiplicities: row 0 all ones (the full data), then
+    ``n_boot`` seeded resamples of the images with replacement."""
+    if num_images < 1:
         raise ValueError("no records to evaluate")
-    n = len(recs)
+    if n_boot < 0:
+        raise ValueError(f"n_boot must be >= 0, got {n_boot}")
     rng = np.random.default_rng(seed)
-    weights = np.vstack([np.ones(n, dtype=np.int64), rng.multinomial(n, np.full(n, 1.0 / n), size=n_boot)])
-    owner = np.concatenate([np.full(r.num_masks, i) for i, r in enumerate(recs)])
-    counts = {m: np.concatenate([r.counts[m] for r in recs]).astype(np.float64) for m in methods}  # (M, C)
-    emb = np.concatenate([r.mask_embeddings for r in recs]).astype(np.float64)
-    clusters, k = dataset_clusters(recs, num_classes)
-    clusters = np.concatenate(clusters)
-    # per-image class sums of the low-res features and token counts (concept embeddings)
-    dim = recs[0].query_features.shape[1]
-    class_sums = np.zeros((n, num_classes, dim))
-    class_tokens = np.zeros((n, num_classes))
-    for i, r in enumerate(recs):
-        gt = np.asarray(r.lowres_gt).reshape(-1)
-        valid = gt != ignore_index
-        np.add.at(class_sums[i], gt[valid], np.asarray(r.query_features, dtype=np.float64)[valid])
-        class_tokens[i] = np.bincount(gt[valid], minlength=num_classes)[:num_classes]
-    emb_n = _l2_normalize(emb)
+    return np.vstack([np.ones(num_images, dtype=np.int64),
+                      rng.multinomial(num_images, np.full(num_images, 1.0 / num_images), size=n_boot)])
 
-    def confusion(method: str, w_mask: np.ndarray, target: np.ndarray, size: int) -> np.ndarray:
-        onehot = np.zeros((len(target), size))
-        onehot[np.arange(len(target)), target] = 1.0
-        return np.rint((counts[method] * w_mask[:, None]).T @ onehot).astype(np.int64)  # integer pixel counts
 
-    draws: dict[str, dict[str, list[float]]] = {"hungarian": {}, "concept": {}}
-    for w in weights:
-        w_mask = w[owner].astype(np.float64)
-        for m in methods:
-            conf = confusion(m, w_mask, clusters, k)
-            draws["hungarian"].setdefault(m, []).append(
-                miou(remap_confusion(conf, hungarian_match(conf), num_classes)))
-        tokens = w @ class_tokens
-        with np.errstate(invalid="ignore", divide="ignore"):
-            concepts = np.einsum("i,icd->cd", w.astype(np.float64), class_sums) / tokens[:, None]
-        sim = emb_n @ _l2_normalize(np.nan_to_num(concepts)).T
-        sim[:, tokens == 0] = -np.inf
-        assign = sim.argmax(1)
-        for m in methods:
-            draws["concept"].setdefault(m, []).append(miou(confusion(m, w_mask, assign, num_classes)))
-    tail = (1.0 - level) / 2 * 100
-    out: dict[str, dict[str, dict[str, float]]] = {}
-    for protocol, per_method in draws.items():
-        values = {m: np.asarray(v) for m, v in per_method.items()}
-        if reference in values:
-            for m in methods:
-                if m != reference:
-                    values[f"{reference}-{m}"] = values[reference] - values[m]
-        out[protocol] = {name: {"value": float(v[0]), "lo": float(np.nanpercentile(v[1:], tail)),
-                                "hi": float(np.nanpercentile(v[1:], 100 - tail))} for name, v in values.items()}
+def _miou_rows(tp: np.ndarray, gt: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """mIoU of each row of stacked per-class true positives, GT and predicted pixel totals
+    (the same arithmetic as :func:`per_class_iou` and :func:`miou`)."""
+    union = gt + pred - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan) * 100.0
+    out = np.full(len(iou), np.nan)
+    ok = np.isfinite(iou).any(axis=1)
+    out[ok] = np.nanmean(iou[ok], axis=1)
     return out
+
+
+def _onehot(ids: np.ndarray, size: int) -> Any:
+    """Sparse ``(size, len(ids))`` matrix with a 1 at (ids[j], j)."""
+    from scipy.sparse import csr_matrix
+
+    return csr_matrix((np.ones(len(ids)), (ids, np.arange(len(ids)))), shape=(size, len(ids)))
+
+
+def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np.ndarray,
+                   protocols: Sequence[str] = PROTOCOLS, methods: Sequence[str] | None = None,
+                   ignore_index: int = 255, seed: int = 0, criterion: str = "iou",
+                   num_clusters: int | None = None, normalize: bool = True,
+                   n_init: int = 10) -> dict[str, dict[str, np.ndarray]]:
+    """mIoU of every method under every protocol, once per row of ``weights``.
+
+    Args:
+        records: one per image (read once).
+        weights: ``(B, n)`` multiplicity of each image in each draw
+            (:func:`bootstrap_weights`); an all-ones row gives the protocols' own values.
+        seed: k-means seed of ``dataset_hungarian`` (as :func:`dataset_hungarian_protocol`).
+    Per draw, everything data-dependent is redone on the weighted images: per-image
+    matchings are summed with the weights; the dataset Hungarian matching is redone on
+    the weighted confusion (the k-means clusters are fitted once, on all images); the
+    concept embeddings and every mask's nearest concept are recomputed.
+    Returns ``{protocol: {method: (B,) mIoU}}``.
+    """
+    unknown = [p for p in protocols if p not in PROTOCOLS]
+    if unknown:
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
+    records = list(records) if not isinstance(records, Sequence) else records
+    methods = _methods(records, methods)
+    n, c = len(records), num_classes
+    weights = np.asarray(weights, dtype=np.float64)
+    if weights.ndim != 2 or weights.shape[1] != n:
+        raise ValueError(f"weights must be (draws, {n} images), got shape {weights.shape}")
+    groups = _embedding_groups(records, methods)
+    source_of = {m: s for s, ms in groups.items() for m in ms}
+    counts: dict[str, list[np.ndarray]] = {m: [] for m in methods}
+    owner: dict[str | None, list[np.ndarray]] = {s: [] for s in groups}
+    emb: dict[str | None, list[np.ndarray]] = {s: [] for s in groups}
+    per_image = {m: np.zeros((3, n, c)) for m in methods} if "per_image_hungarian" in protocols else {}
+    tok_img, tok_cls, tok_sum, tok_cnt = [], [], [], []
+    for i, rec in enumerate(records):
+        _check_record(rec, methods)
+        for s in groups:
+            e = rec.mask_embeddings if s is None else rec.embeddings(s)
+            emb[s].append(np.asarray(e, dtype=np.float64))
+            owner[s].append(np.full(len(e), i))
+        for m in methods:
+            counts[m].append(np.asarray(rec.counts[m], dtype=np.float64))
+            if per_image:
+                conf = remap_confusion(rec.counts[m].T, per_image_match(rec.counts[m], criterion), c)
+                per_image[m][:, i] = np.diag(conf[:, :c]), conf.sum(axis=1), conf[:, :c].sum(axis=0)
+        if "concept_token_mean" in protocols:
+            gt = np.asarray(rec.lowres_gt).reshape(-1)
+            valid = gt != ignore_index
+            feats = np.asarray(rec.query_features, dtype=np.float64)[valid]
+            for cls in np.unique(gt[valid]):
+                sel = gt[valid] == cls
+                tok_img.append(i)
+                tok_cls.append(int(cls))
+                tok_sum.append(feats[sel].sum(axis=0))
+                tok_cnt.append(int(sel.sum()))
+    cnt = {m: np.concatenate(v) for m, v in counts.items()}  # (M, C) per method
+    own = {s: np.concatenate(v) for s, v in owner.items()}
+    raw = {s: np.concatenate(v) for s, v in emb.items()}
+    unit = {s: _l2_normalize(v) for s, v in raw.items()}
+    out: dict[str, dict[str, np.ndarray]] = {}
+
+    if "per_image_hungarian" in protocols:
+        out["per_image_hungarian"] = {m: _miou_rows(*(weights @ per_image[m][j] for j in range(3)))
+                                      for m in methods}
+
+    clusters: dict[str | None, tuple[Any, int]] = {}
+    if "dataset_hungarian" in protocols:
+        for s in groups:
+            ids, k = _kmeans_ids(raw[s], num_clusters or c, seed, normalize, n_init)
+            clusters[s] = (_onehot(ids, k), k)
+        out["dataset_hungarian"] = {m: np.empty(len(weights)) for m in methods}
+    if any(p in protocols for p in CONCEPT_VARIANTS.values()):
+        for p in CONCEPT_VARIANTS.values():
+            if p in protocols:
+                out[p] = {m: np.empty(len(weights)) for m in methods}
+    if tok_img:
+        tok_img_a, tok_cls_a = np.asarray(tok_img), np.asarray(tok_cls)
+        tok_sum_a, tok_cnt_a = np.asarray(tok_sum), np.asarray(tok_cnt, dtype=np.float64)
+        for m in methods:  # the same check and message as the protocol's
+            _in_concept_space(records[0], m, tok_sum_a)
+
+    def nearest_concept(s: str | None, sums: np.ndarray, pixels: np.ndarray) -> np.ndarray:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            concepts = sums / pixels[:, None]
+        sim = unit[s] @ _l2_normalize(np.nan_to_num(concepts)).T
+        sim[:, pixels == 0] = -np.inf
+        return sim.argmax(axis=1)
+
+    for b, w in enumerate(weights):
+        if "concept_token_mean" in protocols:
+            from scipy.sparse import csr_matrix
+
+            pick = csr_matrix((w[tok_img_a], (tok_cls_a, np.arange(len(tok_img_a)))), shape=(c, len(tok_img_a)))
+            token_sums, tokens = pick @ tok_sum_a, pick @ tok_cnt_a
+            token_assign = {s: nearest_concept(s, token_sums, tokens) for s in groups}
+        for m in methods:
+            s = source_of[m]
+            weighted = cnt[m] * w[own[s]][:, None]  # (M, C) pixel counts of this draw
+            if "dataset_hungarian" in protocols:
+                onehot, k = clusters[s]
+                conf = np.rint((onehot @ weighted).T).astype(np.int64)  # (C, k)
+                out["dataset_hungarian"][m][b] = miou(remap_confusion(conf, hungarian_match(conf, criterion), c))
+            for variant, p in CONCEPT_VARIANTS.items():
+                if p not in protocols:
+                    continue
+                if variant == "mask_mean":
+                    assign = nearest_concept(s, weighted.T @ raw[s], weighted.sum(axis=0))
+                else:
+                    assign = token_assign[s]
+                out[p][m][b] = miou((_onehot(assign, c) @ weighted).T)
+    return {p: out[p] for p in protocols}
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> dict[str, float]:
+    """``{"value": draws[0], "lo", "hi"}``: percentile interval of ``draws[1:]`` (NaN without resamples)."""
+    draws = np.asarray(draws, dtype=np.float64)
+    tail = (1.0 - level) / 2 * 100
+    rest = draws[1:][np.isfinite(draws[1:])]
+    if rest.size == 0:
+        return {"value": float(draws[0]), "lo": float("nan"), "hi": float("nan")}
+    return {"value": float(draws[0]), "lo": float(np.percentile(rest, tail)),
+            "hi": float(np.percentile(rest, 100 - tail))}
+
+
+def summarize_draws(draws: Mapping[str, np.ndarray], level: float = 0.95) -> dict[str, dict[str, float]]:
+    """Intervals of each method and of the difference of every pair of methods, ``"a-b"`` for
+    a before b in ``draws``' order (paired: the same resample for both)."""
+    names = list(draws)
+    out = {m: interval(draws[m], level) for m in names}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            out[f"{a}-{b}"] = interval(np.asarray(draws[a]) - np.asarray(draws[b]), level)
+    return out
+
+
+def bootstrap_protocols(records: Sequence[ImageRecord], num_classes: int, methods: Sequence[str] | None = None,
+                        n_boot: int = 1000, level: float = 0.95, seed: int = 0, ignore_index: int = 255,
+                        protocols: Sequence[str] = PROTOCOLS, cluster_seed: int = 0,
+                        ) -> dict[str, dict[str, dict[str, float]]]:
+    """Paired percentile bootstrap over images of every protocol (:func:`protocol_draws`).
+
+    Each resample draws the images with replacement (``seed``) and recomputes every method's
+    mIoU under every protocol, and the difference of every pair of methods on the same
+    resample. ``cluster_seed`` is the dataset k-means seed. Returns ``{protocol: {method or
+    "a-b": {"value", "lo", "hi"}}}``; ``value`` is the estimate on all images (equal to the
+    protocol functions' mIoU).
+    """
+    weights = bootstrap_weights(len(records), n_boot, seed)
+    draws = protocol_draws(records, num_classes, weights, protocols, methods, ignore_index, seed=cluster_seed)
+    return {p: summarize_draws(d, level) for p, d in draws.items()}
+
+
+def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageRecord], num_classes: int,
+                    protocols: Sequence[str] = PROTOCOLS, n_boot: int = 1000, level: float = 0.95,
+                    seed: int = 0, ignore_index: int = 255,
+                    cluster_seeds: tuple[int, int] = (0, 0)) -> list[dict[str, Any]]:
+    """Paired comparison of two runs on the same images (``records_a[i]`` and ``records_b[i]``
+    are the same image).
+
+    Both runs' protocols are recomputed on these images with the same resamples, so the
+    difference A - B of each protocol x method gets a paired interval. Methods present in one
+    run only get rows with the other side None. Returns rows ``{"protocol", "method", "a",
+    "b", "a-b"}``, each value an :func:`interval` dict or None.
+    """
+    ids_a = [r.image_id for r in records_a]
+    ids_b = [r.image_id for r in records_b]
+    if ids_a != ids_b:
+        raise ValueError("compare_records needs the same images in the same order in both runs")
+    weights = bootstrap_weights(len(records_a), n_boot, seed)
+    draws_a = protocol_draws(records_a, num_classes, weights, protocols, None, ignore_index, seed=cluster_seeds[0])
+    draws_b = protocol_draws(records_b, num_classes, weights, protocols, None, ignore_index, seed=cluster_seeds[1])
+    methods = list(dict.fromkeys([*record_methods(records_a), *record_methods(records_b)]))
+    rows = []
+    for p in protocols:
+        for m in methods:
+            a, b = draws_a[p].get(m), draws_b[p].get(m)
+            rows.append({"protocol": p, "method": m,
+                         "a": None if a is None else interval(a, level),
+                         "b": None if b is None else interval(b, level),
+                         "a-b": None if a is None or b is None else interval(a - b, level)})
+    return rows

@@ -7,9 +7,16 @@ Flow (single process, or any number of processes under ``accelerate launch``):
    ``OUT/per_image/<id>.npz`` atomically (temp file + ``os.replace``), so a
    killed run resumes where it stopped;
 2. ``wait_for_everyone``; the main process loads all per-image files, runs the
-   dataset-level protocol(s) (k-means + Hungarian, or concept embeddings) for
-   EmerDiff and the nearest / bilinear baselines of the same low-res masks,
-   and writes ``OUT/results.json`` and ``OUT/results.csv``.
+   protocols (per-image Hungarian, dataset-level k-means + Hungarian, concept
+   embeddings; all from the same records) for every method the records hold
+   (EmerDiff and the nearest / bilinear baselines of the same low-res masks,
+   plus any other), bootstraps a 95 % interval over images for every mIoU and
+   every difference between methods, and writes ``OUT/results.json``,
+   ``OUT/results.csv`` and ``OUT/per_class.csv``.
+
+``emerdiff compare RUN_A RUN_B`` (:func:`compare_command`) puts two output
+folders side by side: every protocol x method mIoU, recomputed on the images
+both runs share, and the paired interval of the difference.
 
 The cache verifies itself: each per-image record carries its image id and
 SHA-256 hashes of the image file, of its label map and of the run settings.
@@ -51,9 +58,13 @@ from .evaluate import (
     METHODS,
     PROTOCOLS,
     ImageRecord,
+    bootstrap_protocols,
     build_record,
+    compare_records,
     confusion_matrix,
     evaluate_records,
+    extra_method_items,
+    per_class_rows,
     scores,
     segmentation_field,
     summary_rows,
@@ -76,11 +87,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark split (default: its validation split); folder layout: a sub-folder")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="void label value of the folder layout (default: 255)")
-    p.add_argument("--protocol", default="hungarian", choices=[*PROTOCOLS, "both", "openvocab"],
-                   help="hungarian: dataset k-means + Hungarian matching; concept: nearest GT "
-                        "concept embedding, no matching; both; openvocab: class names from the "
-                        "dataset's class list by an open-vocabulary labeller, alone and pooled in "
-                        "EmerDiff masks, no matching (default: hungarian)")
+    p.add_argument("--protocol", default="all", choices=[*PROTOCOLS, "all", "openvocab"],
+                   help="per_image_hungarian: each image's masks matched to its own classes (as DiffSeg/"
+                        "DiffCut report); dataset_hungarian: dataset k-means + one Hungarian matching (as "
+                        "EmerDiff reports); concept: nearest GT concept embedding (the paper's: mean mask "
+                        "embedding over the class's pixels), no matching; concept_token_mean: the same with "
+                        "token-mean concepts; all: these four, from the same cached records; openvocab: "
+                        "class names from the dataset's class list by an open-vocabulary labeller, alone "
+                        "and pooled in EmerDiff masks, no matching (default: all)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of the images for the 95 %% interval of every mIoU and of every "
+                        "difference between methods; 0 disables (default: 1000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampling (default: 0)")
     add_labeller_args(p, "with --protocol openvocab: ")
     p.add_argument("--model", default="reference",
                    help="'reference', a diffusers folder, a hub id or 'tiny' (default: reference)")
@@ -105,11 +123,12 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register the ``evaluate`` sub-command on an argparse subparsers object."""
     p = subparsers.add_parser(
-        "evaluate", help="score a labelled dataset (mIoU, Hungarian or concept protocol)",
+        "evaluate", help="score a labelled dataset (mIoU under per-image/dataset Hungarian and concept protocols)",
         description="Segment every image of a labelled dataset, cache per-image results in "
                     "OUT/per_image (resumable), and write OUT/results.json and OUT/results.csv "
-                    "with one row per method (emerdiff, nearest, bilinear). Runs under "
-                    "`accelerate launch` to share the images between processes/GPUs.")
+                    "with one row per protocol and method (emerdiff, nearest, bilinear, any other "
+                    "the records hold) with a 95 % bootstrap interval, and OUT/per_class.csv. "
+                    "Runs under `accelerate launch` to share the images between processes/GPUs.")
     _add_arguments(p)
     p.set_defaults(func=run)
     return p
@@ -181,9 +200,10 @@ def openvocab_path(out: Path, labeller: str, image_id: str) -> Path:
     return out / f"openvocab_{labeller}" / f"{_safe_id(image_id)}.npz"
 
 
-def openvocab_rows(out: Path, dataset: SegmentationDataset, indices: Sequence[int], labeller: str,
-                   ) -> list[dict[str, Any]]:
-    """Dataset-level mIoU of the labeller alone and of the labeller pooled in EmerDiff masks."""
+def openvocab_result(out: Path, dataset: SegmentationDataset, indices: Sequence[int], labeller: str,
+                     ) -> dict[str, Any]:
+    """Dataset-level scores of the labeller alone and of the labeller pooled in EmerDiff masks
+    (a protocol result, as :func:`emerdiff.evaluate.evaluate_records` returns)."""
     c = dataset.num_classes
     alone = np.zeros((c, c), np.int64)
     masked = np.zeros((c, c), np.int64)
@@ -195,13 +215,9 @@ def openvocab_rows(out: Path, dataset: SegmentationDataset, indices: Sequence[in
             classes = z["mask_classes"]
         for m, cls in enumerate(classes):  # every pixel of mask m takes class cls
             masked[:, cls] += counts[m]
-    rows = []
-    for method, conf in ((labeller, alone), (f"{labeller}+emerdiff", masked)):
-        sc = scores(conf, dataset.class_names)
-        rows.append({"protocol": "openvocab", "method": method, "miou": sc["miou"],
-                     "pixel_accuracy": sc["pixel_accuracy"], "num_classes_present": sc["num_classes_present"],
-                     "num_images": len(indices), "locality": None})
-    return rows
+    return {"protocol": "openvocab", "num_images": len(indices), "labeller": labeller,
+            "methods": {method: scores(conf, dataset.class_names)
+                        for method, conf in ((labeller, alone), (f"{labeller}+emerdiff", masked))}}
 
 
 # --------------------------------------------------------------------------- per-image cache
@@ -309,6 +325,8 @@ def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | N
     }
     for m, c in record.counts.items():
         arrays[f"counts_{m}"] = c.astype(np.int64)
+    for m, e in record.method_embeddings.items():  # methods with masks of their own
+        arrays[f"embeddings_{m}"] = np.asarray(e, dtype=np.float32)
     if record.locality is not None:
         arrays["locality"] = np.asarray(record.locality, dtype=np.float64)
     for name, value in (maps or {}).items():
@@ -338,6 +356,7 @@ def load_record(path: Path, image_id: str | None = None) -> ImageRecord:
 def _load_record(path: Path) -> ImageRecord:
     with np.load(path, allow_pickle=False) as z:
         counts = {k[len("counts_"):]: z[k] for k in z.files if k.startswith("counts_")}
+        own = {k[len("embeddings_"):]: z[k] for k in z.files if k.startswith("embeddings_")}
         return ImageRecord(
             image_id=str(z["image_id"]),
             counts=counts,
@@ -347,6 +366,7 @@ def _load_record(path: Path) -> ImageRecord:
             lowres_gt=z["lowres_gt"],
             locality=z["locality"] if "locality" in z.files else None,
             meta=json.loads(str(z["meta"])),
+            method_embeddings=own,
         )
 
 
@@ -503,6 +523,8 @@ def _segment_share(state: Any, dataset: SegmentationDataset, todo: Sequence[int]
             record = build_record(sample.image_id, seg, sample.label, dataset.num_classes,
                                   dataset.ignore_index, METHODS)
             maps = {m: np.asarray(segmentation_field(seg, METHOD_FIELDS[m])) for m in METHODS}
+            for name, item in extra_method_items(seg).items():
+                maps[name] = np.asarray(item["labels"])
             maps["gt"] = sample.label
             if openvocab is not None:
                 name, labeller = openvocab
@@ -523,51 +545,75 @@ def _segment_share(state: Any, dataset: SegmentationDataset, todo: Sequence[int]
 
 def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int],
                   protocols: Sequence[str], seed: int, run_info: dict[str, Any],
-                  labeller: str | None = None) -> dict[str, Any]:
-    """Run the protocols on the cached per-image records and write results.json / .csv."""
+                  labeller: str | None = None, n_boot: int = 0, bootstrap_seed: int = 0,
+                  level: float = 0.95) -> dict[str, Any]:
+    """Run the protocols on the cached per-image records and write results.json, results.csv
+    and per_class.csv.
+
+    Every method the records hold is scored under every protocol in ``protocols``; with
+    ``n_boot`` > 0 each mask protocol's mIoU and every difference between two methods get a
+    paired percentile bootstrap interval over the images (``payload["intervals"]``, and
+    ``miou_lo`` / ``miou_hi`` in the rows).
+    """
     paths = [record_path(out, dataset.image_ids[i]) for i in indices]
     missing = [str(p) for p in paths if not p.exists()]
     if missing:
         raise RuntimeError(f"{len(missing)} per-image result(s) missing, e.g. {missing[:3]}")
     records = RecordFiles(paths, [dataset.image_ids[i] for i in indices])
     first = records[0]
-    results, rows = [], []
+    results = []
     for protocol in protocols:
         if protocol == "openvocab":
             assert labeller is not None
-            rows.extend(openvocab_rows(out, dataset, indices, labeller))
-            continue
-        res = evaluate_records(records, protocol, dataset.num_classes, dataset.class_names,
-                               dataset.ignore_index, METHODS, seed=seed)
-        results.append(res)
-        rows.extend(summary_rows(res))
+            results.append(openvocab_result(out, dataset, indices, labeller))
+        else:
+            results.append(evaluate_records(records, protocol, dataset.num_classes, dataset.class_names,
+                                            dataset.ignore_index, seed=seed))
+    mask_protocols = [p for p in protocols if p in PROTOCOLS]
+    intervals: dict[str, Any] = {}
+    if n_boot > 0 and mask_protocols:
+        intervals = bootstrap_protocols(records, dataset.num_classes, n_boot=n_boot, level=level,
+                                        seed=bootstrap_seed, ignore_index=dataset.ignore_index,
+                                        protocols=mask_protocols, cluster_seed=seed)
+    rows = [row for res in results for row in summary_rows(res, intervals)]
+    class_rows = [row for res in results for row in per_class_rows(res)]
     payload = {
         "rows": rows,
         "protocols": results,
+        "intervals": intervals,
         "config": {
             **run_info,
             "class_names": list(dataset.class_names),
             "num_images": len(indices),
+            "image_ids": [dataset.image_ids[i] for i in indices],
+            "methods": list(first.methods),
             "segmentation_config": first.meta.get("config"),
             "segmentation_model": first.meta.get("model"),
             "protocol_seed": seed,
+            "bootstrap": {"resamples": n_boot, "seed": bootstrap_seed, "level": level, "unit": "image",
+                          "paired": True},
         },
     }
     text = json.dumps(_json_safe(payload), indent=2) + "\n"
     write_atomic_bytes(out / "results.json", text.encode())
-    buf = io.StringIO()
-    fields = ["protocol", "method", "miou", "pixel_accuracy", "num_classes_present", "num_images",
-              "locality", "model", "dataset", "layout", "num_clusters", "resolution"]
-    writer = csv.DictWriter(buf, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
     cfg = payload["config"]["segmentation_config"] or {}
-    for row in rows:
-        writer.writerow({**{k: _csv_value(v) for k, v in row.items()},
-                         "model": run_info["model"], "dataset": run_info["data"],
-                         "layout": run_info["layout"], "num_clusters": cfg.get("num_clusters", ""),
-                         "resolution": cfg.get("resolution", "")})
-    write_atomic_bytes(out / "results.csv", buf.getvalue().encode())
+    run_columns = {"model": run_info["model"], "dataset": run_info["data"], "layout": run_info["layout"],
+                   "num_clusters": cfg.get("num_clusters", ""), "resolution": cfg.get("resolution", "")}
+    fields = ["protocol", "method", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "num_classes_present",
+              "num_images", "locality", *run_columns]
+    write_atomic_bytes(out / "results.csv", _csv_text(fields, rows, run_columns))
+    write_atomic_bytes(out / "per_class.csv",
+                       _csv_text(["protocol", "method", "class_id", "class", "iou"], class_rows, {}))
     return payload
+
+
+def _csv_text(fields: Sequence[str], rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> bytes:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(fields), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({**{k: _csv_value(v) for k, v in row.items()}, **extra})
+    return buf.getvalue().encode()
 
 
 def _csv_value(v: Any) -> Any:
@@ -618,7 +664,9 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     dataset = _open_dataset(args)
     n = len(dataset) if args.limit is None else min(args.limit, len(dataset))
     indices = list(range(n))
-    protocols = list(PROTOCOLS) if args.protocol == "both" else [args.protocol]
+    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap}: give a number of resamples >= 0 (0 disables)")
     labeller_name = getattr(args, "labeller", "unet") if "openvocab" in protocols else None
 
     signature = _run_signature(args, dataset, config)
@@ -648,14 +696,153 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     if state.is_main_process:
         run_info = {**signature, "protocol": args.protocol, "limit": args.limit,
                     "num_processes": state.num_processes}
-        payload = merge_results(out, dataset, indices, protocols, args.seed, run_info, labeller_name)
+        payload = merge_results(out, dataset, indices, protocols, args.seed, run_info, labeller_name,
+                                n_boot=args.bootstrap, bootstrap_seed=args.bootstrap_seed)
         if not args.quiet:
             print(f"segmented {done} new image(s) here; {n} evaluated -> {out / 'results.json'}",
                   file=sys.stderr)
             for row in payload["rows"]:
-                print(f"  {row['protocol']:<9} {row['method']:<9} mIoU {row['miou']:6.2f}  "
+                span = "" if row["miou_lo"] is None else f" [{row['miou_lo']:6.2f}, {row['miou_hi']:6.2f}]"
+                print(f"  {row['protocol']:<19} {row['method']:<17} mIoU {row['miou']:6.2f}{span}  "
                       f"pixel acc {row['pixel_accuracy']:6.2f}", file=sys.stderr)
     state.wait_for_everyone()
+    return 0
+
+
+# --------------------------------------------------------------------------- compare
+def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register the ``compare`` sub-command (two ``evaluate`` output folders side by side)."""
+    p = subparsers.add_parser(
+        "compare", help="two evaluate output folders side by side: mIoU, difference, paired interval",
+        description="Recompute every protocol x method mIoU of two `emerdiff evaluate` output folders "
+                    "on the images both hold (from their cached per-image records, no segmentation) "
+                    "and print A, B and A - B, each with a 95 % bootstrap interval over those images "
+                    "(paired: both runs resampled alike). The runs must score the same dataset (same "
+                    "class list and, image by image, the same labels).")
+    p.add_argument("run_a", metavar="RUN_A", help="output folder of one `emerdiff evaluate` run")
+    p.add_argument("run_b", metavar="RUN_B", help="output folder of another run")
+    p.add_argument("--protocol", default="all", choices=[*PROTOCOLS, "all"],
+                   help="protocol(s) to compare (default: all)")
+    p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
+                   help="resamples of the shared images; 0: values only (default: 1000)")
+    p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampling (default: 0)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write the comparison as JSON (default: no)")
+    p.set_defaults(func=compare_command)
+    return p
+
+
+def _run_summary(folder: Path) -> dict[str, Any]:
+    """``config`` of a finished run's results.json; a ValueError saying what is missing otherwise."""
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no such folder; pass the --out folder of an `emerdiff evaluate` run")
+    path = folder / "results.json"
+    if not path.exists():
+        raise ValueError(f"{folder} has no results.json: not an `emerdiff evaluate` output folder, or its run "
+                         f"did not finish; run `emerdiff evaluate ... --out {folder}` to completion first")
+    try:
+        return json.loads(path.read_text())["config"]
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path} is unreadable ({err}); rerun `emerdiff evaluate` into {folder}") from err
+
+
+def _run_images(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Path, str]]:
+    """image id -> (record path, labels hash) of the images a run evaluated."""
+    ids = config.get("image_ids")
+    if ids is None:  # results.json of an older version: every record in the cache
+        paths = sorted((folder / "per_image").glob("*.npz"))
+    else:
+        paths = [record_path(folder, i) for i in ids]
+    out = {}
+    for path in paths:
+        if not path.exists():
+            raise ValueError(f"{path} is missing; rerun `emerdiff evaluate` into {folder} to restore it")
+        try:
+            key = _stored_key(path)
+        except RecordError as err:
+            raise ValueError(f"{err}; rerun `emerdiff evaluate` into {folder} to recompute it") from err
+        out[key.get("image_id") or load_record(path).image_id] = (path, key.get("labels_sha256", ""))
+    return out
+
+
+def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] = PROTOCOLS,
+                 n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict[str, Any]:
+    """Compare two ``evaluate`` output folders on the images both evaluated.
+
+    Checks that both score the same classes (names, ignore value) and that every shared image
+    has the same labels in both; then :func:`emerdiff.evaluate.compare_records`. Each run's
+    dataset k-means uses its own protocol seed. Returns ``{"a", "b", "shared_images",
+    "only_a", "only_b", "rows", "bootstrap"}``.
+    """
+    a, b = Path(run_a), Path(run_b)
+    cfg_a, cfg_b = _run_summary(a), _run_summary(b)
+    for key in ("class_names", "ignore_index"):
+        if cfg_a.get(key) != cfg_b.get(key):
+            raise ValueError(f"{a} and {b} score different datasets: {key} {cfg_a.get(key)} vs {cfg_b.get(key)}; "
+                             "compare runs of the same dataset and class list")
+    img_a, img_b = _run_images(a, cfg_a), _run_images(b, cfg_b)
+    shared = [i for i in img_a if i in img_b]
+    if not shared:
+        raise ValueError(f"{a} ({len(img_a)} images, e.g. {list(img_a)[:2]}) and {b} ({len(img_b)} images, e.g. "
+                         f"{list(img_b)[:2]}) share no images; compare runs over the same dataset")
+    relabelled = [i for i in shared if img_a[i][1] != img_b[i][1]]
+    if relabelled:
+        raise ValueError(f"{len(relabelled)} shared image(s) have different labels in {a} and {b}, e.g. "
+                         f"{relabelled[:3]}; the runs used different ground truth (rerun one on the other's data)")
+    recs_a = [load_record(img_a[i][0], i) for i in shared]
+    recs_b = [load_record(img_b[i][0], i) for i in shared]
+    rows = compare_records(recs_a, recs_b, len(cfg_a["class_names"]), protocols, n_boot, level, seed,
+                           int(cfg_a.get("ignore_index", 255)),
+                           (int(cfg_a.get("protocol_seed", 0)), int(cfg_b.get("protocol_seed", 0))))
+    describe = {k: {"folder": str(p), "model": c.get("model"), "num_images": len(imgs)}
+                for k, p, c, imgs in (("a", a, cfg_a, img_a), ("b", b, cfg_b, img_b))}
+    return {**describe, "shared_images": len(shared),
+            "only_a": [i for i in img_a if i not in img_b], "only_b": [i for i in img_b if i not in img_a],
+            "rows": rows, "bootstrap": {"resamples": n_boot, "seed": seed, "level": level, "paired": True}}
+
+
+def comparison_table(result: dict[str, Any]) -> str:
+    """Plain-text table of :func:`compare_runs`: A, B and A - B per protocol x method; ``*`` marks a
+    difference whose interval excludes 0."""
+    def cell(v: dict[str, float] | None, sign: str = "") -> str:
+        if v is None or v["value"] is None or not math.isfinite(v["value"]):
+            return "-"
+        text = f"{v['value']:{sign}.1f}"
+        if math.isfinite(v["lo"]):
+            text += f" [{v['lo']:{sign}.1f}, {v['hi']:{sign}.1f}]"
+        return text
+
+    level = round(result["bootstrap"]["level"] * 100)
+    lines = [f"A: {result['a']['folder']} (model {result['a']['model']}, {result['a']['num_images']} images)",
+             f"B: {result['b']['folder']} (model {result['b']['model']}, {result['b']['num_images']} images)",
+             f"{result['shared_images']} shared images; mIoU recomputed on them; [{level} % paired bootstrap "
+             f"interval, {result['bootstrap']['resamples']} resamples, seed {result['bootstrap']['seed']}]"]
+    for side in ("a", "b"):
+        if result[f"only_{side}"]:
+            lines.append(f"left out: {len(result[f'only_{side}'])} image(s) only in {side.upper()}")
+    header = ("protocol", "method", "A mIoU", "B mIoU", "A - B")
+    table = [header]
+    for row in result["rows"]:
+        diff = cell(row["a-b"], "+")
+        d = row["a-b"]
+        if d is not None and math.isfinite(d["lo"]) and (d["lo"] > 0 or d["hi"] < 0):
+            diff += " *"
+        table.append((row["protocol"], row["method"], cell(row["a"]), cell(row["b"]), diff))
+    widths = [max(len(r[j]) for r in table) for j in range(len(header))]
+    lines.append("")
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.append("* the interval of A - B excludes 0")
+    return "\n".join(lines) + "\n"
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """Run ``emerdiff compare RUN_A RUN_B``: print the table (and write ``--json``)."""
+    if args.bootstrap < 0:
+        raise ValueError(f"--bootstrap {args.bootstrap}: give a number of resamples >= 0 (0: values only)")
+    protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]
+    result = compare_runs(args.run_a, args.run_b, protocols, args.bootstrap, args.bootstrap_seed)
+    print(comparison_table(result), end="")
+    if args.json:
+        write_atomic_bytes(Path(args.json), (json.dumps(_json_safe(result), indent=2) + "\n").encode())
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Known-answer tests of the metrics and the two evaluation protocols."""
+"""Known-answer tests of the metrics, the evaluation protocols and their bootstrap intervals."""
 
 from __future__ import annotations
 
@@ -8,19 +8,28 @@ import numpy as np
 import pytest
 
 from emerdiff.evaluate import (
+    PROTOCOLS,
     ImageRecord,
     assign_to_concepts,
     bootstrap_protocols,
+    bootstrap_weights,
     build_record,
+    compare_records,
     concept_embeddings,
     concept_protocol,
     confusion_matrix,
+    dataset_hungarian_protocol,
+    evaluate_records,
     hungarian_match,
-    hungarian_protocol,
     mask_class_counts,
+    mask_concept_embeddings,
     miou,
     per_class_iou,
+    per_class_rows,
+    per_image_hungarian_protocol,
+    per_image_match,
     pixel_accuracy,
+    protocol_draws,
     remap_confusion,
     resize_nearest,
     scores,
@@ -157,7 +166,7 @@ def _scene_records(n_images: int = 4, num_classes: int = 3, dim: int = 8, permut
 
 def test_hungarian_protocol_perfect_masks_is_100():
     recs, _ = _scene_records()
-    res = hungarian_protocol(recs, 3, ["a", "b", "c"])
+    res = dataset_hungarian_protocol(recs, 3, ["a", "b", "c"])
     for m in ("emerdiff", "nearest", "bilinear"):
         assert res["methods"][m]["miou"] == pytest.approx(100.0)
     assert res["num_masks"] == 12 and res["num_clusters"] == 3
@@ -171,8 +180,8 @@ def test_hungarian_protocol_is_seeded():
     # corrupt the embeddings so that k-means has a real choice to make
     for r in recs:
         r.mask_embeddings = r.mask_embeddings + np.random.RandomState(7).randn(*r.mask_embeddings.shape) * 3
-    a = hungarian_protocol(recs, 3, seed=0)["methods"]["emerdiff"]["miou"]
-    b = hungarian_protocol(recs, 3, seed=0)["methods"]["emerdiff"]["miou"]
+    a = dataset_hungarian_protocol(recs, 3, seed=0)["methods"]["emerdiff"]["miou"]
+    b = dataset_hungarian_protocol(recs, 3, seed=0)["methods"]["emerdiff"]["miou"]
     assert a == b
 
 
@@ -182,7 +191,11 @@ def test_concept_protocol_picks_the_right_class():
     assert (counts > 0).all()
     # each concept is closest to its own class prototype
     np.testing.assert_array_equal(assign_to_concepts(protos, concepts), [0, 1, 2])
-    res = concept_protocol(recs, 3)
+    for variant in ("mask_mean", "token_mean"):
+        res = concept_protocol(recs, 3, variant=variant)
+        for m in ("emerdiff", "nearest", "bilinear"):
+            assert res["methods"][m]["miou"] == pytest.approx(100.0)
+    res = per_image_hungarian_protocol(recs, 3)
     for m in ("emerdiff", "nearest", "bilinear"):
         assert res["methods"][m]["miou"] == pytest.approx(100.0)
 
@@ -201,7 +214,7 @@ def test_concept_protocol_constructed_features():
              bilinear_labels=np.array([[0, 0], [1, 1]]), lowres_labels=np.array([[0, 0], [1, 1]]),
              mask_embeddings=np.array([[1.0, 0.0], [0.0, 1.0]]), query_features=feats),
         low_gt, 3)
-    res = concept_protocol([rec], 3)
+    res = concept_protocol([rec], 3, variant="token_mean")
     assert res["num_concepts"] == 2
     assert res["methods"]["nearest"]["miou"] == pytest.approx(100.0)
     # emerdiff map: class0 IoU 1/2, class1 IoU 2/3
@@ -220,7 +233,7 @@ def test_concept_uses_dataset_level_concepts():
                  mask_embeddings=np.array([[0.0, 1.0], [1.0, 0.0]]), query_features=feats_b)
     ra = build_record("a", seg_a, np.array([[0, 0], [0, 0]]), 2)
     rb = build_record("b", seg_b, np.array([[1, 1], [0, 0]]), 2)
-    res = concept_protocol([ra, rb], 2)
+    res = concept_protocol([ra, rb], 2, variant="token_mean")
     # image a's second mask looks like class 1 but is class 0 -> 1 wrong pixel of 8
     assert res["methods"]["emerdiff"]["pixel_accuracy"] == pytest.approx(7 / 8 * 100)
 
@@ -237,11 +250,9 @@ def test_build_record_resizes_and_downsamples():
     assert not math.isnan(concept_protocol([rec], 2)["methods"]["emerdiff"]["miou"])
 
 
-def test_bootstrap_protocols_agree_with_the_protocols_and_order_methods():
-    """Perfect EmerDiff labels, noisy nearest labels, bilinear identical to EmerDiff: the full-data
-    values are the protocols' own mIoU, intervals hold them, an identical pair differs by exactly 0
-    and a better method's advantage has an interval above 0."""
-    recs, _ = _scene_records(n_images=12, seed=5)
+def _noisy_records(n_images: int = 12, seed: int = 5) -> list[ImageRecord]:
+    """Perfect EmerDiff labels, nearest labels with 25 % random pixels, bilinear = EmerDiff."""
+    recs, _ = _scene_records(n_images=n_images, seed=seed)
     rng = np.random.RandomState(1)
     noisy = []
     for r in recs:
@@ -252,13 +263,201 @@ def test_bootstrap_protocols_agree_with_the_protocols_and_order_methods():
         seg = dict(labels=labels, nearest_labels=near, bilinear_labels=labels, lowres_labels=r.lowres_labels,
                    mask_embeddings=r.mask_embeddings, query_features=r.query_features)
         noisy.append(build_record(r.image_id, seg, gt, 3))
+    return noisy
+
+
+def test_bootstrap_protocols_agree_with_the_protocols_and_order_methods():
+    """Every protocol: the full-data values are the protocols' own mIoU, intervals hold them, an
+    identical pair differs by exactly 0 and a better method's advantage has an interval above 0."""
+    noisy = _noisy_records()
     out = bootstrap_protocols(noisy, 3, n_boot=200)
-    for protocol, fn in (("hungarian", hungarian_protocol), ("concept", concept_protocol)):
-        full = fn(noisy, 3)["methods"]
+    assert list(out) == list(PROTOCOLS)
+    for protocol in PROTOCOLS:
+        full = evaluate_records(noisy, protocol, 3)["methods"]
         for m in ("emerdiff", "nearest", "bilinear"):
             row = out[protocol][m]
-            assert row["value"] == pytest.approx(full[m]["miou"])
+            assert row["value"] == pytest.approx(full[m]["miou"], abs=1e-9), (protocol, m)
             assert row["lo"] <= row["value"] <= row["hi"]
         assert out[protocol]["emerdiff-bilinear"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
-        assert out[protocol]["emerdiff-nearest"]["lo"] > 0
+        assert out[protocol]["emerdiff-nearest"]["lo"] > 0, protocol
+        # every pair of methods, in the records' order
+        assert out[protocol]["nearest-bilinear"]["hi"] < 0, protocol
     assert bootstrap_protocols(noisy, 3, n_boot=50, seed=3) == bootstrap_protocols(noisy, 3, n_boot=50, seed=3)
+    assert bootstrap_protocols(noisy, 3, n_boot=50, seed=3) != bootstrap_protocols(noisy, 3, n_boot=50, seed=4)
+
+
+def test_bootstrap_draws_resample_whole_images():
+    """A draw with image multiplicities w equals the protocol run on the records repeated w times."""
+    noisy = _noisy_records(n_images=5)
+    w = np.array([[2, 0, 1, 0, 2]])
+    repeated = [r for r, k in zip(noisy, w[0]) for _ in range(k)]
+    draws = protocol_draws(noisy, 3, w, protocols=["per_image_hungarian", "concept", "concept_token_mean"])
+    for protocol, per in draws.items():
+        full = evaluate_records(repeated, protocol, 3)["methods"]
+        for m, v in per.items():
+            assert v[0] == pytest.approx(full[m]["miou"], abs=1e-9), (protocol, m)
+    weights = bootstrap_weights(5, 30, seed=0)
+    assert weights.shape == (31, 5) and (weights[0] == 1).all() and (weights.sum(axis=1) == 5).all()
+    no_ci = bootstrap_protocols(noisy, 3, n_boot=0)["concept"]["emerdiff"]
+    assert math.isnan(no_ci["lo"]) and math.isnan(no_ci["hi"]) and np.isfinite(no_ci["value"])
+
+
+# --------------------------------------------------------------------------- per-image Hungarian
+def test_per_image_match_uses_only_present_classes():
+    # 3 masks, 4 classes; class 3 absent, class 2 absent too: mask 2 must stay unmatched
+    counts = np.array([[0, 5, 0, 0],
+                       [4, 1, 0, 0],
+                       [0, 0, 0, 0]])
+    np.testing.assert_array_equal(per_image_match(counts), [1, 0, -1])
+    assert (per_image_match(np.zeros((2, 3), dtype=int)) == -1).all()  # an all-ignored image
+
+
+def test_per_image_hungarian_differs_from_dataset_matching_by_hand():
+    """Two images whose masks swap roles: the per-image matching recovers both, one dataset
+    matching of the clustered masks cannot. Pooled, not averaged: hand-computed IoUs."""
+    # image a: mask 0 = class 0 (6 px) + 2 px of class 1; mask 1 = class 1 (8 px)
+    # image b: mask 0 = class 1 (8 px); mask 1 = class 0 (8 px); embeddings stay with the mask id
+    gt_a = np.array([[0, 0, 0, 0], [0, 0, 1, 1], [1, 1, 1, 1], [1, 1, 1, 1]])
+    lab_a = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    gt_b = np.array([[1, 1, 1, 1], [1, 1, 1, 1], [0, 0, 0, 0], [0, 0, 0, 0]])
+    lab_b = np.array([[0, 0, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1], [1, 1, 1, 1]])
+    recs = []
+    for name, gt, lab in (("a", gt_a, lab_a), ("b", gt_b, lab_b)):
+        seg = dict(labels=lab, nearest_labels=lab, bilinear_labels=lab, lowres_labels=np.array([[0], [1]]),
+                   mask_embeddings=np.eye(2), query_features=np.eye(2))
+        recs.append(build_record(name, seg, gt, 2))
+    per_image = per_image_hungarian_protocol(recs, 2, ["x", "y"])["methods"]["emerdiff"]
+    # pooled class confusion: class 0 -> [6 + 8, 0], class 1 -> [2, 8 + 8]
+    # IoU_0 = 14 / (14 + 16 - 14) = 14/16, IoU_1 = 16 / (18 + 16 - 16) = 16/18
+    assert per_image["miou"] == pytest.approx((14 / 16 + 16 / 18) / 2 * 100)
+    assert per_image["per_class_iou"] == pytest.approx({"x": 14 / 16 * 100, "y": 16 / 18 * 100})
+    # the dataset matching puts both mask-0s in one cluster, so one image is labelled backwards
+    dataset = dataset_hungarian_protocol(recs, 2)["methods"]["emerdiff"]
+    assert dataset["miou"] < 60 < per_image["miou"]
+
+
+# --------------------------------------------------------------------------- concept variants
+def test_mask_mean_concepts_by_hand():
+    """The paper's concept: mean over a class's pixels of the embedding of each pixel's mask."""
+    gt = np.array([[0, 0], [0, 1]])
+    labels = np.array([[0, 0], [1, 1]])  # mask 0 holds two class-0 pixels; mask 1 one class-0 and one class-1
+    seg = dict(labels=labels, nearest_labels=np.array([[0, 0], [0, 1]]), bilinear_labels=labels,
+               lowres_labels=np.array([[0, 0], [1, 1]]), mask_embeddings=np.array([[1.0, 0.0], [0.0, 1.0]]),
+               query_features=np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]))
+    rec = build_record("toy", seg, gt, 2)
+    concepts, pixels = mask_concept_embeddings([rec], 2, "emerdiff")
+    # class 0: (2 * e0 + 1 * e1) / 3; class 1: e1
+    np.testing.assert_allclose(concepts, [[2 / 3, 1 / 3], [0.0, 1.0]])
+    np.testing.assert_array_equal(pixels, [3, 1])
+    # nearest's label map puts the class-0 pixel (1, 0) in mask 0: class 0 is then e0 exactly
+    np.testing.assert_allclose(mask_concept_embeddings([rec], 2, "nearest")[0], [[1.0, 0.0], [0.0, 1.0]])
+    res = concept_protocol([rec], 2, ["a", "b"])
+    assert res["protocol"] == "concept" and res["concept_variant"] == "mask_mean"
+    # emerdiff: mask 0 -> class 0 (cos 0.89 vs 0), mask 1 -> class 1 (cos 1 vs 0.45)
+    # class 0 row [2, 1], class 1 row [0, 1]: IoU_0 = 2/3, IoU_1 = 1/2
+    assert res["methods"]["emerdiff"]["per_class_iou"] == pytest.approx({"a": 200 / 3, "b": 50.0})
+    assert res["methods"]["emerdiff"]["miou"] == pytest.approx((200 / 3 + 50) / 2)
+    assert res["methods"]["nearest"]["miou"] == pytest.approx(100.0)
+
+
+def _random_segs(n_images: int = 10, num_classes: int = 5, k: int = 6, dim: int = 7, seed: int = 0):
+    """A fixed synthetic dataset: random GT and masks on a 4x4 grid, features biased to the class."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for i in range(n_images):
+        low_gt = rng.randint(0, num_classes, size=(4, 4))
+        low_masks = rng.randint(0, k, size=(4, 4))
+        low_masks.flat[:k] = np.arange(k)
+        feats = rng.randn(16, dim) + np.eye(dim)[low_gt.reshape(-1) % dim] * 2
+        emb = np.stack([feats[low_masks.reshape(-1) == m].mean(0) for m in range(k)])
+        gt = np.kron(low_gt, np.ones((4, 4), int))
+        gt[rng.rand(16, 16) < 0.1] = 255
+        nearest = np.kron(low_masks, np.ones((4, 4), int))
+        noisy = np.where(rng.rand(16, 16) < 0.3, rng.randint(0, k, (16, 16)), nearest)
+        seg = dict(labels=noisy, nearest_labels=nearest, bilinear_labels=np.roll(nearest, 1, 1),
+                   lowres_labels=low_masks, mask_embeddings=emb, query_features=feats)
+        out.append(build_record(f"img{i}", seg, gt, num_classes))
+    return out
+
+
+def test_token_mean_variant_reproduces_the_previous_concept_protocol_exactly():
+    """Numbers of the concept protocol before the paper's concepts became the default (commit
+    c4b81a9, then `concept_protocol(records, 5)`), on a fixed synthetic dataset: unchanged to the bit."""
+    recs = _random_segs()
+    res = concept_protocol(recs, 5, variant="token_mean")
+    assert res["protocol"] == "concept_token_mean"
+    assert {m: v["miou"] for m, v in res["methods"].items()} == {
+        "emerdiff": 25.733034641609095, "nearest": 31.764349115054415, "bilinear": 27.72618437135269}
+    assert {m: v["pixel_accuracy"] for m, v in res["methods"].items()} == {
+        "emerdiff": 41.670310450371666, "nearest": 49.016178399650194, "bilinear": 44.16265850459117}
+    # the default (the paper's concepts) is a different number on the same records
+    default = concept_protocol(recs, 5)["methods"]
+    assert default["emerdiff"]["miou"] != res["methods"]["emerdiff"]["miou"]
+    assert evaluate_records(recs, "concept_token_mean", 5)["methods"] == res["methods"]
+    with pytest.raises(ValueError, match="token_mean"):
+        concept_protocol(recs, 5, variant="paper")
+
+
+# --------------------------------------------------------------------------- methods
+def test_methods_come_from_the_records_including_own_masks():
+    """An extra method with masks of its own (as DiffSeg) is scored under every protocol with its
+    own embeddings; a record missing a method the others have is refused by name."""
+    recs = []
+    base, _ = _scene_records(n_images=4)
+    for r in base:
+        gt = np.kron(r.lowres_gt, np.ones((4, 4), dtype=int))
+        labels = np.kron(r.lowres_labels, np.ones((4, 4), dtype=int))
+        # "own": two masks, left and right half, embedded as the mean token feature inside each
+        own_ids = np.zeros_like(gt)
+        own_ids[:, 8:] = 1
+        tokens = r.query_features.reshape(4, 4, -1)
+        own_emb = np.stack([tokens[:, :2].mean((0, 1)), tokens[:, 2:].mean((0, 1))])
+        seg = dict(labels=labels, nearest_labels=labels, bilinear_labels=labels, lowres_labels=r.lowres_labels,
+                   mask_embeddings=r.mask_embeddings, query_features=r.query_features,
+                   extra_labels={"refined": labels},  # as Segmentation.extra_labels: shared mask ids
+                   extra_methods={"own": {"labels": own_ids, "mask_embeddings": own_emb}})
+        recs.append(build_record(r.image_id, seg, gt, 3))
+    assert recs[0].methods == ("emerdiff", "nearest", "bilinear", "refined", "own")
+    assert recs[0].embeddings("own").shape == (2, 8)
+    for protocol in PROTOCOLS:
+        res = evaluate_records(recs, protocol, 3)
+        assert list(res["methods"]) == list(recs[0].methods)
+        assert res["methods"]["refined"]["miou"] == pytest.approx(res["methods"]["emerdiff"]["miou"])
+        assert res["methods"]["own"]["miou"] < 100
+    clustered = dataset_hungarian_protocol(recs, 3)
+    assert clustered["num_masks"] == 12 and "num_clusters" not in clustered["methods"]["emerdiff"]
+    assert clustered["methods"]["own"]["num_clusters"] == 3  # its own k-means of its 8 masks
+    rows = per_class_rows(per_image_hungarian_protocol(recs, 3, ["a", "b", "c"]))
+    assert len(rows) == 5 * 3 and rows[0] == {"protocol": "per_image_hungarian", "method": "emerdiff",
+                                              "class_id": 0, "class": "a", "iou": pytest.approx(100.0)}
+    del recs[1].counts["own"]
+    with pytest.raises(ValueError, match=r"img1.*'own'"):
+        concept_protocol(recs, 3)
+    recs[1].counts["own"] = recs[0].counts["own"]
+    recs[1].method_embeddings["own"] = np.eye(3)[:2]  # not in the token-feature space
+    with pytest.raises(ValueError, match="'own'.*3 dims"):
+        concept_protocol(recs, 3, variant="token_mean")
+    with pytest.raises(ValueError, match="outside"):
+        build_record("x", dict(seg, extra_methods={"bad": {"labels": np.full((16, 16), 5)}}), gt, 3)
+    with pytest.raises(ValueError, match="both in extra_labels and extra_methods"):
+        build_record("x", dict(seg, extra_methods={"refined": {"labels": labels}}), gt, 3)
+
+
+def test_compare_records_pairs_the_same_resamples():
+    a = _noisy_records()
+    rows = compare_records(a, a, 3, n_boot=100)
+    assert {(r["protocol"], r["method"]) for r in rows} == {(p, m) for p in PROTOCOLS
+                                                             for m in ("emerdiff", "nearest", "bilinear")}
+    for r in rows:  # a run against itself: the paired difference is exactly 0
+        assert r["a-b"] == {"value": 0.0, "lo": 0.0, "hi": 0.0} and r["a"] == r["b"]
+    worse = []
+    for r in a:  # B: EmerDiff replaced by the noisy nearest labels
+        counts = dict(r.counts, emerdiff=r.counts["nearest"])
+        worse.append(ImageRecord(r.image_id, counts, r.mask_embeddings, r.query_features, r.lowres_labels,
+                                 r.lowres_gt))
+    rows = {(r["protocol"], r["method"]): r for r in compare_records(a, worse, 3, n_boot=100)}
+    for p in PROTOCOLS:
+        assert rows[(p, "emerdiff")]["a-b"]["lo"] > 0
+        assert rows[(p, "emerdiff")]["b"]["value"] == pytest.approx(rows[(p, "nearest")]["a"]["value"])
+    with pytest.raises(ValueError, match="same images"):
+        compare_records(a, a[::-1], 3, n_boot=10)

@@ -75,7 +75,9 @@ def make_folder(root: Path, n: int = 6, size: int = 64) -> Path:
 
 
 def _args(data: Path, out: Path, *extra: str):
-    return build_parser().parse_args(["--data", str(data), "--out", str(out), "--quiet", *extra])
+    # 100 resamples keep the tests quick; --bootstrap in extra overrides
+    return build_parser().parse_args(["--data", str(data), "--out", str(out), "--quiet", "--bootstrap", "100",
+                                      *extra])
 
 
 def _rows(out: Path) -> list[dict]:
@@ -86,20 +88,35 @@ def _rows(out: Path) -> list[dict]:
 def test_run_writes_results_with_fake(tmp_path):
     data = make_folder(tmp_path / "data")
     out = tmp_path / "out"
-    assert run(_args(data, out, "--protocol", "both"), segment_fn=fake_segment) == 0
+    assert run(_args(data, out), segment_fn=fake_segment) == 0  # default: every protocol
     rows = _rows(out)
+    protocols = ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean")
     assert [(r["protocol"], r["method"]) for r in rows] == [
-        (p, m) for p in ("hungarian", "concept") for m in ("emerdiff", "nearest", "bilinear")]
+        (p, m) for p in protocols for m in ("emerdiff", "nearest", "bilinear")]
     by = {(r["protocol"], r["method"]): r for r in rows}
-    # masks coincide with the GT regions: both protocols recover them exactly
-    assert by[("concept", "emerdiff")]["miou"] == pytest.approx(100.0)
-    assert by[("hungarian", "nearest")]["miou"] == pytest.approx(100.0)
-    assert by[("concept", "bilinear")]["miou"] < 100.0
-    assert by[("concept", "emerdiff")]["locality"] == pytest.approx(0.75)
-    assert by[("concept", "nearest")]["locality"] is None
+    # masks coincide with the GT regions: every protocol recovers them exactly
+    for p in protocols:
+        assert by[(p, "emerdiff")]["miou"] == pytest.approx(100.0)
+        assert by[(p, "nearest")]["miou"] == pytest.approx(100.0)
+        assert by[(p, "bilinear")]["miou"] < 100.0
+        assert by[(p, "emerdiff")]["locality"] == pytest.approx(0.75)
+        assert by[(p, "nearest")]["locality"] is None
+        for m in ("emerdiff", "nearest", "bilinear"):
+            assert by[(p, m)]["miou_lo"] <= by[(p, m)]["miou"] <= by[(p, m)]["miou_hi"]
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("protocol,method,miou") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("protocol,method,miou,miou_lo,miou_hi") and len(csv_lines) == 13
     payload = json.loads((out / "results.json").read_text())
+    # paired intervals of every difference between methods
+    assert payload["intervals"]["concept"]["emerdiff-bilinear"]["lo"] > 0
+    assert payload["intervals"]["concept"]["emerdiff-nearest"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    assert payload["config"]["bootstrap"]["resamples"] == 100
+    assert payload["config"]["image_ids"] == [f"im{i:02d}" for i in range(6)]
+    # per-class IoU with the dataset's class names, in results.json and per_class.csv
+    concept = next(r for r in payload["protocols"] if r["protocol"] == "concept")
+    assert list(concept["methods"]["bilinear"]["per_class_iou"]) == ["red", "green", "blue", "yellow"]
+    per_class = (out / "per_class.csv").read_text().splitlines()
+    assert per_class[0] == "protocol,method,class_id,class,iou" and len(per_class) == 1 + 4 * 3 * 4
+    assert "concept,bilinear,3,yellow," in (out / "per_class.csv").read_text()
     assert payload["config"]["segmentation_config"] == {"fake": True, "grid": GRID}
     assert payload["config"]["num_images"] == 6 and payload["config"]["layout"] == "folder"
     rec = load_record(record_path(out, "im00"))
@@ -111,7 +128,7 @@ def test_run_writes_results_with_fake(tmp_path):
 def test_resume_after_interruption_gives_same_numbers(tmp_path):
     data = make_folder(tmp_path / "data")
     full = tmp_path / "full"
-    run(_args(data, full, "--protocol", "both"), segment_fn=fake_segment)
+    run(_args(data, full, "--protocol", "all"), segment_fn=fake_segment)
 
     calls = []
 
@@ -123,7 +140,7 @@ def test_resume_after_interruption_gives_same_numbers(tmp_path):
 
     out = tmp_path / "resumed"
     with pytest.raises(KeyboardInterrupt):
-        run(_args(data, out, "--protocol", "both"), segment_fn=dies_after_two)
+        run(_args(data, out, "--protocol", "all"), segment_fn=dies_after_two)
     assert len(list((out / "per_image").glob("*.npz"))) == 2
     assert not list((out / "per_image").glob(".*"))  # no temp files left behind
     assert not (out / "results.json").exists()
@@ -134,7 +151,7 @@ def test_resume_after_interruption_gives_same_numbers(tmp_path):
         seen.append(image)
         return fake_segment(image)
 
-    assert run(_args(data, out, "--protocol", "both"), segment_fn=counting) == 0
+    assert run(_args(data, out, "--protocol", "all"), segment_fn=counting) == 0
     assert len(seen) == 4  # only the images not done before
     assert _rows(out) == _rows(full)
     assert (out / "results.csv").read_text() == (full / "results.csv").read_text()
@@ -168,7 +185,7 @@ def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: b
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            *target, "--data", str(data), "--out", str(out),
-           "--protocol", "both", "--quiet", *extra]
+           "--protocol", "all", "--quiet", "--bootstrap", "100", *extra]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     payload = json.loads((out / "results.json").read_text())
@@ -180,7 +197,7 @@ def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: b
 def test_accelerate_two_processes_match_single_process(tmp_path):
     data = make_folder(tmp_path / "data", n=5)  # odd count: uneven shares
     single = tmp_path / "single"
-    run(_args(data, single, "--protocol", "both"), segment_fn=fake_segment)
+    run(_args(data, single, "--protocol", "all"), segment_fn=fake_segment)
     multi = tmp_path / "multi"
     payload = _launch_two_processes(data, multi, tmp_path, fake=True)
     assert payload["rows"] == _rows(single)
@@ -194,17 +211,17 @@ def test_end_to_end_tiny_model(tmp_path):
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
     args = _args(data, out, "--model", "tiny", "--resolution", "64", "--k", "3",
-                 "--protocol", "both", "--device", "cpu")
+                 "--protocol", "all", "--device", "cpu")
     assert run(args) == 0
     rows = _rows(out)
-    assert len(rows) == 6
+    assert len(rows) == 12
     for r in rows:
         assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["pixel_accuracy"] <= 100.0
     assert rows[0]["locality"] is not None
     payload = json.loads((out / "results.json").read_text())
     cfg = payload["config"]["segmentation_config"]
     assert cfg["num_clusters"] == 3 and cfg["resolution"] == 64
-    assert (out / "results.csv").read_text().count("\n") == 7
+    assert (out / "results.csv").read_text().count("\n") == 13
 
 
 @pytest.mark.slow
@@ -215,7 +232,7 @@ def test_accelerate_tiny_model_matches_single_process(tmp_path):
     data = make_folder(tmp_path / "data", n=2)
     tiny = ("--model", "tiny", "--resolution", "64", "--k", "3", "--device", "cpu")
     single = tmp_path / "single"
-    assert run(_args(data, single, "--protocol", "both", *tiny)) == 0
+    assert run(_args(data, single, "--protocol", "all", *tiny)) == 0
     payload = _launch_two_processes(data, tmp_path / "multi", tmp_path, *tiny)
     assert payload["rows"] == _rows(single)
 
@@ -239,3 +256,113 @@ def test_openvocab_protocol_with_unet_labeller(tmp_path):
     first = (out / "results.json").read_text()
     assert run(args) == 0
     assert json.loads((out / "results.json").read_text())["rows"] == json.loads(first)["rows"]
+
+
+def test_bootstrap_zero_disables_intervals(tmp_path):
+    data = make_folder(tmp_path / "data", n=3)
+    out = tmp_path / "out"
+    assert run(_args(data, out, "--protocol", "dataset_hungarian", "--bootstrap", "0"), segment_fn=fake_segment) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["intervals"] == {} and all(r["miou_lo"] is None for r in payload["rows"])
+    assert {r["protocol"] for r in payload["rows"]} == {"dataset_hungarian"}
+    with pytest.raises(ValueError, match="--bootstrap -1"):
+        run(_args(data, out, "--bootstrap", "-1"), segment_fn=fake_segment)
+
+
+def _with_extra_methods(image) -> SimpleNamespace:
+    """The fake plus two more methods: 'halves' with masks of its own, 'refined' on the shared masks."""
+    seg = fake_segment(image)
+    h, w = seg.labels.shape
+    halves = np.zeros((h, w), dtype=np.int64)
+    halves[:, w // 2:] = 1
+    tokens = seg.query_features.reshape(GRID, GRID, -1)
+    emb = np.stack([tokens[:, : GRID // 2].mean((0, 1)), tokens[:, GRID // 2:].mean((0, 1))])
+    seg.extra_methods = {"halves": {"labels": halves, "mask_embeddings": emb}}
+    seg.extra_labels = {"refined": seg.labels}  # as Segmentation.extra_labels (e.g. "diffseg")
+    return seg
+
+
+def test_every_method_of_the_records_is_scored(tmp_path):
+    data = make_folder(tmp_path / "data", n=3)
+    out = tmp_path / "out"
+    assert run(_args(data, out), segment_fn=_with_extra_methods) == 0
+    methods = ("emerdiff", "nearest", "bilinear", "refined", "halves")
+    by = {(r["protocol"], r["method"]): r for r in _rows(out)}
+    for p in ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean"):
+        for m in methods:
+            assert (p, m) in by, (p, m)
+        assert by[(p, "refined")]["miou"] == pytest.approx(by[(p, "emerdiff")]["miou"])
+        assert by[(p, "halves")]["miou"] < by[(p, "emerdiff")]["miou"]
+    rec = load_record(record_path(out, "im00"))
+    assert rec.methods == methods and rec.embeddings("halves").shape == (2, 4)
+    with np.load(record_path(out, "im00")) as z:
+        assert z["map_halves"].shape == (64, 64)
+
+
+# --------------------------------------------------------------------------- compare
+def _worse_segment(image) -> SimpleNamespace:
+    seg = fake_segment(image)
+    seg.labels = np.roll(seg.labels, 6, axis=0)  # EmerDiff's map shifted: clearly worse
+    return seg
+
+
+def test_compare_prints_a_paired_table(tmp_path, capsys):
+    from emerdiff.cli import main
+
+    data = make_folder(tmp_path / "data", n=6)
+    a, b = tmp_path / "a", tmp_path / "b"
+    run(_args(data, a), segment_fn=fake_segment)
+    run(_args(data, b, "--limit", "4"), segment_fn=_worse_segment)
+    report = tmp_path / "cmp.json"
+    assert main(["compare", str(a), str(b), "--bootstrap", "200", "--json", str(report)]) == 0
+    text = capsys.readouterr().out
+    assert "4 shared images" in text and "2 image(s) only in A" in text
+    line = next(l for l in text.splitlines() if l.startswith("concept ") and " emerdiff " in l)
+    assert line.rstrip().endswith("*")  # A better than B with an interval above 0
+    result = json.loads(report.read_text())
+    rows = {(r["protocol"], r["method"]): r for r in result["rows"]}
+    assert rows[("dataset_hungarian", "emerdiff")]["a-b"]["lo"] > 0
+    assert rows[("concept", "nearest")]["a-b"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    assert rows[("concept", "nearest")]["a"]["value"] == pytest.approx(100.0)
+    # a run against itself on all its images: its own results.json values, zero differences
+    assert main(["compare", str(a), str(a), "--bootstrap", "0", "--json", str(report)]) == 0
+    own = {(r["protocol"], r["method"]): r["miou"] for r in _rows(a)}
+    for row in json.loads(report.read_text())["rows"]:
+        assert row["a"]["value"] == pytest.approx(own[(row["protocol"], row["method"])])
+        assert row["a-b"]["value"] == 0.0
+
+
+def test_compare_refuses_runs_that_cannot_be_paired(tmp_path, capsys):
+    from emerdiff.cli import main
+
+    data = make_folder(tmp_path / "data", n=2)
+    a = tmp_path / "a"
+    run(_args(data, a), segment_fn=fake_segment)
+    # no shared images: the same pictures under other names
+    other = make_folder(tmp_path / "other", n=2)
+    for folder in ("images", "labels"):
+        for f in (other / folder).iterdir():
+            f.rename(f.with_name("x" + f.name))
+    b = tmp_path / "b"
+    run(_args(other, b), segment_fn=fake_segment)
+    assert main(["compare", str(a), str(b)]) == 2
+    assert "share no images" in capsys.readouterr().err
+    # other classes
+    renamed = make_folder(tmp_path / "renamed", n=2)
+    (renamed / "classes.txt").write_text("r\ng\nb\ny\n")
+    c = tmp_path / "c"
+    run(_args(renamed, c), segment_fn=fake_segment)
+    assert main(["compare", str(a), str(c)]) == 2
+    assert "different datasets: class_names" in capsys.readouterr().err
+    # same image ids, different labels
+    relabelled = make_folder(tmp_path / "relabelled", n=2)
+    label = np.asarray(Image.open(relabelled / "labels" / "im01.png")).copy()
+    label[10:20, 10:20] = 0
+    Image.fromarray(label).save(relabelled / "labels" / "im01.png")
+    d = tmp_path / "d"
+    run(_args(relabelled, d), segment_fn=fake_segment)
+    assert main(["compare", str(a), str(d)]) == 2
+    assert "different labels" in (err := capsys.readouterr().err) and "im01" in err
+    # not a finished run
+    assert main(["compare", str(a), str(tmp_path / "data")]) == 2
+    assert "no results.json" in capsys.readouterr().err

@@ -30,18 +30,18 @@ def test_heldout_main_end_to_end(tmp_path, tiny_dir):
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
     methods = {(r["protocol"], r["method"]) for r in rows}
-    for protocol in ("hungarian", "concept"):
+    for protocol in ("dataset_hungarian", "concept", "concept_token_mean", "per_image_hungarian"):
         for method in ("emerdiff", "nearest", "bilinear"):
             assert (protocol, method) in methods
     assert ("openvocab", "unet+emerdiff") in methods
     table = (out / "results.md").read_text()
-    assert "| hungarian | emerdiff |" in table and "settings:" in table
+    assert "| dataset_hungarian | emerdiff |" in table and "settings:" in table
     intervals = json.loads((out / "results.json").read_text())["intervals"]
-    for protocol in ("hungarian", "concept"):
+    for protocol in ("dataset_hungarian", "concept", "concept_token_mean", "per_image_hungarian"):
         for name in ("emerdiff", "nearest", "emerdiff-nearest", "emerdiff-bilinear"):
             v = intervals[protocol][name]
             assert v["lo"] <= v["hi"] and np.isfinite(v["value"]), (protocol, name)
-    assert "| hungarian | emerdiff - nearest |" in table
+    assert "| dataset_hungarian | emerdiff - nearest |" in table
 
 
 def test_heldout_folder_of_the_flat_world_and_world_mismatch(tmp_path):

@@ -351,9 +351,9 @@ def _counting():
 def test_bad_cache_record_is_recomputed_with_one_line(tmp_path, capsys, damage):
     data = make_folder(tmp_path / "data", n=4)
     clean = tmp_path / "clean"
-    run(_args(data, clean, "--protocol", "both"), segment_fn=fake_segment)
+    run(_args(data, clean, "--protocol", "all"), segment_fn=fake_segment)
     out = tmp_path / "out"
-    run(_args(data, out, "--protocol", "both"), segment_fn=fake_segment)
+    run(_args(data, out, "--protocol", "all"), segment_fn=fake_segment)
     target = record_path(out, "im00")
     if damage == "truncated":
         target.write_bytes(target.read_bytes()[:200])
@@ -368,7 +368,7 @@ def test_bad_cache_record_is_recomputed_with_one_line(tmp_path, capsys, damage):
         np.savez_compressed(target, **arrays)
     capsys.readouterr()
     seen, counting = _counting()
-    assert run(_args(data, out, "--protocol", "both"), segment_fn=counting) == 0
+    assert run(_args(data, out, "--protocol", "all"), segment_fn=counting) == 0
     assert len(seen) == 1 and seen[0].endswith("im00.png")
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("recomputing")]
     assert len(err) == 1 and "im00" in err[0] and str(target) in err[0]

@@ -215,10 +215,10 @@ def main(argv: list[str] | None = None) -> int:
     # segmentation too, so it goes first and the mask protocols then only merge). Each run
     # rewrites results.json, so rows are collected in between.
     rows = []
-    protocols = ([] if args.no_openvocab else ["openvocab"]) + ["both"]
+    protocols = ([] if args.no_openvocab else ["openvocab"]) + ["all"]
     for protocol in protocols:
         run(build_parser().parse_args([*common, "--protocol", protocol, "--labeller", "unet",
-                                       "--out", str(out / "evaluate")]))
+                                       "--bootstrap", str(args.bootstrap), "--out", str(out / "evaluate")]))
         rows += json.loads((out / "evaluate" / "results.json").read_text())["rows"]
     world = args.world or model_world(args.model)
     settings = {"model": args.model, "world": world, "scenes": args.n, "k": args.k, **REFERENCE_CONFIG,
