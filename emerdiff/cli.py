@@ -64,12 +64,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--k", type=int, default=None, help=f"number of k-means segments K {_sized_default('K')}")
     g.add_argument("--resolution", type=int, default=None,
                    help=f"model input size in pixels {_sized_default('resolution')}")
-    g.add_argument("--query-layer", default=d.query_layer,
-                   help=f"attention layer whose queries are clustered (default: {d.query_layer})")
+    g.add_argument("--query-layer", default=None,
+                   help=f"attention layer whose queries are clustered (default: from the model: {d.query_layer} "
+                   "for SD, its own for SDXL; see `emerdiff layers MODEL`)")
     g.add_argument("--feature-timestep", type=int, default=d.feature_timestep,
                    help=f"timestep of the noised image whose queries are clustered (default: {d.feature_timestep})")
-    g.add_argument("--modulation-layer", default=d.modulation_layer,
-                   help=f"attention layer that is perturbed (default: {d.modulation_layer})")
+    g.add_argument("--modulation-layer", default=None,
+                   help=f"attention layer that is perturbed (default: from the model: {d.modulation_layer} "
+                   "for SD, its own for SDXL)")
     g.add_argument("--modulation-timestep", type=int, default=None,
                    help=f"timestep t_m of the perturbation, on the schedule {_sized_default('modulation_timestep')}")
     g.add_argument("--strength", type=float, default=d.modulation_strength,
@@ -100,9 +102,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
     sizes = config_sizes(args.model)
     sized = {field: sizes[field] if getattr(args, flag) is None else getattr(args, flag)
              for flag, field in _SIZED_FLAGS.items()}
+    d = EmerDiffConfig()
     return EmerDiffConfig(
-        query_layer=args.query_layer, feature_timestep=args.feature_timestep,
-        modulation_layer=args.modulation_layer, modulation_strength=args.strength,
+        query_layer=args.query_layer or sizes.get("query_layer", d.query_layer), feature_timestep=args.feature_timestep,
+        modulation_layer=args.modulation_layer or sizes.get("modulation_layer", d.modulation_layer),
+        modulation_strength=args.strength,
         attention_injection=not args.no_injection, readout_steps=args.readout_steps, seed=args.seed,
         device=args.device, dtype=args.dtype, **sized,
     )
@@ -125,7 +129,7 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from .models import layer_table
+    from .models import default_layers, layer_table
 
     model = load_model_from_args(args)
     latent = args.resolution // model.vae_scale_factor if args.resolution else None
@@ -133,6 +137,9 @@ def cmd_layers(args: argparse.Namespace) -> int:
     print(f"{'layer':58s} {'kind':5s} {'block':13s} {'grid':>7s} {'channels':>8s} {'heads':>5s}")
     for r in rows:
         print(f"{r['layer']:58s} {r['kind']:5s} {r['block']:13s} {r['resolution']:>7s} {r['channels']:8d} {r['heads']:5d}")
+    query, modulation = default_layers(model.unet)
+    print(f"{model.family} defaults (first and last cross-attention of the lowest-resolution decoder block): "
+          f"query_layer {query}, modulation_layer {modulation}")
     return 0
 
 
@@ -296,12 +303,19 @@ def figure_sizes(model: str) -> dict[str, Any]:
         native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
     except (OSError, ValueError, KeyError, TypeError):
         return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes
-    return dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
+    sizes = dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
+    if unet.get("addition_embed_type") == "text_time":  # SDXL runs at its native size (1024 px for SDXL base)
+        sizes["resolution"] = native
+    return sizes
 
 
 def config_sizes(model: str) -> dict[str, Any]:
-    """:func:`figure_sizes` as EmerDiffConfig fields: the defaults of ``segment`` and ``evaluate``."""
-    return {_CONFIG_FIELDS[k]: v for k, v in figure_sizes(model).items()}
+    """:func:`figure_sizes` as EmerDiffConfig fields, plus the model family's own fields (SDXL's
+    resolution and layers, :func:`emerdiff.models.family_defaults`): the defaults of ``segment``
+    and ``evaluate``."""
+    from .models import family_defaults
+
+    return {**{_CONFIG_FIELDS[k]: v for k, v in figure_sizes(model).items()}, **family_defaults(model)}
 
 
 def cmd_figures(args: argparse.Namespace) -> int:

@@ -97,6 +97,15 @@ class EmerDiffConfig:
         """A copy with some fields changed (validated names)."""
         return EmerDiffConfig.from_dict({**self.to_dict(), **changes})
 
+    @classmethod
+    def for_model(cls, model: Any, **changes: Any) -> EmerDiffConfig:
+        """The defaults for ``model``'s family, then ``changes``: the paper's for SD; SDXL's native
+        resolution and query/modulation layers (:func:`emerdiff.models.family_defaults`).
+        ``model``: a loaded SDModel, a folder, a hub id, 'tiny' or 'reference'."""
+        from .models import family_defaults
+
+        return cls.from_dict({**cls().to_dict(), **family_defaults(model), **changes})
+
     # ------------------------------------------------------------- checking
     def check_values(self) -> None:
         """Checks that need no model; a ValueError names the field, the value, the valid range and the fix."""
@@ -201,11 +210,19 @@ class EmerDiffConfig:
         Raises ValueError naming the bad value and listing the valid ones.
         """
         from .inversion import schedule_timesteps
-        from .models import attention_layers, feature_resolution, unet_downsampling
+        from .models import attention_layers, family_defaults, feature_resolution, unet_downsampling
 
         self.check_values()
         self.check_resolution(model.vae_scale_factor, unet_downsampling(model.unet.config))
         layers = attention_layers(model.unet)
+        own = family_defaults(model)
+        if own and (self.query_layer, self.modulation_layer) == (QUERY_LAYER, MODULATION_LAYER):
+            # SD's paths exist in SDXL too, one level finer: refuse instead of running the wrong level
+            raise ValueError(
+                f"query_layer and modulation_layer are SD's defaults, but {getattr(model, 'source', 'this model')} "
+                f"is {model.family}: its low-resolution layers are {own['query_layer']} and "
+                f"{own['modulation_layer']}. Use EmerDiffConfig.for_model(model, ...) or set both layers"
+            )
         for what in ("query_layer", "modulation_layer"):
             name = getattr(self, what)
             if name not in layers:

@@ -33,11 +33,17 @@ class CallCounter:
 
 
 def unet_forward(model: Any, x: torch.Tensor, t: int, counter: CallCounter | None = None, stage: str = "unet") -> torch.Tensor:
-    """One UNet call with the empty-prompt embedding, batch-expanded."""
+    """One UNet call with the empty-prompt conditioning, batch-expanded.
+
+    The model's ``unet_kwargs`` (SDModel) adds what its family needs beyond the
+    text embedding: nothing for SD, SDXL's pooled text and size conditioning.
+    """
     emb = model.empty_embedding.expand(x.shape[0], -1, -1)
     timestep = torch.tensor(t, device=x.device)
+    # stand-ins without unet_kwargs (test namespaces, prompt views) are SD-shaped
+    extra = model.unet_kwargs(x.shape[0], tuple(x.shape[-2:])) if hasattr(model, "unet_kwargs") else {}
     with torch.no_grad():
-        out = model.unet(x, timestep, encoder_hidden_states=emb, return_dict=False)[0]
+        out = model.unet(x, timestep, encoder_hidden_states=emb, return_dict=False, **extra)[0]
     if counter is not None:
         counter.add(stage, x.shape[0])
     return out

@@ -101,3 +101,36 @@ def test_sd21_base_layers_at_real_size():
     modules = dict(unet.named_modules())
     assert modules[QUERY].to_k.in_features == 1024  # OpenCLIP-H text width
     check_architecture(unet)
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd21-base", "tiny"])
+def test_default_layers_are_the_papers_on_sd(name):
+    """The family rule (first and last cross-attention of the lowest-resolution decoder block)
+    gives exactly the paper's pair on every SD-shaped UNet."""
+    from emerdiff.config import MODULATION_LAYER, QUERY_LAYER
+    from emerdiff.models import default_layers, family_defaults, low_resolution_block
+
+    unet = meta_unet(name)
+    assert low_resolution_block(unet) == "up_blocks.1"
+    assert default_layers(unet) == (QUERY_LAYER, MODULATION_LAYER)
+    assert family_defaults(name if name == "tiny" else "nowhere/at-all") == {}
+
+
+def test_default_layers_of_the_reference_model():
+    from emerdiff.config import MODULATION_LAYER, QUERY_LAYER
+    from emerdiff.models import _meta_unet_from_config, component_configs, default_layers, family_defaults
+    from emerdiff.reference import weights_dir
+
+    unet_config, _ = component_configs(weights_dir())
+    assert default_layers(_meta_unet_from_config(unet_config)) == (QUERY_LAYER, MODULATION_LAYER)
+    assert family_defaults("reference") == {}
+
+
+def test_model_family_from_the_unet_config(tiny_model):
+    from emerdiff.models import unet_family
+
+    assert tiny_model.family == "sd" and unet_family(tiny_model.unet.config) == "sd"
+    assert unet_family({"addition_embed_type": "text_time"}) == "sdxl"
+    assert tiny_model.unet_kwargs(4, (8, 8)) == {}
+    with pytest.raises(ValueError, match="SDXL models only"):
+        tiny_model.encode_pooled([""])
