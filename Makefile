@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= reference
 DEVICE ?= cpu
 
-.PHONY: setup test test-browser lint lab bench figures clean FORCE
+.PHONY: setup test test-browser lint lab notebooks bench figures clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,34 +39,34 @@ test-browser: setup
 lab: setup
 	$(VENV)/bin/jupyter lab --config=notebooks/jupyter_server_config.py notebooks/
 
+# The notebooks' source is notebooks/NN_name.py (jupytext percent format: linted, readable diffs);
+# NN_name.ipynb beside it is generated from it, outputs stripped (notebooks/README.md).
+NOTEBOOK_SOURCES := $(sort $(wildcard notebooks/[0-9][0-9]_*.py))
+
+notebooks: $(NOTEBOOK_SOURCES:.py=.ipynb)
+
+notebooks/%.ipynb: notebooks/%.py | $(VENV)/.installed
+	$(PY) notebooks/_build.py $<
+
 bench: setup
 	$(PY) benchmarks/bench_segment.py
 
 # ---------------------------------------------------------------- figures
 # Each study notebook runs through papermill into notebooks/executed/ and writes
 # its figures (PNG + PDF) and a JSON sidecar into $(FIG_DIR). A stamp per
-# notebook depends on the notebook, the package sources and the parameters, so
-# re-running redoes only what changed; a failing cell fails the target (papermill
-# prints the cell's error). `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda`
-# runs the paper-size settings.
+# notebook depends on the notebook (regenerated from its .py first), the package
+# sources and the parameters, so re-running redoes only what changed; a failing
+# cell fails the target (papermill prints the cell's error). Sizes follow the
+# model inside each notebook (emerdiff.lab.setup -> emerdiff.cli.figure_sizes, the
+# one size rule), so `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda` runs the
+# paper-size settings; FIG_PARAMS='-p K 25' overrides any parameter.
 FIG_DIR    ?= figures
 EXEC_DIR   ?= notebooks/executed
 KERNEL     ?= emerdiff
-NOTEBOOKS  := $(sort $(wildcard notebooks/[0-9][0-9]_*.ipynb))
+NOTEBOOKS  := $(NOTEBOOK_SOURCES:.py=.ipynb)
 FIG_STAMPS := $(patsubst notebooks/%.ipynb,$(EXEC_DIR)/%.stamp,$(NOTEBOOKS))
-ifeq ($(MODEL),tiny)
-FIG_SIZE   ?= -p resolution 128 -p K 4 -p num_inference_steps 10 -p modulation_timestep 201 -p blur_sigma 1.0 -p max_batch 9
-else ifeq ($(MODEL),reference)
-# the reference model sees 128 px scenes; its up_blocks.1 grid is 16x16 as in SD at 512
-FIG_SIZE   ?= -p resolution 128 -p K 8 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 1.0 -p max_batch 17
-else
-# a folder or hub id: sized by its native resolution (emerdiff.cli.figure_sizes, as `emerdiff figures`
-# does: a 128 px reference-model folder gets the reference sizes, SD the paper's)
-FIG_SIZE   ?= $(shell $(VENV)/bin/python -c "import sys; from emerdiff.cli import figure_sizes; print(' '.join(f'-p {k} {v}' for k, v in figure_sizes(sys.argv[1]).items()))" '$(MODEL)' 2>/dev/null \
-                || echo '-p resolution 512 -p K 25 -p num_inference_steps 50 -p modulation_timestep 281 -p blur_sigma 4.0 -p max_batch 16')
-endif
 FIG_PARAMS ?=
-FIG_ARGS   := -p model $(MODEL) -p device $(DEVICE) -p output_dir $(abspath $(FIG_DIR)) $(FIG_SIZE) $(FIG_PARAMS)
+FIG_ARGS   := -p model $(MODEL) -p device $(DEVICE) -p output_dir $(abspath $(FIG_DIR)) $(FIG_PARAMS)
 
 figures: $(FIG_STAMPS)
 

@@ -276,7 +276,7 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 # The one size rule per model, as notebook parameters: `emerdiff figures`, `segment` and `evaluate`
-# use it (the Makefile's FIG_SIZE repeats the tiny and reference rows; a test keeps them equal).
+# use it, and so does every notebook (emerdiff.lab.setup sizes left None; the Makefile repeats none).
 # max_batch 2K + 1 runs every modulated run and the reference in one UNet batch.
 FIGURE_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0, max_batch=9),

@@ -157,21 +157,6 @@ def test_figures_kernel_matches_the_makefile():
     assert _subcommands()["figures"].get_default("kernel") == kernel == "emerdiff"
 
 
-def test_makefile_sizes_are_the_size_rule():
-    """The Makefile's FIG_SIZE rows for tiny and reference repeat FIGURE_SIZES (it runs before a venv exists)."""
-    import re
-    from pathlib import Path
-
-    from emerdiff.cli import FIGURE_SIZES
-
-    make = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
-    for model in ("tiny", "reference"):
-        block = make.split(f"ifeq ($(MODEL),{model})")[1]
-        line = next(l for l in block.splitlines() if l.startswith("FIG_SIZE"))
-        params = dict(re.findall(r"-p (\w+) (\S+)", line))
-        assert {k: float(v) for k, v in params.items()} == {k: float(v) for k, v in FIGURE_SIZES[model].items()}
-
-
 def _sized(argv):
     """The EmerDiffConfig fields that segment and evaluate would use for these arguments."""
     from emerdiff.cli import build_parser, config_from_args
