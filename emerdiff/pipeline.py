@@ -21,6 +21,7 @@ from .assign import assign_labels, bilinear_upsample, check_difference_maps, loc
 from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
 from .diffseg import DiffSegResult, run_diffseg
+from .faithfulness import cheap_measures
 from .images import ImageInput, load_image, resize_labels, to_model_input
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features, segments_from_labels
@@ -39,6 +40,8 @@ class Segmentation:
         mask_embeddings: (K', C) mean query vector inside each low-res mask.
         query_features: (h*w, C) the clustered query vectors.
         locality: (K',) share of each difference map's energy inside its mask.
+        faithfulness: mean locality and token agreement with their chance levels
+            (:func:`emerdiff.faithfulness.cheap_measures`; docs/METHOD.md, "Faithfulness measures").
         difference_maps: (K', R, R) maps at the model resolution, if requested.
         image_size: (H, W) of the input.
         timings: seconds per stage; unet_calls / unet_samples: per stage.
@@ -63,6 +66,7 @@ class Segmentation:
     images: np.ndarray | None = None  # (2K', 3, R, R) I+ / I- in [0, 1], if requested
     # other methods' (H, W) labels in the same mask ids, e.g. "diffseg" (DiffSeg alone) when lowres="diffseg"
     extra_labels: dict[str, np.ndarray] = field(default_factory=dict)
+    faithfulness: dict[str, float] = field(default_factory=dict)
 
     @property
     def num_segments(self) -> int:
@@ -75,7 +79,8 @@ class Segmentation:
         arrays = {k: v for k, v in self.__dict__.items() if isinstance(v, np.ndarray)}
         arrays.update({f"extra_{k}_labels": v for k, v in self.extra_labels.items()})
         meta = dict(image_size=self.image_size, timings=self.timings, unet_calls=self.unet_calls,
-                    unet_samples=self.unet_samples, config=self.config, model=self.model)
+                    unet_samples=self.unet_samples, config=self.config, model=self.model,
+                    faithfulness=self.faithfulness)
         np.savez_compressed(path, **arrays, meta=np.array(json.dumps(meta)))
 
 
@@ -388,6 +393,7 @@ class EmerDiff:
             model_res_labels = assign_labels(maps, cfg.blur_sigma)
             labels = resize_labels(model_res_labels.cpu(), size)
             loc = locality(maps, prepared.masks(maps.device), prepared.grid).cpu().numpy()
+            faithfulness = cheap_measures(loc, segs.labels, model_res_labels.cpu().numpy())
         with clock("baselines"):
             nearest = nearest_upsample(segs.labels, size)
             bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, size)
@@ -411,6 +417,7 @@ class EmerDiff:
             images=(((images + 1) / 2).clamp(0, 1).cpu().numpy() if images is not None else None),
             extra_labels={} if prepared.diffseg is None else
             {"diffseg": prepared.diffseg.pixel_labels(size, cfg.resolution, segs.labels)},
+            faithfulness=faithfulness,
         )
 
     def refine(self, image: ImageInput, lowres_labels: np.ndarray, **kwargs: Any) -> Segmentation:
