@@ -40,8 +40,11 @@ def unet_forward(model: Any, x: torch.Tensor, t: int, counter: CallCounter | Non
     """
     emb = model.empty_embedding.expand(x.shape[0], -1, -1)
     timestep = torch.tensor(t, device=x.device)
-    # stand-ins without unet_kwargs (test namespaces, prompt views) are SD-shaped
+    # stand-ins without unet_kwargs (test namespaces, prompt views) must be SD-shaped
     extra = model.unet_kwargs(x.shape[0], tuple(x.shape[-2:])) if hasattr(model, "unet_kwargs") else {}
+    if not hasattr(model, "unet_kwargs") and getattr(model.unet.config, "addition_embed_type", None):
+        raise ValueError(f"{type(model).__name__} has no unet_kwargs, but its UNet needs added conditioning "
+                         f"({model.unet.config.addition_embed_type!r}, SDXL); pass the SDModel of load_pipeline")
     with torch.no_grad():
         out = model.unet(x, timestep, encoder_hidden_states=emb, return_dict=False, **extra)[0]
     if counter is not None:

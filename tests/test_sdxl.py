@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -163,9 +164,12 @@ def test_added_conditioning_reaches_the_unet(sdxl):
     assert (other_size - base).abs().max() > 1e-4
     other_text = unet_forward(dataclasses.replace(sdxl, empty_pooled=torch.ones(1, 24)), x, 281)
     assert (other_text - base).abs().max() > 1e-4
-    # and the UNet refuses to run without it
+    # and the UNet refuses to run without it; a model view without unet_kwargs gets a clear error
     with pytest.raises((ValueError, TypeError)):
         sdxl.unet(x, torch.tensor(281), encoder_hidden_states=sdxl.empty_embedding.expand(2, -1, -1))
+    view = SimpleNamespace(unet=sdxl.unet, empty_embedding=sdxl.empty_embedding)
+    with pytest.raises(ValueError, match="no unet_kwargs.*added conditioning"):
+        unet_forward(view, x, 281)
 
 
 def test_half_precision_keeps_the_vae_in_float32(sdxl_dir, tmp_path):
