@@ -158,7 +158,7 @@ class EmerDiff:
 
     def __init__(self, model: SDModel, config: EmerDiffConfig | None = None) -> None:
         self.model = model
-        self.config = config or EmerDiffConfig()
+        self.config = config or EmerDiffConfig.for_model(model)  # SDXL: its own resolution and layers
         self.config.validate(model)
         self.schedule = Schedule.from_scheduler(model.scheduler, self.config.num_inference_steps)
 

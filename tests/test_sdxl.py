@@ -282,3 +282,9 @@ def test_cli_settings_follow_the_sdxl_folder(sdxl_dir):
                                                 "--query-layer", "mid_block.attentions.0.transformer_blocks.0.attn2"]))
     assert given.query_layer == "mid_block.attentions.0.transformer_blocks.0.attn2"
     assert given.modulation_layer == TINY_MODULATION
+
+
+def test_emerdiff_without_a_config_takes_the_family_defaults(sdxl):
+    ed = EmerDiff(sdxl)
+    assert (ed.config.resolution, ed.config.query_layer, ed.config.modulation_layer) == (
+        256, TINY_QUERY, TINY_MODULATION)
