@@ -6,6 +6,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .images import resize_labels
+
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
     """Normalised 1-D Gaussian with scipy's radius convention (int(truncate*sigma + 0.5))."""
@@ -76,8 +78,7 @@ def assign_labels(difference_maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def nearest_upsample(lowres_labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Baseline: nearest-neighbour upsampling of the low-res k-means labels."""
-    t = torch.as_tensor(lowres_labels)[None, None].float()
-    return F.interpolate(t, size=size, mode="nearest-exact")[0, 0].long().numpy()
+    return resize_labels(lowres_labels, size)
 
 
 def bilinear_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:

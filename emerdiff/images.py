@@ -200,10 +200,15 @@ def to_model_input(image: torch.Tensor, resolution: int) -> torch.Tensor:
     return (x.clamp(0, 1) * 2 - 1)
 
 
-def resize_labels(labels: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour resize of an integer label map to (height, width)."""
-    t = torch.as_tensor(np.asarray(labels))
-    if tuple(t.shape) == tuple(size):
-        return t.numpy().astype(np.int64)
-    out = F.interpolate(t[None, None].float(), size=size, mode="nearest-exact")
-    return out[0, 0].round().long().numpy()
+def resize_labels(labels: torch.Tensor | np.ndarray, size: tuple[int, ...]) -> np.ndarray:
+    """Nearest-neighbour resize of an integer label map to (height, width), sampling at pixel
+    centres (torch's "nearest-exact"); exact for any integer values (no float round trip).
+    The project's one label resizer: outputs, baselines, ground truth and evaluation all use it."""
+    arr = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    h, w = arr.shape
+    H, W = int(size[0]), int(size[1])
+    if (h, w) == (H, W):
+        return arr.astype(np.int64)
+    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
+    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
+    return arr[rows[:, None], cols[None, :]].astype(np.int64)

@@ -346,7 +346,10 @@ def load_pipeline(
     elif name == "reference":
         from .reference import weights_dir
 
-        path = str(weights_dir())
+        try:
+            path = str(weights_dir())
+        except FileNotFoundError as err:
+            raise ModelLoadError(str(err)) from None
     else:
         path = name
     local = Path(path).expanduser()

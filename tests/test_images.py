@@ -146,3 +146,18 @@ def test_huge_image_is_downscaled(tmp_path):
     x = to_model_input(t, 64)
     assert x.shape == (1, 3, 64, 64)
     assert x[0, :, :, :30].max() < -0.99 and x[0, :, :, 34:].min() > 0.99
+
+
+def test_resize_labels_is_torch_nearest_exact_and_keeps_large_ids():
+    import torch.nn.functional as F
+
+    rng = np.random.default_rng(0)
+    for shape, size in [((4, 4), (32, 32)), ((7, 5), (16, 23)), ((64, 48), (9, 10)), ((3, 3), (3, 3))]:
+        labels = rng.integers(0, 50, size=shape)
+        want = F.interpolate(torch.as_tensor(labels)[None, None].float(), size=size, mode="nearest-exact")
+        got = resize_labels(labels, size)
+        assert got.dtype == np.int64 and got.shape == size
+        np.testing.assert_array_equal(got, want[0, 0].long().numpy())
+        np.testing.assert_array_equal(resize_labels(torch.as_tensor(labels), size), got)
+    big = np.array([[2**40 + 1, 3], [5, 2**40 + 7]])  # ids a float32 round trip would corrupt
+    assert set(np.unique(resize_labels(big, (6, 6)))) == {2**40 + 1, 3, 5, 2**40 + 7}

@@ -12,9 +12,9 @@ WEIGHTS = Path(__file__).parent / "weights"
 def weights_dir() -> Path:
     """Folder of the shipped reference weights (diffusers layout)."""
     if not (WEIGHTS / "model_index.json").exists():
-        from ..models import ModelLoadError
-
-        raise ModelLoadError(
+        # FileNotFoundError, not models.ModelLoadError: this asset package sits below models.py,
+        # which turns the error into a ModelLoadError
+        raise FileNotFoundError(
             f"the reference model weights are not in this installation ({WEIGHTS}). "
             "Train them with `python -m emerdiff.reference.train` or use model='tiny'."
         )
