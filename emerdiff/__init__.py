@@ -8,7 +8,8 @@ from .config import EmerDiffConfig
 from .images import ImageError, load_image
 from .models import ModelLoadError, SDModel, load_pipeline
 from .pipeline import EmerDiff, Segmentation
+from .sweep import sweep  # the function; the module: `from emerdiff.sweep import load_map`
 
 __all__ = ["EmerDiff", "EmerDiffConfig", "Segmentation", "load_pipeline", "load_image",
-           "SDModel", "ModelLoadError", "ImageError"]
+           "SDModel", "ModelLoadError", "ImageError", "sweep"]
 __version__ = "0.1.0"
