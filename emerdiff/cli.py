@@ -16,6 +16,8 @@ EPILOG = """examples:
   emerdiff segment photo.jpg                 # the reference model, sized for it (128 px, K 8)
   emerdiff segment photo.jpg --model ./stable-diffusion-v1-5 --out results/   # 512 px, K 25
   emerdiff segment a.png b.png --model tiny --k 8 --resolution 256 --out results/
+  emerdiff segment photo.jpg --save-maps     # + every mask's difference map (npz) and a contact sheet
+  emerdiff refine photo.jpg --masks sam_labels.png   # your segments (any source) at pixel level
   emerdiff layers reference
 models: 'reference' (the project's own small trained model, the default), a local
 diffusers folder, a hub id (needs network or the HF cache; HF_HUB_OFFLINE=1 forbids
@@ -50,18 +52,35 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    "(default: torch's, one per core)")
 
 
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """--out, --quiet, --vocab and --save-maps: one definition for `segment` and `refine`."""
+    p.add_argument("--out", default="emerdiff_out", help="output folder (default: emerdiff_out)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no settings line, no per-image line, no progress or weight-loading bars (default: off)")
+    p.add_argument("--vocab", default=None,
+                   help="comma-separated class names: also write a class map + legend (open vocabulary) "
+                   "(default: none)")
+    p.add_argument("--save-maps", action="store_true",
+                   help="also write NAME_maps.npz (every mask's difference map, float16, with the mask ids, "
+                   "low-res masks and config) and NAME_maps.png (one tile per mask: outline + map) "
+                   "(default: off)")
+
+
 def _sized_default(param: str) -> str:
     """Help text for a setting that follows the model (the values of the size rule)."""
     t, r, d = (FIGURE_SIZES[k][param] for k in ("tiny", "reference", "default"))
     return f"(default: from the model: {r} for reference or a <=128 px folder, {t} for tiny, {d} otherwise)"
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
+def _add_config_args(p: argparse.ArgumentParser, kmeans: bool = True) -> None:
     from .config import EmerDiffConfig
 
     d = EmerDiffConfig()
     g = p.add_argument_group("method settings (sized for the model unless given; the rest: the paper's)")
-    g.add_argument("--k", type=int, default=None, help=f"number of k-means segments K {_sized_default('K')}")
+    if kmeans:
+        g.add_argument("--k", type=int, default=None, help=f"number of k-means segments K {_sized_default('K')}")
+    else:  # refine: the segments come from --masks
+        p.set_defaults(k=None)
     g.add_argument("--resolution", type=int, default=None,
                    help=f"model input size in pixels {_sized_default('resolution')}")
     g.add_argument("--query-layer", default=None,
@@ -116,6 +135,8 @@ def settings_line(args: argparse.Namespace, config: Any) -> str:
     """One line naming the sized settings and where each came from (the model, or a flag)."""
     parts = []
     for flag, field in _SIZED_FLAGS.items():
+        if flag == "k" and getattr(args, "masks", None):  # refine: K is the number of segments in --masks
+            continue
         given = getattr(args, flag) is not None
         parts.append(f"{field}={getattr(config, field)}" + (" (given)" if given else ""))
     return f"settings for model {args.model!r}: " + ", ".join(parts)
@@ -165,8 +186,10 @@ def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str, files: FileSet 
     paths.append(files.add(out_dir / f"{stem}_overlay.png", lambda p: Image.fromarray(over).save(p, format="PNG")))
 
     def write_npz(p: str) -> None:
-        with open(p, "wb") as f:
-            seg.save_npz(f)
+        import dataclasses
+
+        with open(p, "wb") as f:  # the maps, if any, go to STEM_maps.npz (--save-maps)
+            dataclasses.replace(seg, difference_maps=None).save_npz(f)
 
     paths.append(files.add(out_dir / f"{stem}.npz", write_npz))
     if own:
@@ -203,7 +226,94 @@ def save_openvocab(labeller: Any, seg: Any, image: Any, vocabulary: list[str], o
     return paths
 
 
+# Label maps with more distinct values than this are photos or anti-aliased drawings, not segments.
+MAX_LABELS = 1024
+_GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def read_label_map(path: str | Path, option: str = "--masks") -> np.ndarray:
+    """A label PNG (or any image file) -> (h, w) int64 segment ids, at the file's own size.
+
+    Indexed-palette PNGs (what ``segment`` writes) and 8/16-bit greyscale give their pixel
+    values; an RGB(A) image is colour-coded: each distinct colour is one segment (ids in
+    increasing colour order; a grey RGB image keeps its grey values). Raises ValueError
+    for a missing, empty, corrupt or non-label file, naming the fix.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{option} {p} does not exist; pass a label PNG (pixel value or colour = segment)")
+    if p.is_dir():
+        raise ValueError(f"{option} {p} is a folder; pass a label PNG file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{option} {p} is empty (0 bytes); re-export the label map")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            mode = img.mode
+            if mode == "P" or mode in _GREY_MODES:
+                arr = np.asarray(img).astype(np.int64)
+            elif mode == "LA":
+                arr = np.asarray(img.getchannel("L")).astype(np.int64)
+            elif mode == "F":
+                arr = np.asarray(img, np.float64)
+                if not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+                    raise ValueError(f"{option} {p}: a float label map must hold whole numbers (segment ids)")
+                arr = arr.astype(np.int64)
+            else:  # colour-coded: one segment per colour; alpha is not a segment
+                rgb = np.asarray(img.convert("RGB")).astype(np.int64)
+                if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+                    arr = rgb[..., 0]
+                else:
+                    arr = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2], return_inverse=True)[1]
+                    arr = arr.reshape(rgb.shape[:2])
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read {option} {p} as an image ({type(err).__name__}: {err}); the file is corrupt, "
+                         "truncated or not an image; a label PNG is expected") from err
+    n = len(np.unique(arr))
+    if n > MAX_LABELS:
+        raise ValueError(f"{option} {p} has {n} distinct values, more than {MAX_LABELS}: it looks like a photo or "
+                         "an anti-aliased drawing, not a label map; save one value (or one flat colour) per segment")
+    return arr
+
+
+def check_label_aspect(labels_shape: tuple[int, int], image_size: tuple[int, int], name: str = "--masks") -> None:
+    """Refuse a label map whose aspect ratio is not the image's (within one label pixel), unless it is
+    square: the model's own square view, like ``segment``'s low-resolution labels (any size)."""
+    h, w = labels_shape
+    H, W = image_size
+    if h == w or abs(w - h * W / H) <= max(1.0, 0.01 * w) or abs(h - w * H / W) <= max(1.0, 0.01 * h):
+        return
+    raise ValueError(f"{name} is {w}x{h} (aspect {w / h:.3g}) but the image is {W}x{H} (aspect {W / H:.3g}); "
+                     "a label map must cover the image with its aspect ratio at any resolution (e.g. "
+                     f"{W}x{H} or {max(1, round(16 * W / H))}x16), or be square (the model's view)")
+
+
 def cmd_segment(args: argparse.Namespace) -> int:
+    return _segment_images(args, [(item, None) for item in args.images])
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """`emerdiff refine IMAGE --masks LABELS.png`: EmerDiff.refine with segments from a file."""
+    from .images import ImageError, load_image
+
+    try:  # both files checked before the (slow) model load
+        labels = read_label_map(args.masks)
+        check_label_aspect(labels.shape, tuple(load_image(args.image).shape[1:]))
+    except (ImageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _segment_images(args, [(args.image, labels)], refine_segments=len(np.unique(labels)))
+
+
+def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray | None]],
+                    refine_segments: int | None = None) -> int:
+    """segment (labels None: k-means) or refine (given low-res labels) each image; write its outputs.
+
+    ``refine_segments``: the number of segments in the given labels, recorded as the config's K
+    (up to the query grid's token count; K is not used when the segments are given).
+    """
     from .files import check_output_dir, clean_stale_temps, unique_stems
     from .images import ImageError, load_image
     from .models import model_geometry
@@ -224,6 +334,11 @@ def cmd_segment(args: argparse.Namespace) -> int:
             config.check_resolution(*geometry)
         check_output_dir(Path(args.out))
         model = load_model_from_args(args)
+        if refine_segments is not None:
+            from .models import feature_resolution
+
+            h, w = feature_resolution(model.unet, config.query_layer, config.resolution // model.vae_scale_factor)
+            config = config.replace(num_clusters=max(2, min(refine_segments, h * w)))
         segmenter = EmerDiff(model, config)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -245,17 +360,19 @@ def cmd_segment(args: argparse.Namespace) -> int:
     out = Path(args.out)
     for leftover in clean_stale_temps([out]):
         print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
-    stems = unique_stems(args.images)
+    items = [item for item, _ in jobs]
+    stems = unique_stems(items)
     failed = 0
-    for i, (item, stem) in enumerate(zip(args.images, stems), 1):
+    for i, ((item, lowres), stem) in enumerate(zip(jobs, stems), 1):
         if not args.quiet:
-            print(f"[{i}/{len(args.images)}] {item}", file=sys.stderr)
+            print(f"[{i}/{len(items)}] {item}", file=sys.stderr)
         if stem != Path(item).stem:
             print(f"{item}: another input is also named {Path(item).stem}; writing {stem}_* for this one",
                   file=sys.stderr)
         try:
             image = load_image(item)
-            seg = segmenter.segment(image, progress=not args.quiet)
+            seg = segmenter.segment(image, progress=not args.quiet, lowres_labels=lowres,
+                                    return_difference_maps=args.save_maps)
         except (ImageError, ValueError) as err:
             failed += 1
             print(f"skipped {item}: {err}", file=sys.stderr)
@@ -265,13 +382,17 @@ def cmd_segment(args: argparse.Namespace) -> int:
             paths = save_outputs(seg, image, out, stem, files)
             if labeller is not None:
                 paths += save_openvocab(labeller, seg, image, vocabulary, out, stem, model.source, files)
+            if args.save_maps:
+                from .sweep import stage_segmentation_maps
+
+                paths += stage_segmentation_maps(files, out, stem, seg, image, model.source)
             files.commit()
         except BaseException:
             files.abort()
             raise
         print(f"{item}: {seg.num_segments} segments, {seg.timings['total']:.1f} s -> {', '.join(map(str, paths))}")
     if failed:
-        print(f"{failed} of {len(args.images)} image(s) failed", file=sys.stderr)
+        print(f"{failed} of {len(items)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
 
 
@@ -369,20 +490,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("segment", help="segment images: label PNG, overlay PNG and .npz per image",
                        description="Segment each IMAGE and write IMAGE_labels.png (indexed palette), "
-                       "IMAGE_overlay.png and IMAGE.npz into --out. A bad image is reported and skipped; "
-                       "the exit code is 1 if any image failed.")
+                       "IMAGE_overlay.png and IMAGE.npz into --out (with --save-maps also IMAGE_maps.npz and "
+                       "IMAGE_maps.png). A bad image is reported and skipped; the exit code is 1 if any image failed.")
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files (PNG, JPEG, ...; greyscale, RGBA, 16-bit and EXIF-rotated are handled)")
-    p.add_argument("--out", default="emerdiff_out", help="output folder (default: emerdiff_out)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no settings line, no per-image line, no progress or weight-loading bars (default: off)")
-    p.add_argument("--vocab", default=None,
-                   help="comma-separated class names: also write a class map + legend (open vocabulary) "
-                   "(default: none)")
+    _add_output_args(p)
     add_labeller_args(p)
     _add_model_args(p)
     _add_config_args(p)
     p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("refine", help="pixel-level labels for your own segments (a label PNG from any source)",
+                       description="Read IMAGE's segments from --masks (a label map at any resolution: SAM, "
+                       "DINO k-means, a drawing, segment's own low-res labels ...), put them on the modulation "
+                       "grid by majority vote and read them out at pixel level like `segment` (same outputs, "
+                       "same settings; given segment's own low-res labels it reproduces segment).")
+    p.add_argument("image", metavar="IMAGE", help="the image file")
+    p.add_argument("--masks", required=True, metavar="LABELS.png",
+                   help="required: label map of IMAGE at any resolution with its aspect ratio (or square): an "
+                   "indexed or 8/16-bit greyscale PNG (value = segment) or an RGB PNG (one flat colour per "
+                   "segment)")
+    _add_output_args(p)
+    add_labeller_args(p)
+    _add_model_args(p)
+    _add_config_args(p, kmeans=False)
+    p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("layers", help="list every attention layer with kind, block and token grid",
                        description="List the attention layers of MODEL's UNet, to pick probe layers.")

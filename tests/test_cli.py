@@ -230,3 +230,153 @@ def test_clip_labeller_without_network_fails_at_once(tiny_dir, tmp_path, monkeyp
     code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST,
                  "--vocab", "cat,dog", "--labeller", "clip", "--clip-model", "someone/not-cached-clip"])
     assert code == 2 and "--labeller unet" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- refine, --save-maps
+# FAST without --k: refine takes its segments from --masks
+FAST_REFINE = ["--resolution", "128", "--steps", "10", "--modulation-timestep", "201", "--quiet"]
+
+
+def _photo(path, seed=0, size=(96, 140)):
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _upsample(labels, size):
+    h, w = labels.shape
+    return labels[(np.arange(size[0]) * h // size[0])[:, None], (np.arange(size[1]) * w // size[1])[None, :]]
+
+
+def test_refine_reproduces_segment_from_its_own_lowres_labels(tiny_dir, tmp_path):
+    """segment's low-res labels saved as a PNG (8-bit at the grid's size, 16-bit at the image's size with
+    other ids, RGB colour-coded) give segment's labels back through `emerdiff refine`."""
+    from emerdiff.viz import colorize
+
+    img = _photo(tmp_path / "good.png")
+    assert main(["segment", str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "seg"), *FAST]) == 0
+    expected = np.asarray(Image.open(tmp_path / "seg" / "good_labels.png"))
+    low = np.load(tmp_path / "seg" / "good.npz")["lowres_labels"]
+    assert low.shape[0] == low.shape[1] and len(np.unique(low)) >= 2
+    Image.fromarray(low.astype(np.uint8), mode="L").save(tmp_path / "grid.png")
+    big = (_upsample(low, (96, 140)) * 1000 + 7).astype(np.uint16)
+    Image.fromarray(big).save(tmp_path / "big16.png")
+    assert Image.open(tmp_path / "big16.png").mode.startswith("I")
+    Image.fromarray(colorize(_upsample(low, (96, 140)))).save(tmp_path / "rgb.png")
+    for name in ("grid", "big16", "rgb"):
+        out = tmp_path / name
+        k = str(len(np.unique(low)))
+        assert main(["refine", str(img), "--masks", str(tmp_path / f"{name}.png"), "--model", str(tiny_dir),
+                     "--out", str(out), *FAST_REFINE]) == 0, name
+        got = np.asarray(Image.open(out / "good_labels.png"))
+        data = np.load(out / "good.npz")
+        if name == "rgb":  # ids follow the colours' order: the same labels up to a renaming
+            pairs = set(zip(got.ravel().tolist(), expected.ravel().tolist()))
+            assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}), name
+        else:
+            assert np.array_equal(got, expected), name
+            assert np.array_equal(data["lowres_labels"], low), name
+        assert len(np.unique(data["lowres_labels"])) == int(k)
+
+
+def test_refine_refuses_bad_label_files_before_loading_a_model(tmp_path, capsys):
+    img = _photo(tmp_path / "im.png")
+    (tmp_path / "text.png").write_text("not a png")
+    (tmp_path / "empty.png").write_bytes(b"")
+    Image.fromarray(np.zeros((10, 40), np.uint8)).save(tmp_path / "narrow.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (96, 140, 3), dtype=np.uint8)).save(tmp_path / "photo.png")
+    cases = {"missing.png": "does not exist", "text.png": "cannot read", "empty.png": "empty (0 bytes)",
+             "narrow.png": "aspect", "photo.png": "distinct values"}
+    for name, message in cases.items():
+        # a model that does not exist: the label file is refused first
+        code = main(["refine", str(img), "--masks", str(tmp_path / name), "--model", str(tmp_path / "no_model"),
+                     "--out", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "error:" in err, (name, err)
+    assert main(["refine", str(tmp_path / "nope.png"), "--masks", str(tmp_path / "narrow.png"),
+                 "--model", str(tmp_path / "no_model")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_read_label_map_modes(tmp_path):
+    from emerdiff.cli import check_label_aspect, read_label_map
+    from emerdiff.viz import label_png
+
+    ids = np.array([[0, 3, 3], [5, 5, 0]])
+    label_png(ids).save(tmp_path / "p.png")  # segment's own format: indexed palette
+    assert read_label_map(tmp_path / "p.png").tolist() == ids.tolist()
+    Image.fromarray(ids.astype(np.uint8), mode="L").convert("LA").save(tmp_path / "la.png")
+    assert read_label_map(tmp_path / "la.png").tolist() == ids.tolist()
+    grey_rgb = np.repeat((ids * 40).astype(np.uint8)[..., None], 3, axis=2)
+    Image.fromarray(grey_rgb).save(tmp_path / "grey.png")  # a greyscale map saved as RGB keeps its values
+    assert read_label_map(tmp_path / "grey.png").tolist() == (ids * 40).tolist()
+    colours = np.array([[10, 20, 30], [200, 0, 0], [0, 200, 0]], np.uint8)[np.array([[0, 1, 1], [2, 2, 0]])]
+    Image.fromarray(colours).convert("RGBA").save(tmp_path / "rgba.png")
+    # ids in increasing colour order (R, G, B packed): (0, 200, 0) < (10, 20, 30) < (200, 0, 0)
+    assert read_label_map(tmp_path / "rgba.png").tolist() == [[1, 2, 2], [0, 0, 1]]
+    Image.fromarray(np.array([[0.0, 1.5]], np.float32), mode="F").save(tmp_path / "f.tiff")
+    with pytest.raises(ValueError, match="whole numbers"):
+        read_label_map(tmp_path / "f.tiff")
+    check_label_aspect((48, 70), (96, 140))  # the image's aspect at half size
+    check_label_aspect((16, 23), (96, 140))  # within one label pixel of rounding (23.3)
+    check_label_aspect((16, 16), (96, 140))  # square: the model's view
+    with pytest.raises(ValueError, match="aspect"):
+        check_label_aspect((16, 30), (96, 140))
+
+
+def test_segment_save_maps_writes_maps_and_contact_sheet(tiny_dir, tmp_path):
+    import json
+
+    import torch
+
+    from emerdiff.assign import assign_labels, locality
+
+    img = _photo(tmp_path / "good.png", seed=4)
+    out = tmp_path / "o"
+    assert main(["segment", str(img), "--model", str(tiny_dir), "--out", str(out), *FAST, "--save-maps"]) == 0
+    seg = np.load(out / "good.npz")
+    assert "difference_maps" not in seg.files  # the maps live in good_maps.npz, once, as float16
+    z = np.load(out / "good_maps.npz")
+    k = len(np.unique(seg["lowres_labels"]))
+    assert z["maps"].dtype == np.float16 and z["maps"].shape == (k, 128, 128)
+    assert z["mask_ids"].tolist() == list(range(k))
+    assert np.array_equal(z["lowres_masks"], seg["lowres_labels"][None] == np.arange(k)[:, None, None])
+    assert json.loads(str(z["config"])) == json.loads(str(seg["meta"]))["config"]
+    maps = torch.from_numpy(z["maps"].astype(np.float32))
+    masks = torch.from_numpy(z["lowres_masks"].reshape(k, -1).astype(np.float32))
+    np.testing.assert_allclose(locality(maps, masks, seg["lowres_labels"].shape).numpy(), seg["locality"], atol=2e-3)
+    sigma = json.loads(str(z["config"]))["blur_sigma"]
+    labels_r = assign_labels(maps, sigma).numpy()  # the maps give (nearly) the labels the PNG holds
+    from emerdiff.images import resize_labels
+
+    assert (resize_labels(labels_r, (96, 140)) == seg["labels"]).mean() > 0.98
+    sheet = Image.open(out / "good_maps.png")
+    assert sheet.size[0] > 300 and sheet.size[1] > 100
+    assert json.loads(str(seg["meta"]))["faithfulness"]["locality"] == pytest.approx(float(seg["locality"].mean()))
+
+
+def test_save_maps_failure_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
+    import sys
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(sys.modules["emerdiff.sweep"], "contact_sheet", broken)
+    img = _photo(tmp_path / "good.png", seed=5)
+    out = tmp_path / "o"
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        main(["segment", str(img), "--model", str(tiny_dir), "--out", str(out), *FAST, "--save-maps"])
+    assert list(out.iterdir()) == []  # neither the labels nor a temp file: the set is all or nothing
+
+
+def test_refine_options_have_help_with_defaults(capsys):
+    parser = _subcommands()["refine"]
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, action.dest
+        if action.option_strings:
+            text = action.help.lower()
+            assert "default" in text or (action.required and "required" in text), action.option_strings
+    assert "--k" not in parser.format_help()  # the segments come from --masks
+    assert _subcommands()["segment"].get_default("save_maps") is False
