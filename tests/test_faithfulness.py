@@ -176,3 +176,29 @@ def test_deletion_test_on_the_tiny_model(tiny_model, fast_config, photo):
     assert ref["fill"] == "reference" and np.isfinite(ref["ratio"])
     with pytest.raises(ValueError, match="not a segment"):
         deletion_test(ed, photo, seg, 99)
+
+
+# --------------------------------------------------------------------------- reference model
+@pytest.mark.slow  # ~1 min alone, ~3.5 min on a busy 2-core CPU
+def test_reference_model_scores_above_chance_and_is_linear_at_small_lambda():
+    """On a held-out scene the trained model's readout beats every chance level, and +lambda / -lambda
+    mirror each other at lambda = 1 (measured on scene 0: locality 0.38 vs 0.125, agreement 0.73 vs
+    0.17, symmetry 0.99 at lambda 1 and 0.82 at lambda 10)."""
+    from emerdiff import EmerDiff, EmerDiffConfig, load_pipeline, sweep
+    from emerdiff.reference import WEIGHTS, model_world
+    from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
+
+    if not (WEIGHTS / "model_index.json").exists():
+        pytest.fail("the reference weights are missing (emerdiff/reference/weights/)")
+    scene = make_scene(heldout_scene_seeds(1, start=0)[0], 128, world=model_world("reference"))
+    ed = EmerDiff(load_pipeline("reference", device="cpu"),
+                  EmerDiffConfig(resolution=128, num_clusters=8, blur_sigma=1.0, kmeans_n_init=2, max_batch=17))
+    seg = ed.segment(scene.image, progress=False)
+    f = seg.faithfulness
+    assert f["locality"] > 2 * f["locality_chance"] and f["agreement"] > 2 * f["agreement_chance"], f
+    records = sweep(scene.image, strengths=[1.0, 10.0], ed=ed, progress=False)
+    at10 = [r for r in records if r["modulation_strength"] == 10.0]
+    # the sweep's default setting is segment's: the same maps, so the same locality
+    assert np.mean([r["locality"] for r in at10]) == pytest.approx(f["locality"], abs=1e-4)
+    sym1 = np.mean([r["symmetry"] for r in records if r["modulation_strength"] == 1.0])
+    assert sym1 > 0.9 and sym1 > np.mean([r["symmetry"] for r in at10])
