@@ -794,7 +794,7 @@ def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np
         sim[:, pixels == 0] = -np.inf
         return sim.argmax(axis=1)
 
-    for b, w in enumerate(weights):
+    def draw(b: int, w: np.ndarray) -> None:
         if "concept_token_mean" in protocols:
             from scipy.sparse import csr_matrix
 
@@ -816,7 +816,25 @@ def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np
                 else:
                     assign = token_assign[s]
                 out[p][m][b] = miou((_onehot(assign, c) @ weighted).T)
+
+    with _few_blas_threads(sum(len(v) for v in raw.values()) * raw[next(iter(raw))].shape[1]):
+        for b, w in enumerate(weights):
+            draw(b, w)
     return {p: out[p] for p in protocols}
+
+
+def _few_blas_threads(size: int) -> Any:
+    """One BLAS thread while a draw's matrices are small (``size`` = masks x embedding dims):
+    there, on a busy CPU, thread start-up and spinning cost several times the work itself."""
+    from contextlib import nullcontext
+
+    if size > 2_000_000:
+        return nullcontext()
+    try:
+        from threadpoolctl import threadpool_limits  # scikit-learn's own dependency
+    except ImportError:  # pragma: no cover - scikit-learn always brings it
+        return nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
 
 
 def interval(draws: np.ndarray, level: float = 0.95) -> dict[str, float]:
