@@ -31,6 +31,9 @@ max_batch = None          # UNet batch of the modulated denoising (2K + 1: every
 seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
+# DiffSeg's merge threshold tau; None: 0.03 on the reference model (its flat self-attention merges into
+# one segment at the published 1.1; chosen on validation scenes, docs/METHOD.md), else DiffSeg's 1.1
+diffseg_kl_threshold = None
 
 # %%
 from emerdiff import lab, probes, viz
@@ -55,6 +58,55 @@ print({k: round(v["miou"], 2) for k, v in scores.items()}, "locality", seg.local
 fig = viz.segmentation_panels(item.image, seg, MODEL_LABEL, gt=item.label, title=f"EmerDiff quickstart: {item.name}")
 writer.save(fig, "00_quickstart_segmentation")
 
+# %% [markdown]
+# ## Faithfulness: do the difference maps say what each segment controls?
+#
+# `seg.faithfulness` holds the measures every segmentation gets for free, each beside its chance
+# level (docs/METHOD.md, "Faithfulness measures"). *locality*: share of a map's energy inside its
+# own mask, averaged over masks; chance = the mean mask area (a map blind to its mask).
+# *agreement*: share of tokens whose pixel label, taken back to the token grid by majority, is
+# still their own low-res segment; chance = the largest segment's share (one label everywhere).
+# Read each as "how far above its chance level": at chance the readout ignores the segments.
+
+# %%
+for measure in ("locality", "agreement"):
+    value, chance = seg.faithfulness[measure], seg.faithfulness[f"{measure}_chance"]
+    print(f"{measure:10s} {value:.3f}   chance {chance:.3f}   ratio {value / chance:.2f}")
+
+# %% [markdown]
+# ## DiffSeg's segments, refined by EmerDiff
+#
+# `EmerDiff.refine(image, lowres_labels)` reads out any segments at pixel level through the
+# modulated denoising. Here the segments come from DiffSeg (self-attention maps of one UNet call
+# merged by KL distance; it finds K itself): left, DiffSeg alone (its proposals upsampled
+# bilinearly, argmax per pixel); right, the same segments after EmerDiff's refinement, in the same
+# colours (mask ids). Where the two differ, EmerDiff has moved a boundary; the numbers are each
+# map's mIoU against the ground truth. (`EmerDiffConfig(lowres="diffseg")` does both in one
+# `segment` call: `seg.extra_labels["diffseg"]` is DiffSeg alone.) A model whose attention is
+# near uniform (the tiny test model) gives DiffSeg a single segment.
+
+# %%
+from emerdiff import diffseg
+
+tau = diffseg_kl_threshold or (0.03 if sd.source == "reference" else config.diffseg_kl_threshold)
+found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg", diffseg_kl_threshold=tau))
+refined = ed.refine(item.image, found.labels, progress=False)
+diffseg_alone = found.pixel_labels(item.image.shape[:2], config.resolution, projected=refined.lowres_labels)
+diffseg_scores = {"diffseg": probes.score_labels(diffseg_alone, item),
+                  "diffseg+emerdiff": probes.score_labels(refined.labels, item)}
+print(f"tau {tau}: DiffSeg found {found.num_segments} segments, {refined.num_segments} on the query grid",
+      {k: round(v["miou"], 2) for k, v in diffseg_scores.items()}, refined.faithfulness)
+
+# %%
+import matplotlib.pyplot as plt
+
+fig, axes = plt.subplots(1, 3, figsize=(9, 3.2))
+viz.show(axes[0], item.image, "image")
+viz.show(axes[1], viz.overlay(item.image, diffseg_alone), f"DiffSeg alone (mIoU {diffseg_scores['diffseg']['miou']:.1f})")
+viz.show(axes[2], viz.overlay(item.image, refined.labels),
+         f"DiffSeg + EmerDiff refine (mIoU {diffseg_scores['diffseg+emerdiff']['miou']:.1f})")
+fig.suptitle(f"{item.name}: DiffSeg (tau {tau}) vs DiffSeg + EmerDiff refinement · {MODEL_LABEL}")
+
 # %%
 writer.sidecar("00_quickstart", {
     "image": item.name, "K": config.num_clusters, "resolution": config.resolution, "num_segments": seg.num_segments,
@@ -62,5 +114,8 @@ writer.sidecar("00_quickstart", {
     "miou": {k: v["miou"] for k, v in scores.items()},
     "boundary": {k: v["boundary"] for k, v in scores.items()},
     "locality": seg.locality.tolist(), "locality_mean": float(seg.locality.mean()),
-    "timings": seg.timings, "unet_calls": seg.unet_calls,
+    "timings": seg.timings, "unet_calls": seg.unet_calls, "faithfulness": seg.faithfulness,
+    "diffseg": {"kl_threshold": tau, "num_segments": found.num_segments, "num_refined": refined.num_segments,
+                "miou": {k: v["miou"] for k, v in diffseg_scores.items()},
+                "faithfulness": refined.faithfulness},
 })

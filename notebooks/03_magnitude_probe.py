@@ -36,6 +36,7 @@ output_dir = None         # None: figures/lab/ of the checkout (ignored by git);
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
 strengths = [-100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0]
 ks = [2, 4, 8]
+sweep_timesteps = None    # t_m grid of the emerdiff.sweep section (on the schedule); None: t_m and ~200 steps noisier
 
 # %%
 from emerdiff import lab, probes, viz
@@ -63,9 +64,44 @@ fig = viz.sweep_lines([r for r in lambda_rows if r["mode"] == "pair"] , "lambda"
                       MODEL_LABEL, "Failure modes vs lambda (pair readout)")
 writer.save(fig, "03_magnitude_probe_failure_modes")
 
+# %% [markdown]
+# ## Response maps as data: `emerdiff.sweep` over lambda x t_m
+#
+# `emerdiff.sweep` returns one record per (layer, t_m, lambda, mask) of a grid: the difference map
+# and its scores, a tidy table for pandas. Here the first image, the positive strengths above (the
+# pair readout is the same at -lambda) and two modulation timesteps. Each panel: the mean over the
+# masks vs lambda, one line per t_m, and the chance level (dashed). *locality*: share of a map's
+# energy inside its mask (chance: the mask's area); *symmetry*: does -lambda mirror +lambda
+# around the unmodulated image (1: a linear response, 0: unrelated, the chance level);
+# *setting_agreement*: share of tokens that keep their segment in the argmax (chance: the
+# largest segment's share). A good lambda is local and agreeing while still near-symmetric.
+
+# %%
+import pandas as pd
+
+import emerdiff
+
+sweep_strengths = [lam for lam in strengths if lam > 0]
+schedule = list(ed.schedule.timesteps)
+sweep_ts = sweep_timesteps or sorted({config.modulation_timestep,
+                                      min(schedule, key=lambda t: abs(t - config.modulation_timestep - 200))})
+records = emerdiff.sweep(items[0].image, timesteps=sweep_ts, strengths=sweep_strengths, ed=ed, progress=False)
+table = pd.DataFrame(records)
+metrics = ["locality", "mask_area", "symmetry", "setting_agreement", "agreement_chance"]
+table.groupby(["modulation_timestep", "modulation_strength"])[metrics].mean().round(3)
+
+# %%
+fig = viz.sweep_lines(records, "modulation_strength", ["locality", "symmetry", "setting_agreement"], MODEL_LABEL,
+                      f"emerdiff.sweep on {items[0].name}: mean over masks vs lambda", hue="modulation_timestep")
+chance = {"locality": table["mask_area"].mean(), "symmetry": 0.0, "setting_agreement": table["agreement_chance"].mean()}
+for ax in fig.axes:  # one panel per metric, titled by it (a metric that is NaN throughout has none)
+    ax.axhline(chance[ax.get_title()], color="grey", linestyle="--", linewidth=1)
+    ax.set_xscale("log")
+
 # %%
 writer.sidecar("03_magnitude_probe", {
     "score": score, "lambda_rows": lambda_rows, "k_rows": k_rows,
     "lambda_summary": probes.summarize(lambda_rows, ["lambda", "mode"], ["locality", "miou", "energy", "vanished"]),
     "k_summary": probes.summarize(k_rows, "K", ["miou", "miou_nearest", "miou_bilinear", "locality", "vanished"]),
+    "sweep_rows": [{k: v for k, v in r.items() if k != "map"} for r in records],
 })

@@ -42,6 +42,7 @@ torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared 
 images = ["scene:100", "scene:101", "scene:102", "scene:103", "scene:104", "scene:105"]
 example_masks = 3         # masks shown per stage in the example figure
 settings = None           # list of config changes, e.g. [{}, {"readout_steps": 1}]; None: diagnosis.default_settings
+deletion_fill = "mean"    # what replaces the deleted segment: "mean", "blur", "reference" (a null control)
 
 # %%
 import numpy as np
@@ -103,9 +104,33 @@ if acc_rows:
 for r in probes.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]):
     print(r)
 
+# %% [markdown]
+# (d) The deletion test (`faithfulness.deletion_test`, docs/METHOD.md "Faithfulness measures"): on
+# the first image, the segment under the image centre has its pixels replaced (`deletion_fill`),
+# the edited image is prepared again with the same low-res segments, and the segment and a control
+# (the largest other segment, whose content stayed) are perturbed in both. `ratio` = response
+# after / before inside the segment's own area: near 0 the response vanished with the content
+# (the map is about the thing), near 1 it does not depend on what is there (chance: the
+# perturbation acts on the place). `control_ratio` should stay near 1; the test speaks only where
+# `ratio` is well below it. Rows of the figure: before / after; columns: segment / control.
+
+# %%
+from emerdiff import faithfulness
+
+first = ed.segment(items[0].image, progress=False)
+grid_h, grid_w = first.lowres_labels.shape
+deleted_mask = int(first.lowres_labels[grid_h // 2, grid_w // 2])
+deletion = faithfulness.deletion_test(ed, items[0].image, first, deleted_mask, fill=deletion_fill)
+print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in deletion.items() if not k.startswith("maps_")})
+fig = viz.heatmap_grid([list(deletion["maps_before"]), list(deletion["maps_after"])],
+                       ["before", f"after ({deletion_fill})"], [f"segment {deletion['mask']}", f"control {deletion['control']}"],
+                       MODEL_LABEL, f"(d) deletion test on {items[0].name}: maps before / after deleting the segment",
+                       shared_scale=True)
+
 # %%
 writer.sidecar("06_diagnosis", {
     "rows": rows, "sweep_rows": sweep_rows, "stages": list(diagnosis.STAGES),
     "stage_summary": {s: float(np.mean([r[s] for r in rows])) for s in ("chance", *diagnosis.STAGES)},
     "settings_summary": probes.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]),
+    "deletion": {k: v for k, v in deletion.items() if not k.startswith("maps_")},
 })
