@@ -106,6 +106,7 @@ viz.show(axes[1], viz.overlay(item.image, diffseg_alone), f"DiffSeg alone (mIoU 
 viz.show(axes[2], viz.overlay(item.image, refined.labels),
          f"DiffSeg + EmerDiff refine (mIoU {diffseg_scores['diffseg+emerdiff']['miou']:.1f})")
 fig.suptitle(f"{item.name}: DiffSeg (tau {tau}) vs DiffSeg + EmerDiff refinement · {MODEL_LABEL}")
+plt.show()
 
 # %%
 writer.sidecar("00_quickstart", {
