@@ -10,7 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from .config import FIGURE_SIZES, config_sizes, figure_sizes  # noqa: F401  (the size rule, importable from here)
 from .files import FileSet, write_atomic  # noqa: F401  (write_atomic: kept importable from here)
+from .options import DEFAULT_LABELLER, add_config_args, add_labeller_args, config_from_args, settings_line  # noqa: F401
 
 EPILOG = """examples:
   emerdiff segment photo.jpg                 # the reference model, sized for it (128 px, K 8)
@@ -23,19 +25,6 @@ models: 'reference' (the project's own small trained model, the default), a loca
 diffusers folder, a hub id (needs network or the HF cache; HF_HUB_OFFLINE=1 forbids
 the network) or 'tiny' (random weights, for tests). Sizes (resolution, K, schedule,
 blur, batch) follow the model unless given: see `emerdiff segment --help`."""
-
-
-# One default for `segment` and `evaluate`: the labeller that needs no extra model and works offline.
-DEFAULT_LABELLER = "unet"
-
-
-def add_labeller_args(p: argparse.ArgumentParser, when: str = "") -> None:
-    """--labeller and --clip-model, one definition (and one default) for `segment` and `evaluate`."""
-    p.add_argument("--labeller", choices=["clip", "unet"], default=DEFAULT_LABELLER,
-                   help=f"{when}unet: the diffusion model's own cross-attention (no extra model, works offline); "
-                   f"clip: MaskCLIP features pooled in masks (needs --clip-model) (default: {DEFAULT_LABELLER})")
-    p.add_argument("--clip-model", default="openai/clip-vit-base-patch16",
-                   help="with --labeller clip: CLIP hub id or folder (default: openai/clip-vit-base-patch16)")
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -64,82 +53,6 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
                    help="also write NAME_maps.npz (every mask's difference map, float16, with the mask ids, "
                    "low-res masks and config) and NAME_maps.png (one tile per mask: outline + map) "
                    "(default: off)")
-
-
-def _sized_default(param: str) -> str:
-    """Help text for a setting that follows the model (the values of the size rule)."""
-    t, r, d = (FIGURE_SIZES[k][param] for k in ("tiny", "reference", "default"))
-    return f"(default: from the model: {r} for reference or a <=128 px folder, {t} for tiny, {d} otherwise)"
-
-
-def _add_config_args(p: argparse.ArgumentParser, kmeans: bool = True) -> None:
-    from .config import EmerDiffConfig
-
-    d = EmerDiffConfig()
-    g = p.add_argument_group("method settings (sized for the model unless given; the rest: the paper's)")
-    if kmeans:
-        g.add_argument("--k", type=int, default=None, help=f"number of k-means segments K {_sized_default('K')}")
-    else:  # refine: the segments come from --masks
-        p.set_defaults(k=None)
-    g.add_argument("--resolution", type=int, default=None,
-                   help=f"model input size in pixels {_sized_default('resolution')}")
-    g.add_argument("--query-layer", default=None,
-                   help=f"attention layer whose queries are clustered (default: from the model: {d.query_layer} "
-                   "for SD, its own for SDXL; see `emerdiff layers MODEL`)")
-    g.add_argument("--feature-timestep", type=int, default=d.feature_timestep,
-                   help=f"timestep of the noised image whose queries are clustered (default: {d.feature_timestep})")
-    g.add_argument("--modulation-layer", default=None,
-                   help=f"attention layer that is perturbed (default: from the model: {d.modulation_layer} "
-                   "for SD, its own for SDXL)")
-    g.add_argument("--modulation-timestep", type=int, default=None,
-                   help=f"timestep t_m of the perturbation, on the schedule {_sized_default('modulation_timestep')}")
-    g.add_argument("--strength", type=float, default=d.modulation_strength,
-                   help=f"lambda, the perturbation strength (default: {d.modulation_strength:g})")
-    g.add_argument("--no-injection", action="store_true",
-                   help="do not share attention with the reference run (default: shared, as in the paper)")
-    g.add_argument("--steps", type=int, default=None,
-                   help=f"denoising schedule length {_sized_default('num_inference_steps')}")
-    g.add_argument("--readout-steps", type=int, default=None, metavar="N",
-                   help="denoise with N steps from t_m to 0 instead of the full schedule with the stored "
-                   "inversion noise (an integer >= 1; default: off, the paper's full readout)")
-    g.add_argument("--blur-sigma", type=float, default=None,
-                   help=f"Gaussian blur of the difference maps in pixels {_sized_default('blur_sigma')}")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"k-means and noise seed (default: {d.seed})")
-    g.add_argument("--max-batch", type=int, default=None,
-                   help=f"UNet batch of the modulated runs (lower it if memory runs out) {_sized_default('max_batch')}")
-
-
-# The sized command-line flags and the EmerDiffConfig fields they set.
-_SIZED_FLAGS = {"resolution": "resolution", "k": "num_clusters", "steps": "num_inference_steps",
-                "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
-
-
-def config_from_args(args: argparse.Namespace) -> Any:
-    """The EmerDiffConfig of the flags; sized settings not given come from the model (:func:`config_sizes`)."""
-    from .config import EmerDiffConfig
-
-    sizes = config_sizes(args.model)
-    sized = {field: sizes[field] if getattr(args, flag) is None else getattr(args, flag)
-             for flag, field in _SIZED_FLAGS.items()}
-    d = EmerDiffConfig()
-    return EmerDiffConfig(
-        query_layer=args.query_layer or sizes.get("query_layer", d.query_layer), feature_timestep=args.feature_timestep,
-        modulation_layer=args.modulation_layer or sizes.get("modulation_layer", d.modulation_layer),
-        modulation_strength=args.strength,
-        attention_injection=not args.no_injection, readout_steps=args.readout_steps, seed=args.seed,
-        device=args.device, dtype=args.dtype, **sized,
-    )
-
-
-def settings_line(args: argparse.Namespace, config: Any) -> str:
-    """One line naming the sized settings and where each came from (the model, or a flag)."""
-    parts = []
-    for flag, field in _SIZED_FLAGS.items():
-        if flag == "k" and getattr(args, "masks", None):  # refine: K is the number of segments in --masks
-            continue
-        given = getattr(args, flag) is not None
-        parts.append(f"{field}={getattr(config, field)}" + (" (given)" if given else ""))
-    return f"settings for model {args.model!r}: " + ", ".join(parts)
 
 
 def load_model_from_args(args: argparse.Namespace) -> Any:
@@ -396,49 +309,6 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
     return 1 if failed else 0
 
 
-# The one size rule per model, as notebook parameters: `emerdiff figures`, `segment` and `evaluate`
-# use it, and so does every notebook (emerdiff.lab.setup sizes left None; the Makefile repeats none).
-# max_batch 2K + 1 runs every modulated run and the reference in one UNet batch.
-FIGURE_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0, max_batch=9),
-    "reference": dict(resolution=128, K=8, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0,
-                      max_batch=17),
-    "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0,
-                    max_batch=16),
-}
-# notebook parameter -> EmerDiffConfig field
-_CONFIG_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
-                  "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
-
-
-def figure_sizes(model: str) -> dict[str, Any]:
-    """Notebook sizes for a model name or folder: a folder whose native image size (UNet
-    sample_size x VAE factor, read from the configs without loading weights) is <= 128 px is
-    sized like the reference model; everything else gets the paper's 512 px settings."""
-    if model in FIGURE_SIZES:
-        return dict(FIGURE_SIZES[model])
-    from .models import component_configs
-
-    try:
-        unet, vae = component_configs(model)
-        native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes
-    sizes = dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
-    if unet.get("addition_embed_type") == "text_time":  # SDXL runs at its native size (1024 px for SDXL base)
-        sizes["resolution"] = native
-    return sizes
-
-
-def config_sizes(model: str) -> dict[str, Any]:
-    """:func:`figure_sizes` as EmerDiffConfig fields, plus the model family's own fields (SDXL's
-    resolution and layers, :func:`emerdiff.models.family_defaults`): the defaults of ``segment``
-    and ``evaluate``."""
-    from .models import family_defaults
-
-    return {**{_CONFIG_FIELDS[k]: v for k, v in figure_sizes(model).items()}, **family_defaults(model)}
-
-
 def cmd_figures(args: argparse.Namespace) -> int:
     """Run the study notebooks with papermill; each writes its figures into --out."""
     import papermill
@@ -497,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     add_labeller_args(p)
     _add_model_args(p)
-    _add_config_args(p)
+    add_config_args(p)
     p.set_defaults(func=cmd_segment)
 
     p = sub.add_parser("refine", help="pixel-level labels for your own segments (a label PNG from any source)",
@@ -513,7 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(p)
     add_labeller_args(p)
     _add_model_args(p)
-    _add_config_args(p, kmeans=False)
+    add_config_args(p, kmeans=False)
     p.set_defaults(func=cmd_refine)
 
     p = sub.add_parser("layers", help="list every attention layer with kind, block and token grid",

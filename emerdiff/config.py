@@ -71,8 +71,6 @@ class EmerDiffConfig:
     blur_sigma: float = 4.0  # Gaussian sigma on difference maps, pixels at `resolution`
     # execution
     seed: int = 0
-    device: str | None = None  # None: cuda if available else cpu
-    dtype: str | None = None  # "float32" | "float16" | "bfloat16"; None: fp32 on cpu, fp16 on cuda
     max_batch: int = 16  # UNet batch in the modulated denoising (reference included)
     decode_batch: int = 8  # VAE decode batch
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into results
@@ -147,8 +145,6 @@ class EmerDiffConfig:
         if self.readout_steps is not None and self.readout_steps < 1:
             raise ValueError("readout_steps must be None (full schedule) or >= 1")
         self.check_diffseg()
-        if self.dtype not in (None, "float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
     def check_diffseg(self) -> None:
         """The Step A source and DiffSeg's constants (checked even when k-means is used, so a bad
@@ -240,7 +236,7 @@ class EmerDiffConfig:
                     f"nearest valid timesteps: {sorted(nearest)}"
                 )
         if self.lowres == "diffseg":
-            from .diffseg import self_attention_layers
+            from .models import self_attention_layers
 
             if not self_attention_layers(model.unet):
                 raise ValueError("lowres='diffseg' needs self-attention layers and this UNet has none; "
@@ -253,3 +249,47 @@ class EmerDiffConfig:
                 f"({h}x{w}) of the query layer at resolution {self.resolution}; "
                 "lower K or raise the resolution"
             )
+
+
+# ------------------------------------------------------------------ size rule
+# The one size rule per model, as notebook parameters: `emerdiff figures`, `segment` and `evaluate`
+# use it, and so does every notebook (emerdiff.lab.setup sizes left None; the Makefile repeats none).
+# max_batch 2K + 1 runs every modulated run and the reference in one UNet batch.
+FIGURE_SIZES: dict[str, dict[str, Any]] = {
+    "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0, max_batch=9),
+    "reference": dict(resolution=128, K=8, num_inference_steps=50, modulation_timestep=281, blur_sigma=1.0,
+                      max_batch=17),
+    "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0,
+                    max_batch=16),
+}
+# notebook size parameter -> EmerDiffConfig field (emerdiff.lab.setup takes these names)
+SIZE_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
+                  "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
+
+
+def figure_sizes(model: str) -> dict[str, Any]:
+    """Notebook sizes for a model name or folder: a folder whose native image size (UNet
+    sample_size x VAE factor, read from the configs without loading weights) is <= 128 px is
+    sized like the reference model; everything else gets the paper's 512 px settings."""
+    if model in FIGURE_SIZES:
+        return dict(FIGURE_SIZES[model])
+    from .models import component_configs
+
+    try:
+        unet, vae = component_configs(model)
+        native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    except (OSError, ValueError, KeyError, TypeError):
+        return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes
+    sizes = dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
+    if unet.get("addition_embed_type") == "text_time":  # SDXL runs at its native size (1024 px for SDXL base)
+        sizes["resolution"] = native
+    return sizes
+
+
+def config_sizes(model: str) -> dict[str, Any]:
+    """:func:`figure_sizes` as EmerDiffConfig fields, plus the model family's own fields (SDXL's
+    resolution and layers, :func:`emerdiff.models.family_defaults`): the defaults of ``segment``
+    and ``evaluate``."""
+    from .models import family_defaults
+
+    return {**{SIZE_FIELDS[k]: v for k, v in figure_sizes(model).items()}, **family_defaults(model)}

@@ -53,9 +53,10 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionController, controlled_attention
-from .config import LOWRES_METHODS
+from .config import LOWRES_METHODS, EmerDiffConfig
 from .images import ImageInput, load_image, resize_labels
-from .models import attention_layers, feature_resolution
+from .models import feature_resolution, self_attention_layers
+from .modulation import encode, unet_forward
 
 __all__ = ["LOWRES_METHODS", "DiffSegResult", "aggregate_attention", "anchor_grid", "capture_self_attention",
            "diffseg", "diffseg_labels", "merge_attention", "proposal_argmax", "refine_proposals", "run_diffseg",
@@ -65,12 +66,6 @@ _LOG_FLOOR = 1e-12
 
 
 # ------------------------------------------------------------------ capture
-def self_attention_layers(unet: Any) -> list[str]:
-    """Module paths of the UNet's self-attention layers (``is_cross_attention`` False)."""
-    modules = dict(unet.named_modules())
-    return [name for name in attention_layers(unet) if not getattr(modules[name], "is_cross_attention", False)]
-
-
 def capture_self_attention(model: Any, latent: torch.Tensor, timestep: int, counter: Any = None,
                            layers: list[str] | None = None) -> dict[str, torch.Tensor]:
     """Self-attention probabilities of one UNet call with the empty prompt.
@@ -84,8 +79,6 @@ def capture_self_attention(model: Any, latent: torch.Tensor, timestep: int, coun
     Returns:
         layer -> (tokens, tokens) probabilities averaged over heads, float32 on the model's device.
     """
-    from .modulation import unet_forward
-
     if latent.shape[0] != 1:
         raise ValueError(f"capture_self_attention takes one latent (batch 1), got batch {latent.shape[0]}")
     layers = self_attention_layers(model.unet) if layers is None else list(layers)
@@ -328,10 +321,8 @@ def run_diffseg(model: Any, latent: torch.Tensor, config: Any, counter: Any = No
 
 def diffseg(model: Any, image: ImageInput, config: Any = None) -> DiffSegResult:
     """DiffSeg on one image (loaded and resized to ``config.resolution`` as EmerDiff does)."""
-    from .pipeline import EmerDiff
-
-    ed = EmerDiff(model, config)
-    return run_diffseg(model, ed.encode(load_image(image)), ed.config)
+    config = _checked_config(model, config)
+    return run_diffseg(model, encode(model, load_image(image), config.resolution), config)
 
 
 def diffseg_labels(model: Any, image: ImageInput, config: Any = None) -> np.ndarray:
@@ -341,9 +332,14 @@ def diffseg_labels(model: Any, image: ImageInput, config: Any = None) -> np.ndar
     pixel takes the strongest (DiffSeg's upsampling + non-maximum suppression); the
     result is resized to the original size with nearest neighbour.
     """
-    from .pipeline import EmerDiff
-
-    ed = EmerDiff(model, config)
+    config = _checked_config(model, config)
     img = load_image(image)
-    result = run_diffseg(model, ed.encode(img), ed.config)
-    return result.pixel_labels((int(img.shape[1]), int(img.shape[2])), ed.config.resolution)
+    result = run_diffseg(model, encode(model, img, config.resolution), config)
+    return result.pixel_labels((int(img.shape[1]), int(img.shape[2])), config.resolution)
+
+
+def _checked_config(model: Any, config: Any) -> Any:
+    """``config`` (default: the model family's) validated against ``model``, as EmerDiff does."""
+    config = config or EmerDiffConfig.for_model(model)
+    config.validate(model)
+    return config

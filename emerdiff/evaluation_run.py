@@ -77,9 +77,8 @@ SegmentFn = Callable[[Any], Any]
 
 # --------------------------------------------------------------------------- arguments
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import FIGURE_SIZES, add_labeller_args
+    from .options import add_config_args, add_labeller_args
 
-    sizes = " ".join(f"{m} {FIGURE_SIZES[m]['resolution']} px / K {FIGURE_SIZES[m]['K']}," for m in ("reference", "tiny"))
     p.add_argument("--data", required=True, help="dataset root folder (required)")
     p.add_argument("--layout", default="folder", choices=sorted(LAYOUTS),
                    help="folder: images/ + labels/ + classes.txt; or a benchmark layout (default: folder)")
@@ -104,20 +103,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'reference', a diffusers folder, a hub id or 'tiny' (default: reference)")
     p.add_argument("--out", required=True, help="output folder (per_image/, results.json, results.csv) (required)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N images only (default: all)")
-    p.add_argument("--k", type=int, default=None,
-                   help=f"k-means segments per image K (default: from the model as in `segment`: {sizes} else 25)")
-    p.add_argument("--resolution", type=int, default=None,
-                   help="model input size; steps, t_m, blur and batch follow the model too, --set overrides "
-                        "(default: from the model as in `segment`, 512 for SD)")
     p.add_argument("--device", default=None,
                    help="cpu, cuda, ... (default: the process's accelerate device)")
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
-    p.add_argument("--seed", type=int, default=0, help="method seed and protocol k-means seed (default: 0)")
-    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                   help="any other EmerDiffConfig field, JSON value (repeatable), e.g. --set blur_sigma=2 "
-                        "(default: none)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    add_config_args(p)  # the method settings of `segment`, --set FIELD=VALUE for any field; --seed also seeds
+    # the protocols' dataset k-means
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -141,41 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value  # bare strings such as layer names
-    return out
+def method_config(args: argparse.Namespace) -> Any:
+    """The EmerDiffConfig of this run: `segment`'s path (:func:`emerdiff.options.config_from_args`)."""
+    from .options import config_from_args
 
-
-def method_config(args: argparse.Namespace, device: str | None) -> Any:
-    """The EmerDiffConfig of this run (fields from --k, --resolution, --seed, --set)."""
-    from .cli import config_sizes
-    from .config import EmerDiffConfig
-
-    # the size rule of `segment` first; --k / --resolution / --set override it
-    fields = {**config_sizes(args.model), **_parse_sets(getattr(args, "set", []) or [])}
-    if args.k is not None:
-        fields["num_clusters"] = args.k
-    if args.resolution is not None:
-        fields["resolution"] = args.resolution
-    fields.setdefault("seed", args.seed)
-    fields["device"] = device
-    fields["dtype"] = args.dtype
-    return EmerDiffConfig().replace(**fields)
+    return config_from_args(args)
 
 
 def _default_segmenter(args: argparse.Namespace, device: str | None) -> tuple[SegmentFn, dict, Any]:
     """Load the model once and return its ``segment``, the config dict and the model."""
-    from . import EmerDiff, load_pipeline
+    from .models import load_pipeline
+    from .pipeline import EmerDiff
 
-    config = method_config(args, device)
+    config = method_config(args)
     model = load_pipeline(args.model, device=device, dtype=args.dtype)
     segmenter = EmerDiff(model, config)
     return (lambda image: segmenter.segment(image, progress=False)), config.to_dict(), model
@@ -188,10 +158,10 @@ def _labeller(args: argparse.Namespace, model: Any, device: str | None) -> Any:
     if args.labeller == "clip":
         return CLIPMaskLabeller(args.clip_model, device=device)
     if model is None:
-        from . import load_pipeline
+        from .models import load_pipeline
 
         model = load_pipeline(args.model, device=device, dtype=args.dtype)
-    cfg = method_config(args, device)
+    cfg = method_config(args)
     return CrossAttentionLabeller(model, resolution=cfg.resolution, seed=cfg.seed)
 
 
@@ -655,7 +625,7 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     device = args.device or _default_device(state)
     config = None
     if segment_fn is None:
-        cfg = method_config(args, device)
+        cfg = method_config(args)
         cfg.check_for_segmentation()
         geometry = model_geometry(args.model)
         if geometry is not None:

@@ -3,7 +3,7 @@ that keeps tracked notebooks clean.
 
 Every study notebook (``notebooks/NN_*.py``, paired with ``NN_*.ipynb``) starts with one call,
 :func:`setup`: it loads the model, builds the :class:`~emerdiff.EmerDiff` pipeline from the
-notebook's parameters (sizes left ``None`` follow the model, by ``emerdiff.cli.figure_sizes``),
+notebook's parameters (sizes left ``None`` follow the model, by ``emerdiff.config.figure_sizes``),
 loads the probe images and opens the figure writer.
 
 ``make lab`` starts JupyterLab with ``notebooks/jupyter_server_config.py``, which installs
@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import nbformat
+
+from .config import SIZE_FIELDS  # notebook size parameter -> config field (no torch import)
 
 if TYPE_CHECKING:  # the save hook below must stay importable without loading torch
     import torch
@@ -45,10 +47,6 @@ def default_figure_dir() -> Path:
     return Path.cwd() / "figures-lab"
 
 
-# notebook size parameter -> EmerDiffConfig field; None in a notebook means "the model's size rule"
-SIZE_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
-               "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
-
 
 class Study(NamedTuple):
     """What a study notebook works with; unpack it: ``sd, config, ed, items, writer, MODEL_LABEL = setup(...)``."""
@@ -62,14 +60,14 @@ class Study(NamedTuple):
 
 
 def config_fields(model: str | os.PathLike, **given: float | int | None) -> dict[str, Any]:
-    """EmerDiffConfig fields sized for ``model`` by the one size rule (``emerdiff.cli.config_sizes``:
+    """EmerDiffConfig fields sized for ``model`` by the one size rule (``emerdiff.config.config_sizes``:
     resolution, K, schedule, t_m, blur, batch, and a model family's own layers), each notebook size
     parameter given (``resolution``, ``K``, ``num_inference_steps``, ``modulation_timestep``,
     ``blur_sigma``, ``max_batch``; ``None``: the rule's) replacing its field."""
     unknown = set(given) - set(SIZE_FIELDS)
     if unknown:
         raise TypeError(f"unknown size parameter(s) {sorted(unknown)}; the sizes are {list(SIZE_FIELDS)}")
-    from .cli import config_sizes
+    from .config import config_sizes
 
     fields = config_sizes(str(model))
     fields.update({SIZE_FIELDS[k]: v for k, v in given.items() if v is not None})
@@ -127,7 +125,7 @@ def setup(
     sd = load_pipeline(model, device=device, dtype=dtype)
     label = sd.source + (" (random weights)" if sd.source == "tiny" else "")
     config = EmerDiffConfig(**fields, modulation_strength=modulation_strength, kmeans_n_init=kmeans_n_init,
-                            seed=seeds[0], device=device)
+                            seed=seeds[0])
     ed = EmerDiff(sd, config)
     items = probes.load_probe_images(images)
     writer = viz.FigureWriter(output_dir or default_figure_dir(), label)

@@ -415,6 +415,12 @@ def attention_layers(unet: Any) -> list[str]:
     return [k[: -len(".processor")] for k in unet.attn_processors]
 
 
+def self_attention_layers(unet: Any) -> list[str]:
+    """Module paths of the UNet's self-attention layers (``is_cross_attention`` False)."""
+    modules = dict(unet.named_modules())
+    return [name for name in attention_layers(unet) if not getattr(modules[name], "is_cross_attention", False)]
+
+
 def _block_scales(config: Any) -> dict[str, int]:
     """Downsampling factor (relative to the latent) of each UNet block prefix."""
     scales: dict[str, int] = {}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from .attention import AttentionController, controlled_attention
+from .images import to_model_input
 from .inversion import Inversion, replay_step
 
 
@@ -168,6 +169,14 @@ def modulated_latents(
         start += rows.shape[0]
     assert reference is not None
     return torch.cat(outputs), reference
+
+
+def encode(model: Any, image: torch.Tensor, resolution: int) -> torch.Tensor:
+    """(3, H, W) in [0, 1] -> scaled VAE latent mean (1, C, R/8, R/8) at ``resolution``."""
+    x = to_model_input(image, resolution).to(model.device, model.dtype)
+    with torch.no_grad():
+        dist = model.vae.encode(x).latent_dist
+    return dist.mean * model.vae.config.scaling_factor
 
 
 def decode(model: Any, latents: torch.Tensor) -> torch.Tensor:

@@ -22,11 +22,19 @@ from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
 from .diffseg import DiffSegResult, run_diffseg
 from .faithfulness import cheap_measures
-from .images import ImageInput, load_image, resize_labels, to_model_input
+from .images import ImageInput, load_image, resize_labels
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features, segments_from_labels
 from .models import SDModel, feature_resolution
-from .modulation import CallCounter, decode, difference_maps, expected_unet_calls, modulated_latents, unet_forward
+from .modulation import (
+    CallCounter,
+    decode,
+    difference_maps,
+    encode,
+    expected_unet_calls,
+    modulated_latents,
+    unet_forward,
+)
 
 
 @dataclass
@@ -165,10 +173,7 @@ class EmerDiff:
     # -------------------------------------------------------------- stages
     def encode(self, image: torch.Tensor) -> torch.Tensor:
         """(3, H, W) in [0, 1] -> scaled VAE latent mean (1, C, R/8, R/8)."""
-        x = to_model_input(image, self.config.resolution).to(self.model.device, self.model.dtype)
-        with torch.no_grad():
-            dist = self.model.vae.encode(x).latent_dist
-        return dist.mean * self.model.vae.config.scaling_factor
+        return encode(self.model, image, self.config.resolution)
 
     def latent_size(self) -> int:
         return self.config.resolution // self.model.vae_scale_factor

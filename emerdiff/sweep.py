@@ -157,8 +157,7 @@ def _resolve(ed: EmerDiff | None, model: Any, config: Any) -> EmerDiff:
 
         model = load_pipeline(model)
     if config is None:
-        from .cli import config_sizes
-        from .config import EmerDiffConfig
+        from .config import EmerDiffConfig, config_sizes
 
         config = EmerDiffConfig.from_dict({**EmerDiffConfig().to_dict(), **config_sizes(model.source)})
     return EmerDiff(model, config)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -164,7 +166,7 @@ def _sized(argv):
 
     parser = build_parser()
     seg = config_from_args(parser.parse_args(["segment", "x.png", *argv]))
-    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", *argv]), "cpu")
+    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", *argv]))
     keys = ("resolution", "num_clusters", "num_inference_steps", "modulation_timestep", "blur_sigma", "max_batch")
     fields = {k: getattr(seg, k) for k in keys}
     assert fields == {k: getattr(ev, k) for k in keys}  # one rule for both commands
@@ -380,3 +382,33 @@ def test_refine_options_have_help_with_defaults(capsys):
             assert "default" in text or (action.required and "required" in text), action.option_strings
     assert "--k" not in parser.format_help()  # the segments come from --masks
     assert _subcommands()["segment"].get_default("save_maps") is False
+
+
+def test_set_reaches_every_config_field_in_segment_refine_and_evaluate():
+    """One command line -> config path: --set FIELD=VALUE for any field, applied after the flags,
+    and segment, refine and evaluate build the same config from the same arguments."""
+    import dataclasses
+
+    from emerdiff.cli import build_parser, config_from_args
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.evaluation_run import method_config
+
+    parser = build_parser()
+    changed = {"blur_sigma": 2.5, "kmeans_n_init": 3, "lowres": "diffseg", "diffseg_kl_threshold": 0.03,
+               "readout_steps": 2, "attention_injection": False, "query_layer": "down_blocks.1.attentions.0."
+               "transformer_blocks.0.attn2", "feature_noise_draws": 2}
+    sets = [x for k, v in changed.items() for x in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
+    common = ["--model", "tiny", *sets]
+    seg = config_from_args(parser.parse_args(["segment", "x.png", "--k", "3", *common]))
+    ref = config_from_args(parser.parse_args(["refine", "x.png", "--masks", "m.png", *common]))  # K from --masks
+    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--k", "3", *common]))
+    assert seg == ev and dataclasses.replace(ref, num_clusters=3) == seg
+    assert {k: getattr(seg, k) for k in changed} == changed and seg.num_clusters == 3
+    # --set wins over the flag it names
+    assert config_from_args(parser.parse_args(["segment", "x", "--k", "3", "--set", "num_clusters=6"])).num_clusters == 6
+    names = {f.name for f in dataclasses.fields(EmerDiffConfig)}
+    assert set(changed) <= names
+    with pytest.raises(ValueError, match="unknown EmerDiffConfig field.*'nope'"):
+        config_from_args(parser.parse_args(["segment", "x", "--set", "nope=1"]))
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        config_from_args(parser.parse_args(["segment", "x", "--set", "blur_sigma"]))
