@@ -318,3 +318,84 @@ def test_shipped_reference_weights_load_and_denoise():
     with torch.no_grad():
         eps = sd.unet(x, torch.tensor([500]), sd.empty_embedding).sample
     assert torch.isfinite(eps).all()
+
+
+def test_pool_workers_build_the_same_latent_pool(trained, tmp_path):
+    from emerdiff.reference.model import preset
+    from emerdiff.reference.train import _latent_pool, load_stage_vae, main, parse_args
+
+    out, _ = trained
+    pools = []
+    for workers in ("0", "2"):
+        other = tmp_path / f"w{workers}"
+        shutil.copytree(out / "vae", other / "vae")
+        (other / "unet").mkdir()
+        argv = ["--out", str(other), "--preset", "tiny", "--seed", "3", "--latent-pool", "20",
+                "--pool-workers", workers, "--world", "flat"]
+        if workers == "0":
+            args = parse_args(argv)
+            vae = load_stage_vae(args, torch.device("cpu"))
+            pools.append(_latent_pool(args, vae, preset("tiny"), torch.device("cpu")))
+        else:  # the command line a GPU session uses to share one pool between runs
+            assert main([*argv, "--stage", "unet", "--pool-only"]) == other / "unet" / "latent_pool.pt"
+            pools.append(torch.load(other / "unet" / "latent_pool.pt", weights_only=True))
+    assert pools[0]["captions"] == pools[1]["captions"] and len(pools[0]["captions"]) == 20
+    assert torch.equal(pools[0]["mean"], pools[1]["mean"]) and torch.equal(pools[0]["std"], pools[1]["std"])
+
+
+def test_token_cache_gives_the_tokenizers_ids():
+    from emerdiff.reference.model import build_tokenizer
+    from emerdiff.reference.train import TokenCache
+
+    tok = build_tokenizer()
+    captions = ["a ball on grass", "", "two cars and a tree on sand", "a ball on grass", ""]
+    cache = TokenCache(tok)
+    want = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+               return_tensors="pt").input_ids
+    assert torch.equal(cache(captions), want)
+    assert torch.equal(cache(captions[::-1]), want.flip(0)) and len(cache.rows) == 3
+
+
+def test_time_budget_plans_steps_that_a_rerun_reproduces(trained, tmp_path):
+    """--time-budget times steps inside the warmup, sets --steps, logs the plan; --steps N with
+    the planned N gives the same weights."""
+    from safetensors.torch import load_file
+
+    out, _ = trained
+    runs = {}
+    for name, extra in (("budget", ["--time-budget", "0.5"]), ("fixed", None)):
+        other = tmp_path / name
+        shutil.copytree(out / "vae", other / "vae")
+        if extra is None:
+            extra = ["--steps", str(planned)]  # noqa: F821 (set by the first run)
+        runs[name] = _run(other, "--stage", "unet", "--warmup", "40", "--ckpt-every", "1000", *extra)
+        if name == "budget":
+            log = [json.loads(x) for x in (other / "unet" / "log.jsonl").read_text().splitlines()]
+            plan = [e for e in log if "planned_steps" in e]
+            assert len(plan) == 1 and plan[0]["sec_per_step"] > 0
+            planned = plan[0]["planned_steps"]
+            assert planned >= 40 and (planned == 40 or planned % 100 == 0)
+            assert [e["step"] for e in log if "loss" in e] == list(range(planned))
+            assert json.loads((other / "args_unet.json").read_text())["steps"] == planned
+    fname = "diffusion_pytorch_model.safetensors"
+    a, b = load_file(runs["budget"] / "unet" / fname), load_file(runs["fixed"] / "unet" / fname)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="warmup"):
+        _run(tmp_path / "budget", "--stage", "unet", "--warmup", "10", "--time-budget", "1")
+
+
+def test_kept_snapshots_unpack_into_a_loadable_pipeline(trained, tmp_path):
+    from emerdiff.models import load_pipeline
+    from emerdiff.reference.train import keep_snapshot, unpack_snapshot
+
+    _, pipe = trained
+    work = tmp_path / "run" / "snapshot"
+    shutil.copytree(pipe, work)
+    keep_snapshot(work, 7)
+    snap = tmp_path / "run" / "snapshots" / "step_000007.safetensors"
+    assert snap.exists()
+    rebuilt = unpack_snapshot(snap, pipe, tmp_path / "rebuilt")
+    a, b = load_pipeline(pipe, device="cpu"), load_pipeline(rebuilt, device="cpu")
+    for x, y in zip(a.unet.parameters(), b.unet.parameters()):
+        assert torch.allclose(x, y, rtol=1e-3, atol=1e-4)  # float16 storage
+    assert json.loads((rebuilt / "reference.json").read_text()) == json.loads((pipe / "reference.json").read_text())

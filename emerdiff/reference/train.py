@@ -39,6 +39,7 @@ Layout of ``--out``::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -62,7 +63,6 @@ from .model import (
     build_unet,
     build_vae,
     count_parameters,
-    encode_prompts,
     folder_size_mb,
     preset,
     save_reference,
@@ -104,6 +104,9 @@ class TrainArgs:
     save_dtype: str = "auto"  # "float32" | "float16" | "auto" (float16 only if float32 exceeds 50 MB)
     amp: bool = False  # bfloat16 autocast (CUDA)
     threads: int = 0  # torch.set_num_threads; 0 leaves the default
+    pool_workers: int = 0  # processes generating the latent pool's scenes (0: this process)
+    pool_only: bool = False  # UNet stage: build the --latent-pool cache and exit (shared by later runs)
+    time_budget: float = 0.0  # UNet stage, >0: plan --steps from the measured speed to fit this many seconds
     resume: bool = False
     stop_at: int = 0  # >0: checkpoint and stop after this step (continue later with --resume)
     export: bool = False
@@ -115,10 +118,10 @@ class TrainArgs:
 
 
 # ------------------------------------------------------------------ helpers
-def step_generator(seed: int, stage: str, step: int) -> torch.Generator:
-    """CPU generator for all the randomness of one step (pure function of its arguments)."""
+def step_generator(seed: int, stage: str, step: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """Generator for all the randomness of one step (pure function of its arguments and the device)."""
     key = hashlib.sha256(f"{seed}/{stage}/{step}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
+    return torch.Generator(device).manual_seed(int.from_bytes(key[:8], "little") & (2**63 - 1))
 
 
 def lr_at(args: TrainArgs, step: int) -> float:
@@ -292,6 +295,12 @@ def load_stage_vae(args: TrainArgs, device: torch.device) -> Any:
     return AutoencoderKL.from_pretrained(str(folder), use_safetensors=True).to(device).eval().requires_grad_(False)
 
 
+def _pool_scene(job: tuple[tuple[int, ...], int, str]) -> tuple[np.ndarray, str]:
+    seed, size, world = job
+    scene = make_scene(seed, size, world=world)
+    return scene.image, scene.caption
+
+
 @torch.no_grad()
 def _latent_pool(args: TrainArgs, vae: Any, cfg: dict, device: torch.device) -> dict:
     """Encode ``latent_pool`` scenes once (posterior mean and std, captions), cached on disk."""
@@ -300,18 +309,40 @@ def _latent_pool(args: TrainArgs, vae: Any, cfg: dict, device: torch.device) -> 
         pool = torch.load(path, weights_only=True)
         if len(pool["captions"]) == args.latent_pool and pool.get("world", "textured") == args.world:
             return pool
+    jobs = [(train_scene_seed(args.seed, 0, i, purpose=2), cfg["image_size"], args.world)
+            for i in range(args.latent_pool)]
     means, stds, caps = [], [], []
-    for i in range(0, args.latent_pool, 16):
-        n = min(16, args.latent_pool - i)
-        scenes = [make_scene(train_scene_seed(args.seed, 0, i + j, purpose=2), cfg["image_size"], world=args.world)
-                  for j in range(n)]
-        post = vae.encode(images_to_tensor(np.stack([s.image for s in scenes])).to(device)).latent_dist
-        means.append(post.mean.cpu())
-        stds.append(post.std.cpu())
-        caps += [s.caption for s in scenes]
+    with contextlib.ExitStack() as stack:
+        if args.pool_workers > 0:  # same scenes in the same order: imap keeps the order
+            import multiprocessing
+
+            workers = stack.enter_context(multiprocessing.get_context("spawn").Pool(args.pool_workers))
+            scenes = workers.imap(_pool_scene, jobs, chunksize=64)
+        else:
+            scenes = map(_pool_scene, jobs)
+        step = 16 if device.type == "cpu" else 256  # CPU pools stay identical to earlier runs
+        for i in range(0, args.latent_pool, step):
+            chunk = [next(scenes) for _ in range(min(step, args.latent_pool - i))]
+            post = vae.encode(images_to_tensor(np.stack([img for img, _ in chunk])).to(device)).latent_dist
+            means.append(post.mean.cpu())
+            stds.append(post.std.cpu())
+            caps += [cap for _, cap in chunk]
     pool = dict(mean=torch.cat(means), std=torch.cat(stds), captions=caps, world=args.world)
     _save_ckpt(path, pool)
     return pool
+
+
+def build_pool(args: TrainArgs) -> Path:
+    """``--pool-only``: encode the latent pool once; runs with the same seed, world, size and VAE
+    can share the file (it is checked for size and world when loaded)."""
+    if args.latent_pool <= 0:
+        raise SystemExit("--pool-only needs --latent-pool N")
+    device = torch.device(args.device)
+    (Path(args.out) / "unet").mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    pool = _latent_pool(args, load_stage_vae(args, device), preset(args.preset), device)
+    print(f"latent pool: {len(pool['captions'])} scenes in {time.perf_counter() - t0:.1f} s")
+    return Path(args.out) / "unet" / "latent_pool.pt"
 
 
 def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
@@ -332,16 +363,22 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
     if args.init_from:
         _init_from(args.init_from, unet, text)
     params = list(unet.parameters()) + list(text.parameters())
-    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    # fused AdamW: one kernel per step on CUDA (the small model is launch-bound there)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda")
     ema = EMA([unet, text], args.ema) if args.ema > 0 else None
     start = _maybe_resume(args, out, {"unet": unet, "text": text}, opt, ema)
     scheduler = DDPMScheduler.from_config(SD_SCHEDULER_CONFIG)  # same betas as SD
     alphas = scheduler.alphas_cumprod.to(device)
     pool = _latent_pool(args, vae, cfg, device) if args.latent_pool > 0 else None
+    if pool is not None:  # on the device once, not a host copy per step
+        pool = dict(pool, mean=pool["mean"].to(device), std=pool["std"].to(device))
+    tokens = TokenCache(tokenizer)
     latent_hw = cfg["image_size"] // _vae_factor(cfg)
     log = _open_log(out / "log.jsonl", start)
+    planner = StepPlanner(args, start, log) if args.time_budget > 0 else None
     bar = _progress(args, start)
-    for step in range(start, _end(args)):
+    step = start
+    while step < _end(args):
         t0 = time.perf_counter()
         g = step_generator(args.seed, "unet", step)
         if pool is None:
@@ -351,11 +388,14 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
                 mean, std = post.mean, post.std
         else:
             idx = torch.randint(0, len(pool["captions"]), (args.batch,), generator=g)
-            mean, std = pool["mean"][idx].to(device), pool["std"][idx].to(device)
+            mean, std = pool["mean"][idx.to(device)], pool["std"][idx.to(device)]
             captions = [pool["captions"][i] for i in idx.tolist()]
         shape = (args.batch, cfg["vae"]["latent_channels"], latent_hw, latent_hw)
-        z = torch.randn(shape, generator=g).to(device)
-        noise = torch.randn(shape, generator=g).to(device)
+        # on CUDA the two big draws come from a device generator (a host draw per step costs more
+        # than the step); on CPU the stream is the one every earlier run used
+        g_noise = g if device.type == "cpu" else step_generator(args.seed, "unet", step, device)
+        z = torch.randn(shape, generator=g_noise, device=g_noise.device).to(device)
+        noise = torch.randn(shape, generator=g_noise, device=g_noise.device).to(device)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (args.batch,), generator=g).to(device)
         drop = (torch.rand(args.batch, generator=g) < args.caption_dropout).tolist()
         captions = ["" if d else c for c, d in zip(captions, drop)]
@@ -365,7 +405,7 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
         for group in opt.param_groups:
             group["lr"] = lr_at(args, step)
         with _autocast(args, device):
-            cond = encode_prompts(tokenizer, text, captions)
+            cond = text(tokens(captions).to(device))[0]  # = encode_prompts(tokenizer, text, captions)
             pred = unet(noisy, t, cond).sample
         loss = torch.nn.functional.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
@@ -376,6 +416,8 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
             ema.update(step)
         _log_step(log, bar, args, step, dict(loss=loss.item()), t0)
         done = step + 1
+        if planner is not None:
+            planner.after(done, bar)
         if done % args.ckpt_every == 0 or done == _end(args):
             _save_ckpt(out / "ckpt.pt", dict(
                 step=done, args=dataclasses.asdict(args), opt=opt.state_dict(),
@@ -387,11 +429,108 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
             if metrics:
                 log.write(json.dumps({"step": step, "eval": metrics}, default=float) + "\n")
                 log.flush()
+        step = done
     bar.close()
     log.close()
     if _end(args) < args.steps:
         return out / "ckpt.pt"
     return _write_pipeline(args, Path(args.out) / "pipeline", unet, text, vae, ema, cfg, args.steps)
+
+
+class TokenCache:
+    """Token ids of captions, tokenized once per distinct caption (the scene world repeats them);
+    the same ids the tokenizer returns for the batch."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.rows: dict[str, torch.Tensor] = {}
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in self.rows]
+        if new:
+            ids = self.tokenizer(new, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                 truncation=True, return_tensors="pt").input_ids
+            self.rows.update(zip(new, ids))
+        return torch.stack([self.rows[c] for c in captions])
+
+
+class StepPlanner:
+    """``--time-budget``: times the first steps (inside the warmup, whose learning rates do not
+    depend on ``--steps``), then sets ``args.steps`` so the run fits the budget. The planned
+    number is logged and written to the checkpoint's arguments: rerunning with ``--steps N``
+    reproduces the schedule."""
+
+    PROBE = 30  # steps timed (after WARM untimed ones: CUDA autotuning, allocator)
+    WARM = 10
+
+    def __init__(self, args: TrainArgs, start: int, log: Any):
+        if args.warmup < self.WARM + self.PROBE:
+            raise SystemExit(f"--time-budget needs --warmup >= {self.WARM + self.PROBE} "
+                             "(the timed steps must not depend on --steps)")
+        if start > 0:
+            raise SystemExit("--time-budget plans a fresh run; to continue one, --resume with its --steps")
+        self.args, self.log, self.t_start, self.t_probe = args, log, time.perf_counter(), 0.0
+
+    def after(self, done: int, bar: Any) -> None:
+        if done == self.WARM:
+            _sync(self.args.device)
+            self.t_probe = time.perf_counter()
+        elif done == self.WARM + self.PROBE:
+            _sync(self.args.device)
+            per_step = (time.perf_counter() - self.t_probe) / self.PROBE
+            left = self.args.time_budget - (time.perf_counter() - self.t_start)
+            planned = done + max(0, int(left / per_step))
+            self.args.steps = max(done, planned - planned % 100)  # round numbers to rerun with
+            self.log.write(json.dumps(dict(step=done - 1, planned_steps=self.args.steps,
+                                           sec_per_step=round(per_step, 5))) + "\n")
+            self.log.flush()
+            Path(self.args.out, "args_unet.json").write_text(json.dumps(dataclasses.asdict(self.args), indent=2))
+            bar.total = self.args.steps
+            bar.refresh()
+
+
+def keep_snapshot(folder: Path, step: int) -> None:
+    """An ``--eval-fn`` that keeps every snapshot's UNet and text encoder (float16, one
+    safetensors file ``<out>/snapshots/step_NNNNNN.safetensors``, ~10 MB for "small") for a
+    learning curve evaluated elsewhere; :func:`unpack_snapshot` turns one back into a pipeline."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    tensors = {}
+    for sub, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        tensors.update({f"{sub}/{k}": v.half() for k, v in load_file(folder / sub / fname).items()})
+    target = folder.parent / "snapshots" / f"step_{step:06d}.safetensors"
+    target.parent.mkdir(exist_ok=True)
+    save_file(tensors, target, metadata={"step": str(step),
+                                         "reference": (folder / "reference.json").read_text()})
+
+
+def unpack_snapshot(snapshot: str | Path, base: str | Path, out: str | Path) -> Path:
+    """A pipeline folder from a :func:`keep_snapshot` file: ``base`` (a pipeline of the same
+    preset, e.g. the one whose VAE was frozen) with the snapshot's UNet and text encoder
+    (stored as float32) and its ``reference.json``."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(base, out)
+    with safe_open(str(snapshot), "pt") as f:
+        meta = f.metadata()
+        parts: dict[str, dict] = {"unet": {}, "text_encoder": {}}
+        for key in f.keys():
+            sub, _, name = key.partition("/")
+            parts[sub][name] = f.get_tensor(key).float()
+    for sub, fname in (("unet", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        save_file(parts[sub], out / sub / fname)
+    (out / "reference.json").write_text(meta["reference"])
+    return out
+
+
+def _sync(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _init_from(folder: str, unet: Any, text: Any) -> None:
@@ -484,6 +623,10 @@ HELP = {
     "save_dtype": "weights dtype of the written pipeline: float32, float16 or auto",
     "amp": "bfloat16 autocast (CUDA)",
     "threads": "torch.set_num_threads (0: leave the default)",
+    "pool_workers": "processes that generate the --latent-pool scenes (0: in this process; same scenes)",
+    "pool_only": "UNet stage: build the --latent-pool cache (out/unet/latent_pool.pt) and exit",
+    "time_budget": "UNet stage: time the first steps, then set --steps to fit this many seconds "
+                   "(logged as planned_steps; needs --warmup >= 40)",
     "resume": "continue the stage from out/<stage>/ckpt.pt",
     "stop_at": "checkpoint and exit after this step; continue later with --resume",
     "export": "after the UNet stage, copy out/pipeline into emerdiff/reference/weights",
@@ -517,10 +660,15 @@ def main(argv: list[str] | None = None, eval_fn: EvalFn | None = None) -> Path:
     args = parse_args(argv)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed shapes every step
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"args_{args.stage}.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     if args.stage == "vae":
         result = train_vae(args)
+    elif args.pool_only:
+        result = build_pool(args)
     else:
         result = train_unet(args, eval_fn=eval_fn or _load_eval_fn(args.eval_fn))
         if args.export and result.name != "ckpt.pt":

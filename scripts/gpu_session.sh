@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# One lease of the GPU machine (device tool), in one call: train reference-model candidates on the
+# flat world, keep float16 snapshots for a learning curve evaluated on the CPU afterwards, then the
+# SD-size benchmark rows. Everything the session needs comes back through $OUT (8 files at most).
+#
+#   bash scripts/gpu_session.sh            # BUDGET=570 seconds by default
+#
+# Needs the carried folder .gpu/ with the diffusers wheel (the machine has torch and transformers,
+# not diffusers) and a photo for the benchmark (.gpu/voc.jpg).
+set -u
+T0=$(date +%s)
+OUT=${OUT:-/tmp/gpu_out}
+BUDGET=${BUDGET:-570}
+POOL=${POOL:-60000}
+DEVICE=${DEVICE:-cuda}   # DEVICE=cpu BUDGET=150 POOL=300: a smoke run on a CPU
+R=/tmp/runs
+mkdir -p "$R" "$OUT"
+if ls .gpu/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+left() { echo $((T0 + BUDGET - $(date +%s))); }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; nproc
+  python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
+} 2>&1 | tee "$R/env.txt"
+python3 -c "import emerdiff.reference.train, diffusers.models" || exit 1
+
+COMMON="--stage unet --preset small --world flat --vae-from emerdiff/reference/weights --caption-dropout 0.5
+  --batch ${BATCH:-256} --latent-pool $POOL --pool-workers 14 --amp --device $DEVICE --warmup 500 --ckpt-every 2000
+  --eval-fn emerdiff.reference.train:keep_snapshot --eval-every 1500 --no-progress --threads 4"
+# the latent pool once (same seed, world and VAE: identical for every run), then shared
+python3 -m emerdiff.reference.train $COMMON --out "$R/a" --pool-only || exit 1
+mkdir -p "$R/b/unet" && ln -f "$R/a/unet/latent_pool.pt" "$R/b/unet/latent_pool.pt"
+
+TRAIN=$(( $(left) - 115 ))   # leave ~115 s: final writes, packing, benchmark
+echo "training budget per run: $TRAIN s (two runs side by side on the one GPU)"
+python3 -m emerdiff.reference.train $COMMON --out "$R/a" --lr 5e-4 --time-budget $((TRAIN - 25)) >"$R/a.log" 2>&1 &
+python3 -m emerdiff.reference.train $COMMON --out "$R/b" --lr 1e-3 --time-budget $((TRAIN - 25)) >"$R/b.log" 2>&1 &
+END=$(( $(date +%s) + TRAIN + 30 ))
+while [ -n "$(jobs -r)" ] && [ "$(date +%s)" -lt "$END" ]; do
+  sleep 20
+  for r in a b; do echo "$r: $(tail -c 300 $R/$r/unet/log.jsonl 2>/dev/null | tail -n 1)"; done
+done
+kill $(jobs -p) 2>/dev/null
+wait
+for r in a b; do tail -n 3 "$R/$r.log"; done
+
+# three snapshots a run: about 1/3, 2/3 and the last
+for r in a b; do
+  snaps=($(ls "$R/$r/snapshots/"*.safetensors 2>/dev/null | sort))
+  n=${#snaps[@]}
+  [ "$n" -eq 0 ] && continue
+  for i in $(printf '%s\n' $(( (n - 1) / 3 )) $(( 2 * (n - 1) / 3 )) $(( n - 1 )) | sort -un); do
+    cp "${snaps[$i]}" "$OUT/${r}_$(basename "${snaps[$i]}")"
+  done
+done
+pack() { tar czf "$OUT/logs.tgz" -C "$R" env.txt a.log b.log a/unet/log.jsonl b/unet/log.jsonl \
+  a/args_unet.json b/args_unet.json $(cd "$R" && ls bench.md 2>/dev/null) 2>/dev/null; }
+pack
+ls -la "$OUT"
+
+if ! grep -qs planned_steps "$R/a/unet/log.jsonl" "$R/b/unet/log.jsonl"; then
+  echo "no run got past its timed steps: no benchmark, so the lease is left for a fixed rerun"; exit 1
+fi
+B=$(( $(left) - 5 ))
+if [ "$B" -gt 40 ] && [ "$DEVICE" = cuda ]; then
+  echo "benchmark: $B s"
+  timeout "$B" python3 benchmarks/bench_segment.py --model sd15-random --device cuda --dtype bf16,fp16 \
+    --resolution 512 --k 25 --max-batch 16,51 --loop shared --image .gpu/voc.jpg --markdown "$R/bench.md" \
+    --note "$(head -n 1 $R/env.txt)"
+  cat "$R/bench.md" 2>/dev/null
+  pack
+fi
+echo "total $(( $(date +%s) - T0 )) s"
