@@ -38,7 +38,7 @@ import torch
 from emerdiff import EmerDiffConfig
 from emerdiff.assign import assign_labels
 from emerdiff.images import resize_labels
-from emerdiff.models import SDModel, load_pipeline, resolve_device, resolve_dtype
+from emerdiff.models import SDPipeline, load_pipeline, resolve_device, resolve_dtype
 from emerdiff.modulation import difference_maps
 from emerdiff.pipeline import EmerDiff, StageClock
 
@@ -48,7 +48,7 @@ STAGES = ("encode", "inversion", "features", "modulation", "decode", "assign")
 
 
 # ------------------------------------------------------------------ models
-def random_sd_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> SDModel:
+def random_sd_model(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> SDPipeline:
     """Full-size SD 1.5 / 2.1-base UNet + SD VAE with random weights, random text embedding.
 
     Speed does not depend on the weight values, so this is the architecture's
@@ -65,10 +65,10 @@ def random_sd_model(name: str, device: torch.device, dtype: torch.dtype, seed: i
     scheduler = DDIMScheduler(**SD_SCHEDULER_CONFIG)
     gen = torch.Generator("cpu").manual_seed(seed + 2)
     emb = torch.randn(1, 77, unet.config.cross_attention_dim, generator=gen).to(device, dtype)
-    return SDModel(unet, vae, scheduler, None, None, emb, name)
+    return SDPipeline(unet, vae, scheduler, None, None, emb, name)
 
 
-def build_model(name: str, device: str | None = None, dtype: str | None = None) -> SDModel:
+def build_model(name: str, device: str | None = None, dtype: str | None = None) -> SDPipeline:
     """'tiny', 'reference', 'sd15-random', 'sd21-random' or a diffusers folder / hub id."""
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
@@ -289,7 +289,7 @@ def machine_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
-def config_for(model: SDModel, base: EmerDiffConfig, **changes: Any) -> EmerDiffConfig:
+def config_for(model: SDPipeline, base: EmerDiffConfig, **changes: Any) -> EmerDiffConfig:
     """A validated copy of ``base`` with changes (validation fails early with valid choices)."""
     cfg = base.replace(**changes)
     cfg.validate(model)

@@ -6,10 +6,10 @@ Public API: :func:`load_pipeline`, :class:`EmerDiffConfig`, :class:`EmerDiff`,
 
 from .config import EmerDiffConfig
 from .images import ImageError, load_image
-from .models import ModelLoadError, SDModel, load_pipeline
+from .models import ModelLoadError, SDPipeline, load_pipeline
 from .pipeline import EmerDiff, Segmentation
 from .sweep import sweep  # the function; the module: `from emerdiff.sweep import load_map`
 
 __all__ = ["EmerDiff", "EmerDiffConfig", "Segmentation", "load_pipeline", "load_image",
-           "SDModel", "ModelLoadError", "ImageError", "sweep"]
+           "SDPipeline", "ModelLoadError", "ImageError", "sweep"]
 __version__ = "0.1.0"

@@ -19,6 +19,7 @@ MODULATION_LAYER = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 MAX_STEPS = 1000  # the SD training schedule has 1000 timesteps
 MAX_STRENGTH = 1e4  # 1000x the paper's lambda; beyond it activations overflow
 LOWRES_METHODS = ("kmeans", "diffseg")  # Step A sources (EmerDiffConfig.lowres)
+FEATURE_NORMALIZATIONS = ("none", "l2")  # EmerDiffConfig.feature_normalization before k-means
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -51,6 +52,9 @@ class EmerDiffConfig:
     feature_noise_draws: int = 1  # >1: average the queries over several noise draws
     num_clusters: int = 25  # K
     kmeans_n_init: int = 10
+    # "none": k-means on the raw queries (our reading of the paper); "l2": each token's query scaled to
+    # unit length first (cosine geometry; docs/DEPARTURES.md). Centroids live in the clustered space.
+    feature_normalization: str = "none"
     lowres: str = "kmeans"  # Step A source: "kmeans" (the paper) or "diffseg" (emerdiff/diffseg.py)
     # DiffSeg (Tian et al., CVPR 2024); sources of each value in emerdiff/diffseg.py
     diffseg_timestep: int = 300  # the UNet's timestep for its one call
@@ -99,7 +103,7 @@ class EmerDiffConfig:
     def for_model(cls, model: Any, **changes: Any) -> EmerDiffConfig:
         """The defaults for ``model``'s family, then ``changes``: the paper's for SD; SDXL's native
         resolution and query/modulation layers (:func:`emerdiff.models.family_defaults`).
-        ``model``: a loaded SDModel, a folder, a hub id, 'tiny' or 'reference'."""
+        ``model``: a loaded SDPipeline, a folder, a hub id, 'tiny' or 'reference'."""
         from .models import family_defaults
 
         return cls.from_dict({**cls().to_dict(), **family_defaults(model), **changes})
@@ -122,6 +126,10 @@ class EmerDiffConfig:
             raise ValueError("feature_noise_draws must be >= 1")
         if self.kmeans_n_init < 1:
             raise ValueError(f"kmeans_n_init must be >= 1, got {self.kmeans_n_init}")
+        if self.feature_normalization not in FEATURE_NORMALIZATIONS:
+            raise ValueError(f"feature_normalization must be one of {list(FEATURE_NORMALIZATIONS)}, got "
+                             f"{self.feature_normalization!r} (none: k-means on the raw query vectors, the "
+                             "default; l2: each vector scaled to unit length first)")
         if not 1 <= self.num_inference_steps <= MAX_STEPS:
             raise ValueError(
                 f"num_inference_steps (--steps) must be between 1 and {MAX_STEPS} (the training schedule's "

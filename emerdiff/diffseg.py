@@ -71,7 +71,7 @@ def capture_self_attention(model: Any, latent: torch.Tensor, timestep: int, coun
     """Self-attention probabilities of one UNet call with the empty prompt.
 
     Args:
-        model: an :class:`~emerdiff.models.SDModel`.
+        model: an :class:`~emerdiff.models.SDPipeline`.
         latent: (1, C, h, w) latent the UNet sees (DiffSeg: the clean image latent).
         timestep: the timestep given to the UNet.
         counter: optional :class:`~emerdiff.modulation.CallCounter` (stage "diffseg").
@@ -292,7 +292,7 @@ def run_diffseg(model: Any, latent: torch.Tensor, config: Any, counter: Any = No
     """DiffSeg on an encoded image: capture, aggregate, merge, (refine), label the grid.
 
     Args:
-        model: an :class:`~emerdiff.models.SDModel`.
+        model: an :class:`~emerdiff.models.SDPipeline`.
         latent: (1, C, h, w) scaled VAE latent of the image (``EmerDiff.encode``).
         config: an :class:`~emerdiff.config.EmerDiffConfig` (its ``diffseg_*`` fields and ``seed``).
         counter: optional UNet call counter.

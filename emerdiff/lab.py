@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the save hook below must stay importable without loading to
     import torch
 
     from .config import EmerDiffConfig
-    from .models import SDModel
+    from .models import SDPipeline
     from .pipeline import EmerDiff
     from .probes import ProbeImage
     from .viz import FigureWriter
@@ -51,7 +51,7 @@ def default_figure_dir() -> Path:
 class Study(NamedTuple):
     """What a study notebook works with; unpack it: ``sd, config, ed, items, writer, MODEL_LABEL = setup(...)``."""
 
-    sd: SDModel  # the loaded model
+    sd: SDPipeline  # the loaded model
     config: EmerDiffConfig  # sizes left None resolved by the model's size rule
     ed: EmerDiff
     items: list[ProbeImage]  # the probe images, in the order given

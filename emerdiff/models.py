@@ -11,7 +11,7 @@ Two model families are accepted, told apart by the UNet config:
 * ``sdxl`` (``addition_embed_type == "text_time"``): two text encoders whose
   penultimate hidden states are concatenated, plus SDXL's added conditioning
   (the pooled projection of ``text_encoder_2`` and the size/crop micro-conditioning
-  ``time_ids``) that every UNet call needs: :meth:`SDModel.unet_kwargs`.
+  ``time_ids``) that every UNet call needs: :meth:`SDPipeline.unet_kwargs`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class ModelLoadError(RuntimeError):
 
 
 @dataclass
-class SDModel:
+class SDPipeline:
     """The Stable Diffusion parts EmerDiff needs, frozen and in eval mode.
 
     ``family`` is ``"sd"`` or ``"sdxl"`` (see the module docstring). Every UNet
@@ -313,7 +313,7 @@ def load_pipeline(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     local_files_only: bool | None = None,
-) -> SDModel:
+) -> SDPipeline:
     """Load UNet, VAE, scheduler, text encoder(s) and the empty-prompt conditioning.
 
     SD 1.x/2.x and SDXL layouts are both accepted (the UNet config tells them
@@ -329,7 +329,7 @@ def load_pipeline(
         local_files_only: never touch the network; default follows HF_HUB_OFFLINE.
 
     Returns:
-        An :class:`SDModel` with frozen modules on ``device``.
+        An :class:`SDPipeline` with frozen modules on ``device``.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from safetensors import SafetensorError
@@ -398,7 +398,7 @@ def load_pipeline(
         module.requires_grad_(False)
         module.eval()
         module.to(dev)
-    sd = SDModel(unet, vae, scheduler, tokenizer, text_encoder, torch.empty(0), name, family=family, **extra)
+    sd = SDPipeline(unet, vae, scheduler, tokenizer, text_encoder, torch.empty(0), name, family=family, **extra)
     sd.empty_embedding = sd.encode_text([""])
     if family == "sdxl":
         sd.empty_pooled = sd.encode_pooled([""])
@@ -589,13 +589,13 @@ def _unet_config_of(model: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         return None
 
 
-def family_defaults(model: SDModel | str | os.PathLike) -> dict[str, Any]:
+def family_defaults(model: SDPipeline | str | os.PathLike) -> dict[str, Any]:
     """:class:`~emerdiff.EmerDiffConfig` fields that depend on the model family.
 
     ``{}`` for SD (the config's own defaults are the paper's, for SD). For SDXL:
     ``resolution`` = the native image size (UNet sample_size x VAE factor, 1024 for
     SDXL base) and the :func:`default_layers` pair. ``model`` is a loaded
-    :class:`SDModel` or anything :func:`load_pipeline` takes; a name whose configs
+    :class:`SDPipeline` or anything :func:`load_pipeline` takes; a name whose configs
     are not on disk (an uncached hub id) gives ``{}``.
     """
     if hasattr(model, "unet"):  # a loaded model (or a stand-in for one: those without a family are SD)

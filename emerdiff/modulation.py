@@ -36,7 +36,7 @@ class CallCounter:
 def unet_forward(model: Any, x: torch.Tensor, t: int, counter: CallCounter | None = None, stage: str = "unet") -> torch.Tensor:
     """One UNet call with the empty-prompt conditioning, batch-expanded.
 
-    The model's ``unet_kwargs`` (SDModel) adds what its family needs beyond the
+    The model's ``unet_kwargs`` (SDPipeline) adds what its family needs beyond the
     text embedding: nothing for SD, SDXL's pooled text and size conditioning.
     """
     emb = model.empty_embedding.expand(x.shape[0], -1, -1)
@@ -45,7 +45,7 @@ def unet_forward(model: Any, x: torch.Tensor, t: int, counter: CallCounter | Non
     extra = model.unet_kwargs(x.shape[0], tuple(x.shape[-2:])) if hasattr(model, "unet_kwargs") else {}
     if not hasattr(model, "unet_kwargs") and getattr(model.unet.config, "addition_embed_type", None):
         raise ValueError(f"{type(model).__name__} has no unet_kwargs, but its UNet needs added conditioning "
-                         f"({model.unet.config.addition_embed_type!r}, SDXL); pass the SDModel of load_pipeline")
+                         f"({model.unet.config.addition_embed_type!r}, SDXL); pass the SDPipeline of load_pipeline")
     with torch.no_grad():
         out = model.unet(x, timestep, encoder_hidden_states=emb, return_dict=False, **extra)[0]
     if counter is not None:

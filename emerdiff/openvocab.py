@@ -230,7 +230,7 @@ class CrossAttentionLabeller:
     Per pixel the class maps are normalised to sum to one.
 
     Args:
-        model: an SDModel from :func:`emerdiff.load_pipeline`.
+        model: an SDPipeline from :func:`emerdiff.load_pipeline`.
         layers: cross-attention layer paths (default: every decoder cross-attention layer).
         timesteps: noise levels to average over.
         resolution: image side the model sees.
@@ -311,7 +311,7 @@ class CrossAttentionLabeller:
 
 
 class _WithEmbedding:
-    """An SDModel view whose 'empty' embedding is a given prompt's (for unet_forward)."""
+    """An SDPipeline view whose 'empty' embedding is a given prompt's (for unet_forward)."""
 
     def __init__(self, model: Any, embedding: torch.Tensor) -> None:
         self.unet = model.unet

@@ -25,7 +25,7 @@ from .faithfulness import cheap_measures
 from .images import ImageInput, load_image, resize_labels
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features, segments_from_labels
-from .models import SDModel, feature_resolution
+from .models import SDPipeline, feature_resolution
 from .modulation import (
     CallCounter,
     decode,
@@ -160,11 +160,11 @@ class EmerDiff:
     """Training-free segmentation with a frozen Stable Diffusion model.
 
     Args:
-        model: an :class:`SDModel` from :func:`emerdiff.load_pipeline`.
+        model: an :class:`SDPipeline` from :func:`emerdiff.load_pipeline`.
         config: an :class:`EmerDiffConfig` (validated against the model here).
     """
 
-    def __init__(self, model: SDModel, config: EmerDiffConfig | None = None) -> None:
+    def __init__(self, model: SDPipeline, config: EmerDiffConfig | None = None) -> None:
         self.model = model
         self.config = config or EmerDiffConfig.for_model(model)  # SDXL: its own resolution and layers
         self.config.validate(model)

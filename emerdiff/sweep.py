@@ -37,7 +37,7 @@ from .files import FileSet, check_output_dir, clean_stale_temps, write_atomic, w
 from .images import ImageInput, load_image
 
 if TYPE_CHECKING:
-    from .models import SDModel
+    from .models import SDPipeline
     from .pipeline import EmerDiff, PreparedImage
 
 RECORDS = "records.jsonl"
@@ -151,7 +151,7 @@ def _resolve(ed: EmerDiff | None, model: Any, config: Any) -> EmerDiff:
             raise ValueError("give ed=EmerDiff(...) or model= (and config=), not both")
         return ed
     if model is None:
-        raise ValueError("sweep needs a model: model='reference' (a name, folder or loaded SDModel) or ed=EmerDiff(...)")
+        raise ValueError("sweep needs a model: model='reference' (a name, folder or loaded SDPipeline) or ed=EmerDiff(...)")
     if isinstance(model, (str, os.PathLike)):
         from .models import load_pipeline
 
@@ -213,7 +213,7 @@ def sweep(
     masks: Sequence[int] | None = None,
     *,
     ed: EmerDiff | None = None,
-    model: SDModel | str | os.PathLike | None = None,
+    model: SDPipeline | str | os.PathLike | None = None,
     config: Any = None,
     lowres_labels: np.ndarray | None = None,
     out: str | os.PathLike | None = None,
@@ -227,7 +227,7 @@ def sweep(
         layers, timesteps, strengths: modulation layers, modulation timesteps (on the schedule)
             and strengths lambda to sweep; each a value or a list; None: the config's one value.
         masks: which low-resolution segments to perturb (ids; default all).
-        ed: the :class:`EmerDiff` to run; or ``model`` (an SDModel, 'reference', 'tiny', a folder or
+        ed: the :class:`EmerDiff` to run; or ``model`` (an SDPipeline, 'reference', 'tiny', a folder or
             hub id) and optionally ``config`` (default: the model's size rule, as ``segment``).
         lowres_labels: segments from any source instead of k-means (as :meth:`EmerDiff.refine`).
         out: a folder to stream into (``DIR/<layer>__t<t>__lambda<lambda>.npz`` per setting and
