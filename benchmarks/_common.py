@@ -57,7 +57,8 @@ def random_sd_model(name: str, device: torch.device, dtype: torch.dtype, seed: i
     """
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    from emerdiff.testing import SD_SCHEDULER_CONFIG, SD_VAE_CONFIG, random_unet
+    from emerdiff.sdconfig import SD_SCHEDULER_CONFIG, SD_VAE_CONFIG
+    from emerdiff.testing import random_unet
 
     unet = random_unet(RANDOM_MODELS[name], seed=seed).to(device, dtype)
     torch.manual_seed(seed + 1)

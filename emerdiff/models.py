@@ -1,7 +1,7 @@
 """Load Stable Diffusion components from a hub id or a local diffusers folder.
 
 The same code loads real SD weights and the tiny random pipelines of
-`emerdiff.testing` (written with ``save_pretrained``), so tests exercise the
+`emerdiff.sdconfig` and `emerdiff.testing` (written with ``save_pretrained``), so tests exercise the
 real path. Only safetensors weights are accepted.
 
 Two model families are accepted, told apart by the UNet config:
@@ -340,7 +340,7 @@ def load_pipeline(
     offline = _offline(local_files_only)
     name = str(model)
     if name == "tiny":
-        from .testing import tiny_pipeline_dir
+        from .sdconfig import tiny_pipeline_dir
 
         path: str = str(tiny_pipeline_dir())
     elif name == "reference":
@@ -462,7 +462,7 @@ def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
     name = str(model)
     try:
         if name == "tiny":  # known without building it
-            from .testing import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+            from .sdconfig import TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
             return (2 ** (len(TINY_VAE_CONFIG["block_out_channels"]) - 1),
                     unet_downsampling(dict(TINY_UNET_CONFIG)))
@@ -568,7 +568,7 @@ def _unet_config_of(model: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
     name = str(model)
     try:
         if name == "tiny":
-            from .testing import TINY_UNET_CONFIG, TINY_VAE_CONFIG
+            from .sdconfig import TINY_UNET_CONFIG, TINY_VAE_CONFIG
 
             return dict(TINY_UNET_CONFIG), dict(TINY_VAE_CONFIG)
         if name == "reference":

@@ -322,10 +322,10 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 
     """A tiny random CLIP (vision + text) saved with save_pretrained, for offline tests."""
     from transformers import CLIPConfig, CLIPModel
 
-    from .testing import _byte_unicode, write_tokenizer
+    from .sdconfig import byte_unicode, write_tokenizer
 
     folder = Path(folder)
-    n = len(_byte_unicode()) * 2
+    n = len(byte_unicode()) * 2
     torch.manual_seed(seed)
     cfg = CLIPConfig(
         text_config=dict(vocab_size=n + 200, hidden_size=32, intermediate_size=64, num_attention_heads=4,

@@ -12,7 +12,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from emerdiff.testing import build_tiny_pipeline
+    from emerdiff.sdconfig import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", seed=0)
 

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emerdiff"
 # Every module in one layer; a module may import its own layer and the ones below (lower number).
 LAYERS: dict[str, int] = {
     # 0 core: the method's stages, the model loader and the shipped reference asset (weights + scene world)
-    **{m: 0 for m in ("config", "images", "files", "models", "testing", "attention", "inversion", "lowres",
+    **{m: 0 for m in ("config", "images", "files", "models", "sdconfig", "testing", "attention", "inversion", "lowres",
                       "modulation", "assign", "diffseg", "faithfulness", "pipeline", "reference",
                       "reference.scenes")},
     # 1 analysis: probes and sweeps, diagnosis, evaluation protocols and metrics, data, labellers, plots
@@ -109,3 +109,10 @@ def test_the_checker_sees_lazy_imports():
     graph = import_graph()
     assert "models" in graph["cli"]  # cli imports models only inside functions
     assert "pipeline" not in graph["faithfulness"]  # a TYPE_CHECKING import is not a runtime one
+
+
+def test_the_test_helpers_are_no_runtime_dependency():
+    """emerdiff.testing builds test-only models; what the runtime needs of it lives in emerdiff.sdconfig."""
+    graph = import_graph()
+    assert not sorted(m for m, deps in graph.items() if "testing" in deps and m != "testing")
+    assert "sdconfig" in graph["models"] and graph["sdconfig"] == set()

@@ -8,7 +8,7 @@ from diffusers import DDIMScheduler
 
 from emerdiff.inversion import Schedule, invert, replay
 from emerdiff.modulation import unet_forward
-from emerdiff.testing import SD_SCHEDULER_CONFIG
+from emerdiff.sdconfig import SD_SCHEDULER_CONFIG
 
 
 def _setup(model, ptype="epsilon", steps=50):

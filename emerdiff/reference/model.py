@@ -21,7 +21,7 @@ Why not factor 8 at 256 px or a 4-level UNet: a 64x64 latent puts
 self-attention over 4096 tokens in ``down_blocks.0`` (measured: ~8x slower
 per step), and a 256-px VAE costs 4x more per image than a 128-px one.
 
-The tokenizer is the offline CLIP BPE of :func:`emerdiff.testing.write_tokenizer`
+The tokenizer is the offline CLIP BPE of :func:`emerdiff.sdconfig.write_tokenizer`
 with every caption word of the scene world as one token.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..testing import SD_SCHEDULER_CONFIG, write_tokenizer
+from ..sdconfig import SD_SCHEDULER_CONFIG, write_tokenizer
 from .scenes import CAPTION_WORDS
 
 # Model sizes. "small" is the CPU-trainable reference model, "base" keeps SD's

@@ -349,7 +349,7 @@ def train_unet(args: TrainArgs, eval_fn: EvalFn | None = None) -> Path:
     """Train UNet + text encoder on the frozen VAE; returns the final pipeline folder."""
     from diffusers import DDPMScheduler
 
-    from ..testing import SD_SCHEDULER_CONFIG
+    from ..sdconfig import SD_SCHEDULER_CONFIG
 
     cfg = preset(args.preset)
     out = Path(args.out) / "unet"
