@@ -458,23 +458,13 @@ def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
     """(VAE downsampling, UNet downsampling) of a model, read from its config files without loading
     any weights, so a bad resolution can be refused before the (slow) load; None when the configs
     are not on disk (a hub id not cached yet): then :meth:`EmerDiffConfig.validate` checks after loading."""
-
-    name = str(model)
+    configs = _unet_config_of(model)
+    if configs is None:
+        return None
+    unet, vae = configs
     try:
-        if name == "tiny":  # known without building it
-            from .sdconfig import TINY_UNET_CONFIG, TINY_VAE_CONFIG
-
-            return (2 ** (len(TINY_VAE_CONFIG["block_out_channels"]) - 1),
-                    unet_downsampling(dict(TINY_UNET_CONFIG)))
-        if name == "reference":
-            from .reference import weights_dir
-
-            folder = Path(weights_dir())
-        else:
-            folder = Path(name)
-        unet, vae = component_configs(folder)
         return 2 ** (len(vae["block_out_channels"]) - 1), unet_downsampling(unet)
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):  # a foreign config: load_pipeline reports it
         return None
 
 

@@ -134,3 +134,18 @@ def test_model_family_from_the_unet_config(tiny_model):
     assert tiny_model.unet_kwargs(4, (8, 8)) == {}
     with pytest.raises(ValueError, match="SDXL models only"):
         tiny_model.encode_pooled([""])
+
+
+def test_model_geometry_reads_the_configs_without_weights(tiny_dir, tmp_path):
+    """(VAE factor, UNet downsampling) from the config files of a name or folder; None when unreadable."""
+    import json
+
+    from emerdiff.models import model_geometry
+
+    assert model_geometry("tiny") == model_geometry(tiny_dir) == (8, 8)
+    assert model_geometry("reference") == (4, 4)  # 3 VAE levels, 3 UNet levels
+    assert model_geometry(tmp_path / "nowhere") is None
+    shutil.copytree(tiny_dir / "unet", tmp_path / "odd" / "unet", ignore=shutil.ignore_patterns("*.safetensors"))
+    (tmp_path / "odd" / "vae").mkdir()
+    (tmp_path / "odd" / "vae" / "config.json").write_text(json.dumps({"latent_channels": 4}))
+    assert model_geometry(tmp_path / "odd") is None  # a config without block_out_channels
