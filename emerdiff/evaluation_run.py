@@ -133,19 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def method_config(args: argparse.Namespace) -> Any:
-    """The EmerDiffConfig of this run: `segment`'s path (:func:`emerdiff.options.config_from_args`)."""
-    from .options import config_from_args
-
-    return config_from_args(args)
-
-
 def _default_segmenter(args: argparse.Namespace, device: str | None) -> tuple[SegmentFn, dict, Any]:
     """Load the model once and return its ``segment``, the config dict and the model."""
     from .models import load_pipeline
+    from .options import config_from_args
     from .pipeline import EmerDiff
 
-    config = method_config(args)
+    config = config_from_args(args)
     model = load_pipeline(args.model, device=device, dtype=args.dtype)
     segmenter = EmerDiff(model, config)
     return (lambda image: segmenter.segment(image, progress=False)), config.to_dict(), model
@@ -154,6 +148,7 @@ def _default_segmenter(args: argparse.Namespace, device: str | None) -> tuple[Se
 def _labeller(args: argparse.Namespace, model: Any, device: str | None) -> Any:
     """The open-vocabulary labeller of ``--labeller`` (the unet one reuses the diffusion model)."""
     from .openvocab import CLIPMaskLabeller, CrossAttentionLabeller
+    from .options import config_from_args
 
     if args.labeller == "clip":
         return CLIPMaskLabeller(args.clip_model, device=device)
@@ -161,7 +156,7 @@ def _labeller(args: argparse.Namespace, model: Any, device: str | None) -> Any:
         from .models import load_pipeline
 
         model = load_pipeline(args.model, device=device, dtype=args.dtype)
-    cfg = method_config(args)
+    cfg = config_from_args(args)
     return CrossAttentionLabeller(model, resolution=cfg.resolution, seed=cfg.seed)
 
 
@@ -618,6 +613,7 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
             ``args.model`` (tests inject a fake; its settings are not checked).
     """
     from .models import model_geometry
+    from .options import config_from_args
 
     out = Path(args.out)
     check_output_dir(out)
@@ -625,7 +621,7 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     device = args.device or _default_device(state)
     config = None
     if segment_fn is None:
-        cfg = method_config(args)
+        cfg = config_from_args(args)
         cfg.check_for_segmentation()
         geometry = model_geometry(args.model)
         if geometry is not None:

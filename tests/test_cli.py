@@ -162,11 +162,10 @@ def test_figures_kernel_matches_the_makefile():
 def _sized(argv):
     """The EmerDiffConfig fields that segment and evaluate would use for these arguments."""
     from emerdiff.cli import build_parser, config_from_args
-    from emerdiff.evaluation_run import method_config
 
     parser = build_parser()
     seg = config_from_args(parser.parse_args(["segment", "x.png", *argv]))
-    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", *argv]))
+    ev = config_from_args(parser.parse_args(["evaluate", "--data", "d", "--out", "o", *argv]))
     keys = ("resolution", "num_clusters", "num_inference_steps", "modulation_timestep", "blur_sigma", "max_batch")
     fields = {k: getattr(seg, k) for k in keys}
     assert fields == {k: getattr(ev, k) for k in keys}  # one rule for both commands
@@ -391,7 +390,6 @@ def test_set_reaches_every_config_field_in_segment_refine_and_evaluate():
 
     from emerdiff.cli import build_parser, config_from_args
     from emerdiff.config import EmerDiffConfig
-    from emerdiff.evaluation_run import method_config
 
     parser = build_parser()
     changed = {"blur_sigma": 2.5, "kmeans_n_init": 3, "lowres": "diffseg", "diffseg_kl_threshold": 0.03,
@@ -401,7 +399,7 @@ def test_set_reaches_every_config_field_in_segment_refine_and_evaluate():
     common = ["--model", "tiny", *sets]
     seg = config_from_args(parser.parse_args(["segment", "x.png", "--k", "3", *common]))
     ref = config_from_args(parser.parse_args(["refine", "x.png", "--masks", "m.png", *common]))  # K from --masks
-    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--k", "3", *common]))
+    ev = config_from_args(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--k", "3", *common]))
     assert seg == ev and dataclasses.replace(ref, num_clusters=3) == seg
     assert {k: getattr(seg, k) for k in changed} == changed and seg.num_clusters == 3
     # --set wins over the flag it names

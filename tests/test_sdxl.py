@@ -270,12 +270,11 @@ def test_layers_command_lists_sdxl(sdxl_dir, capsys):
 
 def test_cli_settings_follow_the_sdxl_folder(sdxl_dir):
     from emerdiff.cli import build_parser, config_from_args, figure_sizes
-    from emerdiff.evaluation_run import method_config
 
     parser = build_parser()
     assert figure_sizes(str(sdxl_dir))["resolution"] == 256
     seg = config_from_args(parser.parse_args(["segment", "x.png", "--model", str(sdxl_dir)]))
-    ev = method_config(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--model", str(sdxl_dir)]))
+    ev = config_from_args(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--model", str(sdxl_dir)]))
     for config in (seg, ev):
         assert (config.resolution, config.query_layer, config.modulation_layer) == (256, TINY_QUERY, TINY_MODULATION)
     given = config_from_args(parser.parse_args(["segment", "x.png", "--model", str(sdxl_dir),
