@@ -53,7 +53,8 @@ from typing import Any
 import numpy as np
 
 from .datasets import LAYOUTS, SegmentationDataset, open_dataset
-from .evaluate import (
+from .files import check_output_dir, clean_stale_temps, write_atomic_bytes
+from .metrics import (
     METHOD_FIELDS,
     METHODS,
     PROTOCOLS,
@@ -69,7 +70,6 @@ from .evaluate import (
     segmentation_field,
     summary_rows,
 )
-from .files import check_output_dir, clean_stale_temps, write_atomic_bytes
 
 RECORD_VERSION = 2  # 2: image id + image/labels/settings hashes, verified on every run
 SegmentFn = Callable[[Any], Any]
@@ -168,7 +168,7 @@ def openvocab_path(out: Path, labeller: str, image_id: str) -> Path:
 def openvocab_result(out: Path, dataset: SegmentationDataset, indices: Sequence[int], labeller: str,
                      ) -> dict[str, Any]:
     """Dataset-level scores of the labeller alone and of the labeller pooled in EmerDiff masks
-    (a protocol result, as :func:`emerdiff.evaluate.evaluate_records` returns)."""
+    (a protocol result, as :func:`emerdiff.metrics.evaluate_records` returns)."""
     c = dataset.num_classes
     alone = np.zeros((c, c), np.int64)
     masked = np.zeros((c, c), np.int64)
@@ -735,7 +735,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] 
     """Compare two ``evaluate`` output folders on the images both evaluated.
 
     Checks that both score the same classes (names, ignore value) and that every shared image
-    has the same labels in both; then :func:`emerdiff.evaluate.compare_records`. Each run's
+    has the same labels in both; then :func:`emerdiff.metrics.compare_records`. Each run's
     dataset k-means uses its own protocol seed. Returns ``{"a", "b", "shared_images",
     "only_a", "only_b", "rows", "bootstrap"}``.
     """

@@ -8,7 +8,7 @@ Scores
 ------
 - ``miou``: per-image Hungarian mIoU (0-100) of a label map against the image's
   ground truth: clusters are matched one-to-one to GT classes
-  (:func:`emerdiff.evaluate.hungarian_match`, IoU criterion), unmatched
+  (:func:`emerdiff.metrics.hungarian_match`, IoU criterion), unmatched
   clusters count as "no class". NaN when the image has no ground truth.
 - ``silhouette`` (label-free, feature space): mean silhouette coefficient of
   the k-means clustering of a layer's query vectors, cosine distance, in
@@ -45,9 +45,9 @@ import numpy as np
 import torch
 
 from .assign import assign_labels, locality, nearest_upsample
-from .evaluate import confusion_matrix, hungarian_match, miou, remap_confusion
 from .images import load_image, resize_labels
 from .lowres import cluster_features
+from .metrics import confusion_matrix, hungarian_match, miou, remap_confusion
 from .models import feature_resolution, layer_table
 from .modulation import decode
 from .pipeline import EmerDiff, PreparedImage

@@ -14,7 +14,7 @@ LAYERS: dict[str, int] = {
                       "modulation", "assign", "diffseg", "faithfulness", "pipeline", "reference",
                       "reference.scenes")},
     # 1 analysis: probes and sweeps, diagnosis, evaluation protocols and metrics, data, labellers, plots
-    **{m: 1 for m in ("probes", "sweep", "diagnosis", "evaluate", "datasets", "openvocab", "viz")},
+    **{m: 1 for m in ("probes", "sweep", "diagnosis", "metrics", "datasets", "openvocab", "viz")},
     # 2 interfaces: the commands, their shared options, notebook support, the inspector
     **{m: 2 for m in ("options", "cli", "evaluation_run", "lab", "inspector")},
     # 3 the reference model's training and evaluation scripts (may import everything)

@@ -154,7 +154,7 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
 def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
                   intervals: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
     """Markdown table of evaluation rows (from results.json files); with ``intervals``
-    (:func:`emerdiff.evaluate.bootstrap_protocols`) a 95 % interval column and a second table
+    (:func:`emerdiff.metrics.bootstrap_protocols`) a 95 % interval column and a second table
     of EmerDiff's differences to each baseline."""
     intervals = intervals or {}
     lines = ["| protocol | method | mIoU | 95 % interval | pixel acc. | locality |", "|---|---|---|---|---|---|"]
@@ -178,8 +178,8 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
 
 def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000) -> dict[str, Any]:
     """Bootstrap intervals over the ``n`` held-out scenes of an ``evaluate`` output folder."""
-    from ..evaluate import bootstrap_protocols
     from ..evaluation_run import load_record, record_path
+    from ..metrics import bootstrap_protocols
 
     ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n)]
     records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]

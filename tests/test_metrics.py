@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from emerdiff.evaluate import (
+from emerdiff.metrics import (
     PROTOCOLS,
     ImageRecord,
     assign_to_concepts,
