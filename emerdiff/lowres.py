@@ -8,14 +8,18 @@ import numpy as np
 import torch
 from sklearn.cluster import KMeans
 
+from .config import FEATURE_NORMALIZATIONS
+
 
 @dataclass
 class LowResSegments:
     """k-means result on a token grid.
 
     labels: (h, w) int labels 0..K'-1 (empty clusters dropped, renumbered).
-    features: (h*w, C) float32 query vectors the clustering ran on.
-    centroids: (K', C) cluster centres.
+    features: (h*w, C) float32 query vectors the clustering ran on (unit length with
+        ``normalization="l2"``), so centroids, mask embeddings and the bilinear baseline all
+        live in one space.
+    centroids: (K', C) cluster centres in that space.
     """
 
     labels: np.ndarray
@@ -37,18 +41,36 @@ class LowResSegments:
         return (m @ self.features) / m.sum(1, keepdims=True)
 
 
+def normalize_features(features: np.ndarray | torch.Tensor, normalization: str = "none") -> np.ndarray:
+    """(N, C) features as float32 numpy, each row scaled to unit L2 norm when ``normalization="l2"``
+    (all-zero rows stay zero); ``"none"`` returns them unchanged.
+
+    Raises ValueError naming the allowed values for any other ``normalization``.
+    """
+    if normalization not in FEATURE_NORMALIZATIONS:
+        raise ValueError(f"feature_normalization must be one of {list(FEATURE_NORMALIZATIONS)}, got {normalization!r}")
+    f = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
+    if normalization == "l2":
+        norms = np.linalg.norm(f.astype(np.float64), axis=-1, keepdims=True)
+        f = f / np.maximum(norms, 1e-12)  # 1e-12: a zero vector has no direction; keep it at the origin
+    return f.astype(np.float32)
+
+
 def cluster_features(
     features: np.ndarray | torch.Tensor,
     grid: tuple[int, int],
     num_clusters: int,
     seed: int = 0,
     n_init: int = 10,
+    normalization: str = "none",
 ) -> LowResSegments:
     """k-means (k-means++, fixed seed) on (h*w, C) features -> a label map on the grid.
 
-    Raises ValueError when K exceeds the number of tokens.
+    ``normalization`` (:func:`normalize_features`): "l2" clusters the unit-length vectors
+    (EmerDiffConfig.feature_normalization); the result's features and centroids are then the
+    normalised ones. Raises ValueError when K exceeds the number of tokens.
     """
-    f = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
+    f = normalize_features(features, normalization)
     h, w = grid
     if f.shape[0] != h * w:
         raise ValueError(f"{f.shape[0]} feature vectors do not fill a {h}x{w} grid")
@@ -99,10 +121,11 @@ def project_labels(labels: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
 
 
 def segments_from_labels(labels: np.ndarray, features: np.ndarray | torch.Tensor,
-                         grid: tuple[int, int]) -> LowResSegments:
+                         grid: tuple[int, int], normalization: str = "none") -> LowResSegments:
     """Low-res segments from a given label map (any size, any source) instead of k-means:
-    labels projected onto the grid (:func:`project_labels`), centroids = mean feature per segment."""
-    f = features.detach().float().cpu().numpy() if isinstance(features, torch.Tensor) else np.asarray(features, np.float32)
+    labels projected onto the grid (:func:`project_labels`), centroids = mean feature per segment
+    (features normalised first as :func:`cluster_features` does, so both paths share one space)."""
+    f = normalize_features(features, normalization)
     h, w = grid
     if f.shape[0] != h * w:
         raise ValueError(f"{f.shape[0]} feature vectors do not fill a {h}x{w} grid")

@@ -46,7 +46,8 @@ class Segmentation:
         lowres_labels: (h, w) k-means labels on the query layer's token grid.
         nearest_labels, bilinear_labels: (H, W) upsampling baselines of the same segments.
         mask_embeddings: (K', C) mean query vector inside each low-res mask.
-        query_features: (h*w, C) the clustered query vectors.
+        query_features: (h*w, C) the clustered query vectors (unit length when
+            ``feature_normalization="l2"``; embeddings and centroids are in the same space).
         locality: (K',) share of each difference map's energy inside its mask.
         faithfulness: mean locality and token agreement with their chance levels
             (:func:`emerdiff.faithfulness.cheap_measures`; docs/METHOD.md, "Faithfulness measures").
@@ -235,8 +236,10 @@ class EmerDiff:
                 diffseg = run_diffseg(self.model, x0, cfg, counter)
             lowres_labels = diffseg.labels
         with clock("kmeans"):
-            segments = (cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init)
-                        if lowres_labels is None else segments_from_labels(lowres_labels, queries, grid))
+            segments = (cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init,
+                                         cfg.feature_normalization)
+                        if lowres_labels is None else
+                        segments_from_labels(lowres_labels, queries, grid, cfg.feature_normalization))
         return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter, diffseg)
 
     def extract_queries(
