@@ -417,8 +417,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a notebook parameter (JSON value), repeatable (default: none)")
     p.set_defaults(func=cmd_figures)
 
-    from .evaluation_run import add_compare_parser
-    from .evaluation_run import add_parser as add_evaluate_parser
+    from .evaluate import add_compare_parser
+    from .evaluate import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
     add_compare_parser(sub)

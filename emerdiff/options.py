@@ -1,7 +1,7 @@
 """Command-line options shared by the commands (`segment`, `refine`, `evaluate`): the method
 settings and their one path to an :class:`EmerDiffConfig`, and the open-vocabulary labeller.
 
-Kept apart from ``cli.py`` so that ``evaluation_run.py`` (the `evaluate` command, which ``cli``
+Kept apart from ``cli.py`` so that ``evaluate.py`` (the `evaluate` command, which ``cli``
 registers) needs nothing from ``cli``.
 """
 

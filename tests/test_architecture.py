@@ -16,7 +16,7 @@ LAYERS: dict[str, int] = {
     # 1 analysis: probes and sweeps, diagnosis, evaluation protocols and metrics, data, labellers, plots
     **{m: 1 for m in ("probes", "sweep", "diagnosis", "metrics", "datasets", "openvocab", "viz")},
     # 2 interfaces: the commands, their shared options, notebook support, the inspector
-    **{m: 2 for m in ("options", "cli", "evaluation_run", "lab", "inspector")},
+    **{m: 2 for m in ("options", "cli", "evaluate", "lab", "inspector")},
     # 3 the reference model's training and evaluation scripts (may import everything)
     **{m: 3 for m in ("reference.model", "reference.train", "reference.heldout", "reference.figures")},
     "": 2,  # the package facade (emerdiff/__init__.py) re-exports the public API

@@ -2,7 +2,7 @@
 
 Each test reproduces one case of the issue. Settings errors are checked before
 any model is loaded (``no_model_load`` fails the test if one is) or any file is
-written; evaluate's cache tests use the fake segmenter of test_evaluation_run.
+written; evaluate's cache tests use the fake segmenter of test_evaluate.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_evaluation_run import fake_segment, make_folder  # noqa: E402  (same tests folder)
+from test_evaluate import fake_segment, make_folder  # noqa: E402  (same tests folder)
 
 from emerdiff import EmerDiff, EmerDiffConfig
 from emerdiff.cli import main
-from emerdiff.evaluation_run import build_parser, load_record, record_path, run
+from emerdiff.evaluate import build_parser, load_record, record_path, run
 
 S = ["--model", "tiny", "--resolution", "128", "--k", "4", "--steps", "10", "--modulation-timestep", "201",
      "--quiet"]
@@ -44,9 +44,9 @@ def no_model_load(monkeypatch):
 @pytest.fixture
 def fake_model(monkeypatch):
     """`emerdiff evaluate` segments with the fake segmenter (settings are still checked for real)."""
-    from emerdiff import evaluation_run
+    from emerdiff import evaluate as evaluate_command
 
-    monkeypatch.setattr(evaluation_run, "_default_segmenter",
+    monkeypatch.setattr(evaluate_command, "_default_segmenter",
                         lambda args, device: (fake_segment, {"fake": True}, None))
 
 
@@ -406,7 +406,7 @@ def test_records_of_other_settings_are_recomputed(tmp_path, capsys, fake_model):
 
 
 def test_image_ids_do_not_collide(tmp_path, capsys):
-    from emerdiff.evaluation_run import _safe_id
+    from emerdiff.evaluate import _safe_id
 
     data = make_folder(tmp_path / "data", n=2)
     for kind in ("images", "labels"):

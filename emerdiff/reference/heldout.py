@@ -178,7 +178,7 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
 
 def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000) -> dict[str, Any]:
     """Bootstrap intervals over the ``n`` held-out scenes of an ``evaluate`` output folder."""
-    from ..evaluation_run import load_record, record_path
+    from ..evaluate import load_record, record_path
     from ..metrics import bootstrap_protocols
 
     ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n)]
@@ -187,11 +187,14 @@ def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000) -> d
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..evaluation_run import build_parser, run
+    from ..evaluate import build_parser, run
 
     p = argparse.ArgumentParser(prog="python -m emerdiff.reference.heldout", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="reference", help="model to evaluate (default: reference)")
     p.add_argument("--n", type=int, default=100, help="held-out scenes (default 100)")
+    p.add_argument("--start", type=int, default=0,
+                   help=f"first scene index: 0 = the test scenes (default); {VALIDATION_START} = validation "
+                        "scenes, for choosing a model or readout without looking at the test scenes")
     p.add_argument("--out", required=True)
     p.add_argument("--world", default=None, choices=["textured", "flat"],
                    help="scene world (default: the one the model was trained on, from its reference.json)")
@@ -203,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="resamples of the 95 %% interval over scenes of each mIoU (default 1000)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    data = write_heldout_folder(out / "data", args.n, world=args.world or model_world(args.model))
+    data = write_heldout_folder(out / "data", args.n, start=args.start, world=args.world or model_world(args.model))
     if args.bootstrap < 100:
         p.error(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 1000)")
     sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", f"max_batch={REFERENCE_CONFIG['max_batch']}", *args.set]
@@ -221,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "--bootstrap", str(args.bootstrap), "--out", str(out / "evaluate")]))
         rows += json.loads((out / "evaluate" / "results.json").read_text())["rows"]
     world = args.world or model_world(args.model)
-    settings = {"model": args.model, "world": world, "scenes": args.n, "k": args.k, **REFERENCE_CONFIG,
+    settings = {"model": args.model, "world": world, "scenes": args.n, "first_scene": args.start, "k": args.k, **REFERENCE_CONFIG,
                 "set": args.set}
     intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap)
     (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},

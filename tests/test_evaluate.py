@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.evaluation_run import build_parser, load_record, record_path, run
+from emerdiff.evaluate import build_parser, load_record, record_path, run
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 230, 50]], dtype=np.float64)
@@ -52,9 +52,9 @@ def fake_segment(image) -> SimpleNamespace:
 @pytest.fixture
 def fake_model(monkeypatch):
     """`emerdiff evaluate` (any entry point in this process) segments with ``fake_segment``."""
-    from emerdiff import evaluation_run
+    from emerdiff import evaluate as evaluate_command
 
-    monkeypatch.setattr(evaluation_run, "_default_segmenter",
+    monkeypatch.setattr(evaluate_command, "_default_segmenter",
                         lambda args, device: (fake_segment, {"fake": True}, None))
 
 
@@ -181,7 +181,7 @@ def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: b
     """`accelerate launch` 2 processes of the evaluation (CPU: the torchrun-based launcher);
     ``fake``: with the fake segmenter (through the test launcher script)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluation_run"]
+    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluate"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            *target, "--data", str(data), "--out", str(out),

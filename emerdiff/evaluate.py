@@ -27,9 +27,9 @@ ids never share a file. ``OUT/run.json`` pins the settings (dataset, model,
 method config); it is written once they are validated, and a rerun with other
 settings into the same OUT is refused with the keys that differ.
 
-Run standalone as ``python -m emerdiff.evaluation_run ...`` (same arguments
+Run standalone as ``python -m emerdiff.evaluate ...`` (same arguments
 as ``emerdiff evaluate``). Several processes:
-``accelerate launch --num_processes 4 -m emerdiff.evaluation_run --data D --out O``
+``accelerate launch --num_processes 4 -m emerdiff.evaluate --data D --out O``
 (one GPU each). On a CPU-only machine add ``--multi_gpu``: accelerate's
 ``--cpu`` flag starts one process unless an MPI hostfile is given, while the
 torchrun-based launcher starts N processes, which then use CPU + gloo here.
@@ -127,7 +127,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Stand-alone parser (``python -m emerdiff.evaluation_run``)."""
+    """Stand-alone parser (``python -m emerdiff.evaluate``)."""
     p = argparse.ArgumentParser(prog="emerdiff evaluate", description=__doc__.split("\n")[0])
     _add_arguments(p)
     return p
@@ -813,7 +813,7 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m emerdiff.evaluation_run``."""
+    """Entry point of ``python -m emerdiff.evaluate``."""
     args = build_parser().parse_args(argv)
     return run(args)
 
