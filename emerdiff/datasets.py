@@ -1,4 +1,4 @@
-"""Image / label-map datasets for evaluation, and built-in real samples.
+"""Image / label-map datasets for evaluation, built-in real samples, and the probes' named images.
 
 A dataset is a sequence of :class:`Sample` (image id, image, label map, class
 names). Label maps are returned already mapped to the evaluated label space:
@@ -24,12 +24,15 @@ Layouts (see ``emerdiff/data/README.md`` for the mapping tables):
 
 Nothing is downloaded: the benchmarks must already be on disk. The built-in
 samples (:func:`sample_images`, :func:`voc_sample`) ship inside pip packages.
+:func:`load_probe_images` resolves the names the probes, notebooks and benchmarks
+take (built-in samples, ``scene:N`` of the reference world, image files) to
+:class:`ProbeImage` (image and, if known, its ground truth).
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -445,3 +448,46 @@ def voc_sample() -> Sample:
     return Sample("voc_sample", np.asarray(data["rgb"]).astype(np.uint8), label,
                   tuple(data["class_names"]), IGNORE_INDEX)
 
+
+# --------------------------------------------------------------------------- probe images
+@dataclass
+class ProbeImage:
+    """One probe input: an RGB uint8 image and, if known, its ground-truth class map."""
+
+    name: str
+    image: np.ndarray  # (H, W, 3) uint8
+    label: np.ndarray | None = None  # (H, W) class ids, ignore_index for void
+    num_classes: int | None = None
+    ignore_index: int = IGNORE_INDEX
+
+    @property
+    def has_gt(self) -> bool:
+        return self.label is not None
+
+
+def load_probe_images(names: Iterable[str]) -> list[ProbeImage]:
+    """Resolve image names: ``voc_sample`` (VOC photo with ground truth), ``scene:N`` (held-out
+    scene N of the shipped reference model's world, with ground truth; ``scene:N:flat`` or
+    ``scene:N:textured`` names the world), a scikit-image sample (``astronaut``,
+    ``coffee``, ``chelsea``, ``rocket``, ...) or an image file path."""
+    from .images import load_image
+
+    out = []
+    for name in names:
+        if name.startswith("scene:"):
+            from .reference import model_world
+            from .reference.scenes import CLASSES, heldout_scene_seeds, make_scene
+
+            _, index, *world = name.split(":")
+            scene = make_scene(heldout_scene_seeds(1, start=int(index))[0], 128,
+                               world=world[0] if world else model_world("reference"))
+            out.append(ProbeImage(name.replace(":", "_"), scene.image, scene.labels, len(CLASSES)))
+        elif name == "voc_sample":
+            s = voc_sample()
+            out.append(ProbeImage(name, s.load_image(), s.label, len(s.class_names), s.ignore_index))
+        elif Path(name).suffix and Path(name).exists():
+            img = (load_image(name).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+            out.append(ProbeImage(Path(name).stem, img))
+        else:
+            out.append(ProbeImage(name, sample_images([name])[name]))
+    return out

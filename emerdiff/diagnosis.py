@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from .assign import assign_labels, locality, nearest_upsample
+from .datasets import ProbeImage
 from .images import resize_labels
+from .metrics import hungarian_miou
 from .modulation import difference_maps
 from .pipeline import EmerDiff, PreparedImage
-from .probes import ProbeImage, hungarian_miou
 
 STAGES = ("modulated_call", "denoised_latent", "decoded", "decoder_alone")
 

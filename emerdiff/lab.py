@@ -30,9 +30,9 @@ if TYPE_CHECKING:  # the save hook below must stay importable without loading to
     import torch
 
     from .config import EmerDiffConfig
+    from .datasets import ProbeImage
     from .models import SDPipeline
     from .pipeline import EmerDiff
-    from .probes import ProbeImage
     from .viz import FigureWriter
 
 LAB_COPIES = Path("executed") / "lab"  # relative to the notebook's folder
@@ -96,7 +96,7 @@ def setup(
 
     Loads ``model`` (``load_pipeline``), builds the pipeline with the given sizes (``None``:
     the model's size rule, see :func:`config_fields`) and the first of ``seeds``, loads
-    ``images`` (``probes.load_probe_images`` names), opens a figure writer on ``output_dir``
+    ``images`` (``datasets.load_probe_images`` names), opens a figure writer on ``output_dir``
     (``None``: :func:`default_figure_dir`) and prints one line (model, sizes, schedule, query
     grid) so an executed notebook records what it ran. ``torch_threads`` > 0 sets torch's thread count
     (1 is much faster on a busy shared CPU); 0 leaves torch's default.
@@ -112,8 +112,9 @@ def setup(
 
     import torch
 
-    from . import probes, viz
+    from . import viz
     from .config import EmerDiffConfig
+    from .datasets import load_probe_images
     from .models import load_pipeline
     from .pipeline import EmerDiff
 
@@ -127,7 +128,7 @@ def setup(
     config = EmerDiffConfig(**fields, modulation_strength=modulation_strength, kmeans_n_init=kmeans_n_init,
                             seed=seeds[0])
     ed = EmerDiff(sd, config)
-    items = probes.load_probe_images(images)
+    items = load_probe_images(images)
     writer = viz.FigureWriter(output_dir or default_figure_dir(), label)
     sizes = {k: getattr(config, field) for k, field in SIZE_FIELDS.items()}
     print(label, "|", ", ".join(f"{k} {v}" for k, v in sizes.items()), "| schedule:", ed.schedule.timesteps,

@@ -44,16 +44,27 @@ Protocols (names as in results files and ``--protocol``)
 
 :func:`bootstrap_protocols` adds a paired percentile bootstrap over images to
 every protocol's mIoU and to the differences between methods.
+
+Scores of one label map (the probes' and notebooks' rows): :func:`hungarian_miou`
+(per-image Hungarian mIoU), :func:`boundary_alignment` (label-free, image edges),
+:func:`silhouette` (label-free, feature space), :func:`score_labels` (both of the
+first two for a :class:`~emerdiff.datasets.ProbeImage`); :func:`summarize` and
+:func:`best` tabulate rows of scores.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+
+from .images import resize_labels
+
+if TYPE_CHECKING:
+    from .datasets import ProbeImage
 
 METHODS: tuple[str, ...] = ("emerdiff", "nearest", "bilinear")
 # Segmentation attribute holding each method's per-pixel mask-id map.
@@ -181,6 +192,67 @@ def remap_confusion(confusion: np.ndarray, mapping: np.ndarray, num_classes: int
     for j in range(conf.shape[1]):
         out[:, target[j]] += conf[:, j]
     return out
+
+
+# --------------------------------------------------------------------------- scores of one label map
+def hungarian_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
+    """Per-image mIoU (0-100) after one-to-one Hungarian matching of predicted ids to classes.
+
+    ``pred`` is resized (nearest) to the ground truth's shape when they differ.
+    """
+    pred = np.asarray(pred)
+    if pred.shape != np.shape(gt):
+        pred = resize_labels(pred, tuple(np.shape(gt)))
+    num_pred = int(pred.max(initial=0)) + 1
+    conf = confusion_matrix(pred, gt, num_classes, ignore_index, num_pred=num_pred)
+    return miou(remap_confusion(conf, hungarian_match(conf), num_classes))
+
+
+def boundary_alignment(labels: np.ndarray, image: np.ndarray) -> float:
+    """Mean Sobel gradient on segment boundaries / mean gradient overall (1 = chance).
+
+    ``labels`` is resized (nearest) to the image when sizes differ.
+    """
+    from scipy import ndimage
+
+    img = np.asarray(image, np.float32)
+    img = img / 255.0 if np.asarray(image).dtype == np.uint8 else img
+    grey = img.mean(-1) if img.ndim == 3 else img
+    labels = np.asarray(labels)
+    if labels.shape != grey.shape:
+        labels = resize_labels(labels, grey.shape)
+    grad = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))
+    edge = np.zeros(labels.shape, bool)
+    edge[:-1] |= labels[:-1] != labels[1:]
+    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
+    mean = float(grad.mean())
+    if not edge.any() or mean <= 0:
+        return float("nan")
+    return float(grad[edge].mean() / mean)
+
+
+def silhouette(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_samples: int = 2048) -> float:
+    """Cosine silhouette of a clustering in [-1, 1]; NaN with fewer than 2 clusters."""
+    from sklearn.metrics import silhouette_score
+
+    labels = np.asarray(labels).reshape(-1)
+    n = len(np.unique(labels))
+    if n < 2 or n >= labels.size:
+        return float("nan")
+    size = min(max_samples, labels.size)  # subsample large token grids (64x64 = 4096 tokens)
+    return float(silhouette_score(np.asarray(features, np.float32), labels, metric="cosine",
+                                  sample_size=size if size < labels.size else None, random_state=seed))
+
+
+def score_labels(labels: np.ndarray, item: ProbeImage) -> dict[str, float]:
+    """``miou`` (NaN without GT) and ``boundary`` of a label map at any size against a
+    :class:`~emerdiff.datasets.ProbeImage` (image and, if known, its ground truth)."""
+    labels = np.asarray(labels)
+    out = {"boundary": boundary_alignment(labels, item.image), "miou": float("nan")}
+    if item.label is not None and item.num_classes is not None:
+        out["miou"] = hungarian_miou(labels, item.label, item.num_classes, item.ignore_index)
+    return out
+
 
 
 # --------------------------------------------------------------------------- per-image records
@@ -905,3 +977,29 @@ def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageR
                          "b": None if b is None else interval(b, level),
                          "a-b": None if a is None or b is None else interval(a - b, level)})
     return rows
+
+
+# --------------------------------------------------------------------------- table statistics
+def summarize(rows: Sequence[Mapping[str, Any]], by: str | Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean, sd and count of ``metrics`` per group of ``by`` (NaNs skipped), in first-seen order."""
+    keys = [by] if isinstance(by, str) else list(by)
+    groups: dict[tuple, list[Mapping[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    out = []
+    for key, members in groups.items():
+        row: dict[str, Any] = dict(zip(keys, key))
+        row["n"] = len(members)
+        for m in metrics:
+            vals = np.array([float(r[m]) for r in members if r.get(m) is not None], np.float64)
+            vals = vals[np.isfinite(vals)]
+            row[m] = float(vals.mean()) if vals.size else float("nan")
+            row[m + "_sd"] = float(vals.std()) if vals.size > 1 else 0.0 if vals.size else float("nan")
+        out.append(row)
+    return out
+
+
+def best(rows: Sequence[Mapping[str, Any]], metric: str, by: str) -> Any:
+    """The ``by`` value with the highest mean ``metric`` (None if every value is NaN)."""
+    table = [r for r in summarize(rows, by, [metric]) if np.isfinite(r[metric])]
+    return max(table, key=lambda r: r[metric])[by] if table else None

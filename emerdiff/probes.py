@@ -1,24 +1,27 @@
 """Probes behind the study notebooks: which layers, timesteps and magnitudes make EmerDiff work.
 
 Every probe takes an :class:`~emerdiff.EmerDiff` (model + base config) and a list
-of :class:`ProbeImage` and returns plain rows (a list of dicts, one per image x
-seed x setting) that pandas/seaborn can plot directly and JSON can store.
+of :class:`~emerdiff.datasets.ProbeImage` (:func:`emerdiff.datasets.load_probe_images`)
+and returns plain rows (a list of dicts, one per image x seed x setting) that
+pandas/seaborn can plot directly and JSON can store; :func:`emerdiff.metrics.summarize`
+and :func:`emerdiff.metrics.best` tabulate them.
 
 Scores
 ------
 - ``miou``: per-image Hungarian mIoU (0-100) of a label map against the image's
-  ground truth: clusters are matched one-to-one to GT classes
-  (:func:`emerdiff.metrics.hungarian_match`, IoU criterion), unmatched
-  clusters count as "no class". NaN when the image has no ground truth.
-- ``silhouette`` (label-free, feature space): mean silhouette coefficient of
-  the k-means clustering of a layer's query vectors, cosine distance, in
-  [-1, 1]. High = the layer's tokens form well separated groups. It says
-  nothing about whether the groups are semantic, so it is reported beside, not
-  instead of, the next one.
-- ``boundary`` (label-free, image space): boundary alignment = mean image
-  gradient magnitude (Sobel on grey levels) on the segment boundaries divided
-  by the mean gradient over the whole image. 1 = boundaries placed at chance,
-  > 1 = boundaries follow image edges. NaN if a map has a single segment.
+  ground truth (:func:`emerdiff.metrics.hungarian_miou`): clusters are matched
+  one-to-one to GT classes (:func:`emerdiff.metrics.hungarian_match`, IoU
+  criterion), unmatched clusters count as "no class". NaN when the image has no
+  ground truth.
+- ``silhouette`` (label-free, feature space; :func:`emerdiff.metrics.silhouette`):
+  mean silhouette coefficient of the k-means clustering of a layer's query vectors,
+  cosine distance, in [-1, 1]. High = the layer's tokens form well separated groups.
+  It says nothing about whether the groups are semantic, so it is reported beside,
+  not instead of, the next one.
+- ``boundary`` (label-free, image space; :func:`emerdiff.metrics.boundary_alignment`):
+  mean image gradient magnitude (Sobel on grey levels) on the segment boundaries
+  divided by the mean gradient over the whole image. 1 = boundaries placed at
+  chance, > 1 = boundaries follow image edges. NaN if a map has a single segment.
 - ``locality``: share of a difference map's energy (sum of d^2) inside the
   perturbed mask (:func:`emerdiff.assign.locality`), averaged over masks. A
   readout that localises scores near 1, one that ignores the mask about the
@@ -36,152 +39,24 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from .assign import assign_labels, locality, nearest_upsample
-from .images import load_image, resize_labels
+from .datasets import ProbeImage
+from .images import resize_labels
 from .lowres import cluster_features
-from .metrics import confusion_matrix, hungarian_match, miou, remap_confusion
+from .metrics import score_labels, silhouette
 from .models import feature_resolution, layer_table
 from .modulation import decode
 from .pipeline import EmerDiff, PreparedImage
 
 # Energy per pixel below which a set of difference maps counts as "nothing changed".
 DEGENERATE_ENERGY = 1e-10
-
-
-# --------------------------------------------------------------------------- images
-@dataclass
-class ProbeImage:
-    """One probe input: an RGB uint8 image and, if known, its ground-truth class map."""
-
-    name: str
-    image: np.ndarray  # (H, W, 3) uint8
-    label: np.ndarray | None = None  # (H, W) class ids, ignore_index for void
-    num_classes: int | None = None
-    ignore_index: int = 255
-
-    @property
-    def has_gt(self) -> bool:
-        return self.label is not None
-
-
-def load_probe_images(names: Iterable[str]) -> list[ProbeImage]:
-    """Resolve image names: ``voc_sample`` (VOC photo with ground truth), ``scene:N`` (held-out
-    scene N of the shipped reference model's world, with ground truth; ``scene:N:flat`` or
-    ``scene:N:textured`` names the world), a scikit-image sample (``astronaut``,
-    ``coffee``, ``chelsea``, ``rocket``, ...) or an image file path."""
-    from .datasets import sample_images, voc_sample
-
-    out = []
-    for name in names:
-        if name.startswith("scene:"):
-            from .reference import model_world
-            from .reference.scenes import CLASSES, heldout_scene_seeds, make_scene
-
-            _, index, *world = name.split(":")
-            scene = make_scene(heldout_scene_seeds(1, start=int(index))[0], 128,
-                               world=world[0] if world else model_world("reference"))
-            out.append(ProbeImage(name.replace(":", "_"), scene.image, scene.labels, len(CLASSES)))
-        elif name == "voc_sample":
-            s = voc_sample()
-            out.append(ProbeImage(name, s.load_image(), s.label, len(s.class_names), s.ignore_index))
-        elif Path(name).suffix and Path(name).exists():
-            img = (load_image(name).permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-            out.append(ProbeImage(Path(name).stem, img))
-        else:
-            out.append(ProbeImage(name, sample_images([name])[name]))
-    return out
-
-
-# --------------------------------------------------------------------------- scores
-def hungarian_miou(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
-    """Per-image mIoU (0-100) after one-to-one Hungarian matching of predicted ids to classes.
-
-    ``pred`` is resized (nearest) to the ground truth's shape when they differ.
-    """
-    pred = np.asarray(pred)
-    if pred.shape != np.shape(gt):
-        pred = resize_labels(pred, tuple(np.shape(gt)))
-    num_pred = int(pred.max(initial=0)) + 1
-    conf = confusion_matrix(pred, gt, num_classes, ignore_index, num_pred=num_pred)
-    return miou(remap_confusion(conf, hungarian_match(conf), num_classes))
-
-
-def boundary_alignment(labels: np.ndarray, image: np.ndarray) -> float:
-    """Mean Sobel gradient on segment boundaries / mean gradient overall (1 = chance).
-
-    ``labels`` is resized (nearest) to the image when sizes differ.
-    """
-    from scipy import ndimage
-
-    img = np.asarray(image, np.float32)
-    img = img / 255.0 if np.asarray(image).dtype == np.uint8 else img
-    grey = img.mean(-1) if img.ndim == 3 else img
-    labels = np.asarray(labels)
-    if labels.shape != grey.shape:
-        labels = resize_labels(labels, grey.shape)
-    grad = np.hypot(ndimage.sobel(grey, 0), ndimage.sobel(grey, 1))
-    edge = np.zeros(labels.shape, bool)
-    edge[:-1] |= labels[:-1] != labels[1:]
-    edge[:, :-1] |= labels[:, :-1] != labels[:, 1:]
-    mean = float(grad.mean())
-    if not edge.any() or mean <= 0:
-        return float("nan")
-    return float(grad[edge].mean() / mean)
-
-
-def silhouette(features: np.ndarray, labels: np.ndarray, seed: int = 0, max_samples: int = 2048) -> float:
-    """Cosine silhouette of a clustering in [-1, 1]; NaN with fewer than 2 clusters."""
-    from sklearn.metrics import silhouette_score
-
-    labels = np.asarray(labels).reshape(-1)
-    n = len(np.unique(labels))
-    if n < 2 or n >= labels.size:
-        return float("nan")
-    size = min(max_samples, labels.size)  # subsample large token grids (64x64 = 4096 tokens)
-    return float(silhouette_score(np.asarray(features, np.float32), labels, metric="cosine",
-                                  sample_size=size if size < labels.size else None, random_state=seed))
-
-
-def score_labels(labels: np.ndarray, item: ProbeImage) -> dict[str, float]:
-    """``miou`` (NaN without GT) and ``boundary`` of a label map at any size."""
-    labels = np.asarray(labels)
-    out = {"boundary": boundary_alignment(labels, item.image), "miou": float("nan")}
-    if item.label is not None and item.num_classes is not None:
-        out["miou"] = hungarian_miou(labels, item.label, item.num_classes, item.ignore_index)
-    return out
-
-
-def summarize(rows: Sequence[Mapping[str, Any]], by: str | Sequence[str], metrics: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean, sd and count of ``metrics`` per group of ``by`` (NaNs skipped), in first-seen order."""
-    keys = [by] if isinstance(by, str) else list(by)
-    groups: dict[tuple, list[Mapping[str, Any]]] = {}
-    for r in rows:
-        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
-    out = []
-    for key, members in groups.items():
-        row: dict[str, Any] = dict(zip(keys, key))
-        row["n"] = len(members)
-        for m in metrics:
-            vals = np.array([float(r[m]) for r in members if r.get(m) is not None], np.float64)
-            vals = vals[np.isfinite(vals)]
-            row[m] = float(vals.mean()) if vals.size else float("nan")
-            row[m + "_sd"] = float(vals.std()) if vals.size > 1 else 0.0 if vals.size else float("nan")
-        out.append(row)
-    return out
-
-
-def best(rows: Sequence[Mapping[str, Any]], metric: str, by: str) -> Any:
-    """The ``by`` value with the highest mean ``metric`` (None if every value is NaN)."""
-    table = [r for r in summarize(rows, by, [metric]) if np.isfinite(r[metric])]
-    return max(table, key=lambda r: r[metric])[by] if table else None
 
 
 # --------------------------------------------------------------------------- helpers

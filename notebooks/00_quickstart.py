@@ -36,7 +36,7 @@ torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared 
 diffseg_kl_threshold = None
 
 # %%
-from emerdiff import lab, probes, viz
+from emerdiff import lab, metrics, viz
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -48,9 +48,9 @@ sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
 item = items[0]
 seg = ed.segment(item.image, return_difference_maps=True, progress=False)
 scores = {
-    "emerdiff": probes.score_labels(seg.labels, item),
-    "nearest": probes.score_labels(seg.nearest_labels, item),
-    "bilinear": probes.score_labels(seg.bilinear_labels, item),
+    "emerdiff": metrics.score_labels(seg.labels, item),
+    "nearest": metrics.score_labels(seg.nearest_labels, item),
+    "bilinear": metrics.score_labels(seg.bilinear_labels, item),
 }
 print({k: round(v["miou"], 2) for k, v in scores.items()}, "locality", seg.locality.round(2))
 
@@ -92,8 +92,8 @@ tau = diffseg_kl_threshold or (0.03 if sd.source == "reference" else config.diff
 found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg", diffseg_kl_threshold=tau))
 refined = ed.refine(item.image, found.labels, progress=False)
 diffseg_alone = found.pixel_labels(item.image.shape[:2], config.resolution, projected=refined.lowres_labels)
-diffseg_scores = {"diffseg": probes.score_labels(diffseg_alone, item),
-                  "diffseg+emerdiff": probes.score_labels(refined.labels, item)}
+diffseg_scores = {"diffseg": metrics.score_labels(diffseg_alone, item),
+                  "diffseg+emerdiff": metrics.score_labels(refined.labels, item)}
 print(f"tau {tau}: DiffSeg found {found.num_segments} segments, {refined.num_segments} on the query grid",
       {k: round(v["miou"], 2) for k, v in diffseg_scores.items()}, refined.faithfulness)
 

@@ -44,7 +44,7 @@ max_modulation_layers = 0 # 0: all candidates; n: the n candidates closest to th
 # %%
 import numpy as np
 
-from emerdiff import lab, probes, viz
+from emerdiff import lab, metrics, probes, viz
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -73,7 +73,7 @@ if max_modulation_layers:
     if config.modulation_layer not in candidates:
         candidates[-1] = config.modulation_layer
 modulation_rows = probes.modulation_layer_probe(ed, items, layers=candidates, seeds=seeds)
-for r in probes.summarize(modulation_rows, "short", ["locality", "miou"]):
+for r in metrics.summarize(modulation_rows, "short", ["locality", "miou"]):
     print(r)
 
 # %%
@@ -88,9 +88,9 @@ writer.save(fig, "01_layer_probe_modulation_score")
 writer.sidecar("01_layer_probe", {
     "score": score, "num_layers": len({r["layer"] for r in feature_rows}),
     "feature_rows": feature_rows, "modulation_rows": modulation_rows,
-    "feature_summary": probes.summarize(feature_rows, "layer", ["miou", "boundary", "silhouette"]),
-    "modulation_summary": probes.summarize(modulation_rows, "layer", ["locality", "miou", "boundary"]),
-    "best_feature_layer": probes.best(feature_rows, score, "layer"),
-    "best_modulation_layer_locality": probes.best(modulation_rows, "locality", "layer"),
+    "feature_summary": metrics.summarize(feature_rows, "layer", ["miou", "boundary", "silhouette"]),
+    "modulation_summary": metrics.summarize(modulation_rows, "layer", ["locality", "miou", "boundary"]),
+    "best_feature_layer": metrics.best(feature_rows, score, "layer"),
+    "best_modulation_layer_locality": metrics.best(modulation_rows, "locality", "layer"),
     "paper_query_layer": config.query_layer, "paper_modulation_layer": config.modulation_layer,
 })

@@ -36,7 +36,7 @@ modulation_timesteps = None  # None: the whole schedule (each costs one modulate
 readout_steps = [1, 2, None] # None: full schedule with the stored inversion noise
 
 # %%
-from emerdiff import lab, probes, viz
+from emerdiff import lab, metrics, probes, viz
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -64,7 +64,7 @@ writer.save(fig, "02_timestep_probe_readout_steps")
 # %%
 writer.sidecar("02_timestep_probe", {
     "score": score, "feature_rows": feature_rows, "modulation_rows": modulation_rows, "readout_rows": readout_rows,
-    "best_feature_timestep": probes.best(feature_rows, score, "feature_timestep"),
-    "best_modulation_timestep_locality": probes.best(modulation_rows, "locality", "modulation_timestep"),
+    "best_feature_timestep": metrics.best(feature_rows, score, "feature_timestep"),
+    "best_modulation_timestep_locality": metrics.best(modulation_rows, "locality", "modulation_timestep"),
     "schedule": ed.schedule.timesteps,
 })

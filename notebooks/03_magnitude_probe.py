@@ -39,7 +39,7 @@ ks = [2, 4, 8]
 sweep_timesteps = None    # t_m grid of the emerdiff.sweep section (on the schedule); None: t_m and ~200 steps noisier
 
 # %%
-from emerdiff import lab, probes, viz
+from emerdiff import lab, metrics, probes, viz
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -87,8 +87,8 @@ sweep_ts = sweep_timesteps or sorted({config.modulation_timestep,
                                       min(schedule, key=lambda t: abs(t - config.modulation_timestep - 200))})
 records = emerdiff.sweep(items[0].image, timesteps=sweep_ts, strengths=sweep_strengths, ed=ed, progress=False)
 table = pd.DataFrame(records)
-metrics = ["locality", "mask_area", "symmetry", "setting_agreement", "agreement_chance"]
-table.groupby(["modulation_timestep", "modulation_strength"])[metrics].mean().round(3)
+measures = ["locality", "mask_area", "symmetry", "setting_agreement", "agreement_chance"]
+table.groupby(["modulation_timestep", "modulation_strength"])[measures].mean().round(3)
 
 # %%
 fig = viz.sweep_lines(records, "modulation_strength", ["locality", "symmetry", "setting_agreement"], MODEL_LABEL,
@@ -101,7 +101,7 @@ for ax in fig.axes:  # one panel per metric, titled by it (a metric that is NaN 
 # %%
 writer.sidecar("03_magnitude_probe", {
     "score": score, "lambda_rows": lambda_rows, "k_rows": k_rows,
-    "lambda_summary": probes.summarize(lambda_rows, ["lambda", "mode"], ["locality", "miou", "energy", "vanished"]),
-    "k_summary": probes.summarize(k_rows, "K", ["miou", "miou_nearest", "miou_bilinear", "locality", "vanished"]),
+    "lambda_summary": metrics.summarize(lambda_rows, ["lambda", "mode"], ["locality", "miou", "energy", "vanished"]),
+    "k_summary": metrics.summarize(k_rows, "K", ["miou", "miou_nearest", "miou_bilinear", "locality", "vanished"]),
     "sweep_rows": [{k: v for k, v in r.items() if k != "map"} for r in records],
 })

@@ -40,7 +40,7 @@ vocabulary = "person, sky, grass, water, building, animal"  # open-vocabulary le
 # %%
 import numpy as np
 
-from emerdiff import lab, probes, viz
+from emerdiff import lab, metrics, probes, viz
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -64,7 +64,7 @@ fig = viz.key_observation(item.image, prepared.segments.labels == mask_id, pert.
 writer.save(fig, "fig2_key_observation")
 
 # %%
-scores = [{m: probes.score_labels(getattr(s, f), i)["miou"] for m, f in
+scores = [{m: metrics.score_labels(getattr(s, f), i)["miou"] for m, f in
            (("nearest", "nearest_labels"), ("bilinear", "bilinear_labels"), ("emerdiff", "labels"))}
           for i, s in zip(items, segs)]
 fig = viz.upsampling_vs_emerdiff([i.image for i in items], segs, MODEL_LABEL, gts=[i.label for i in items],

@@ -47,7 +47,7 @@ deletion_fill = "mean"    # what replaces the deleted segment: "mean", "blur", "
 # %%
 import numpy as np
 
-from emerdiff import lab, probes, viz
+from emerdiff import lab, metrics, viz
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -101,7 +101,7 @@ if acc_rows:
                          "(c) pixel accuracy per readout setting (majority mapping)", hue="method")
     fig.axes[0].set_ylim(max(0.0, min(r["accuracy"] for r in acc_rows) - 0.05), 1.0)  # the differences are small
     writer.save(fig, "06_diagnosis_settings_accuracy")
-for r in probes.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]):
+for r in metrics.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]):
     print(r)
 
 # %% [markdown]
@@ -131,6 +131,6 @@ fig = viz.heatmap_grid([list(deletion["maps_before"]), list(deletion["maps_after
 writer.sidecar("06_diagnosis", {
     "rows": rows, "sweep_rows": sweep_rows, "stages": list(diagnosis.STAGES),
     "stage_summary": {s: float(np.mean([r[s] for r in rows])) for s in ("chance", *diagnosis.STAGES)},
-    "settings_summary": probes.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]),
+    "settings_summary": metrics.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all", "acc_nearest_all"]),
     "deletion": {k: v for k, v in deletion.items() if not k.startswith("maps_")},
 })

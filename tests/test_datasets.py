@@ -11,6 +11,7 @@ from PIL import Image
 from emerdiff.datasets import (
     LAYOUTS,
     Sample,
+    load_probe_images,
     load_table,
     map_pascal_context_459,
     open_dataset,
@@ -202,3 +203,23 @@ def test_voc_sample_has_ground_truth():
     present = set(np.unique(label).tolist()) - {255}
     assert present and max(present) < 21 and len(present) >= 3
     assert s.image_path is None and s.load_image() is image
+
+
+def test_scene_probe_images_have_ground_truth():
+    from emerdiff.reference.scenes import CLASSES
+
+    (item,) = load_probe_images(["scene:3"])
+    assert item.name == "scene_3" and item.has_gt and item.num_classes == len(CLASSES)
+    assert item.image.shape == (128, 128, 3) and item.label.shape == (128, 128)
+
+
+def test_scene_probe_images_follow_the_reference_world_unless_named():
+    from emerdiff.reference import model_world
+    from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
+
+    seed = heldout_scene_seeds(1, start=3)[0]
+    default, flat, textured = load_probe_images(["scene:3", "scene:3:flat", "scene:3:textured"])
+    assert np.array_equal(flat.image, make_scene(seed, 128, world="flat").image)
+    assert np.array_equal(textured.image, make_scene(seed, 128).image)
+    assert np.array_equal(default.image, make_scene(seed, 128, world=model_world("reference")).image)
+    assert flat.name == "scene_3_flat" and default.name == "scene_3"

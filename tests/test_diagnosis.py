@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from emerdiff import diagnosis
-from emerdiff.probes import ProbeImage
+from emerdiff.datasets import ProbeImage
 
 
 def _fake(lowres: np.ndarray, size: tuple[int, int], sigma: float = 0.0):
@@ -115,7 +115,7 @@ def test_lambda_zero_changes_no_stage(tiny_model, fast_config, photo):
 
 def test_diagnose_rows(tiny_model, fast_config):
     from emerdiff import EmerDiff
-    from emerdiff.probes import load_probe_images
+    from emerdiff.datasets import load_probe_images
 
     ed = EmerDiff(tiny_model, fast_config)
     rows = diagnosis.diagnose(ed, load_probe_images(["scene:0"]))
@@ -126,7 +126,7 @@ def test_diagnose_rows(tiny_model, fast_config):
 
 def test_settings_sweep_paper_row_is_the_pipeline(tiny_model, fast_config):
     from emerdiff import EmerDiff
-    from emerdiff.probes import load_probe_images
+    from emerdiff.datasets import load_probe_images
 
     ed = EmerDiff(tiny_model, fast_config)
     items = load_probe_images(["scene:0"])

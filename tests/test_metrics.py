@@ -11,8 +11,10 @@ from emerdiff.metrics import (
     PROTOCOLS,
     ImageRecord,
     assign_to_concepts,
+    best,
     bootstrap_protocols,
     bootstrap_weights,
+    boundary_alignment,
     build_record,
     compare_records,
     concept_embeddings,
@@ -21,6 +23,7 @@ from emerdiff.metrics import (
     dataset_hungarian_protocol,
     evaluate_records,
     hungarian_match,
+    hungarian_miou,
     mask_class_counts,
     mask_concept_embeddings,
     miou,
@@ -32,7 +35,10 @@ from emerdiff.metrics import (
     protocol_draws,
     remap_confusion,
     resize_nearest,
+    score_labels,
     scores,
+    silhouette,
+    summarize,
     summary_rows,
 )
 
@@ -461,3 +467,54 @@ def test_compare_records_pairs_the_same_resamples():
         assert rows[(p, "emerdiff")]["b"]["value"] == pytest.approx(rows[(p, "nearest")]["a"]["value"])
     with pytest.raises(ValueError, match="same images"):
         compare_records(a, a[::-1], 3, n_boot=10)
+
+
+# --------------------------------------------------------------------------- scores of one label map, tables
+def test_hungarian_miou_is_permutation_invariant():
+    gt = np.repeat(np.arange(3), 4)[None].repeat(4, 0)  # three vertical bands
+    assert hungarian_miou((gt + 1) % 3, gt, num_classes=3) == pytest.approx(100.0)
+    assert hungarian_miou(np.zeros_like(gt), gt, num_classes=3) < 50
+    ignore = gt.copy()
+    ignore[:, :4] = 255  # ignored pixels never count
+    assert hungarian_miou(np.zeros_like(gt), ignore, num_classes=3) < 100
+
+
+def test_boundary_alignment_rewards_edges():
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = 255  # one vertical edge
+    on_edge = (np.arange(32)[None] >= 16).repeat(32, 0).astype(int)
+    off_edge = (np.arange(32)[:, None] >= 8).repeat(32, 1).astype(int)
+    assert boundary_alignment(on_edge, img) > 5
+    assert boundary_alignment(off_edge, img) < 1.5
+    assert math.isnan(boundary_alignment(np.zeros((32, 32), int), img))
+    assert boundary_alignment(on_edge[::4, ::4], img) > 5  # coarse maps are resized
+
+
+def test_score_labels_with_and_without_ground_truth():
+    from emerdiff.datasets import ProbeImage
+
+    img = np.zeros((32, 32, 3), np.uint8)
+    img[:, 16:] = 255
+    gt = (np.arange(32)[None] >= 16).repeat(32, 0)
+    labels = 1 - gt.astype(int)  # the right split under other ids
+    with_gt = score_labels(labels, ProbeImage("x", img, gt.astype(np.int32), 2))
+    assert with_gt["miou"] == pytest.approx(100.0) and with_gt["boundary"] > 5
+    without = score_labels(labels[::4, ::4], ProbeImage("x", img))  # any size; no ground truth: NaN
+    assert math.isnan(without["miou"]) and without["boundary"] == pytest.approx(with_gt["boundary"])
+
+
+def test_silhouette_range_and_single_cluster():
+    rng = np.random.default_rng(0)
+    f = np.concatenate([rng.normal(size=(20, 4)) + [5, 0, 0, 0], rng.normal(size=(20, 4)) + [0, 5, 0, 0]])
+    s = silhouette(f, np.repeat([0, 1], 20))
+    assert 0.3 < s <= 1
+    assert math.isnan(silhouette(f, np.zeros(40, int)))
+
+
+def test_summarize_and_best():
+    rows = [dict(x=1, m=1.0), dict(x=1, m=3.0), dict(x=2, m=float("nan")), dict(x=3, m=0.5)]
+    table = summarize(rows, "x", ["m"])
+    assert [r["x"] for r in table] == [1, 2, 3]
+    assert table[0]["m"] == 2.0 and table[0]["m_sd"] == 1.0 and table[0]["n"] == 2
+    assert math.isnan(table[1]["m"])
+    assert best(rows, "m", "x") == 1

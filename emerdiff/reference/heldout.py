@@ -71,9 +71,9 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
 
     from ..config import EmerDiffConfig
     from ..diagnosis import majority_correct
+    from ..metrics import hungarian_miou
     from ..models import load_pipeline
     from ..pipeline import EmerDiff
-    from ..probes import hungarian_miou
 
     torch.manual_seed(0)
     world = model_world(pipeline_folder)
@@ -116,10 +116,11 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
 
     from ..assign import bilinear_upsample
     from ..config import EmerDiffConfig
+    from ..datasets import ProbeImage
     from ..diagnosis import label_moves, locality_by_stage, majority_correct
     from ..models import load_pipeline
     from ..pipeline import EmerDiff
-    from ..probes import ProbeImage, with_config
+    from ..probes import with_config
 
     torch.manual_seed(0)
     world = model_world(pipeline_folder)
