@@ -264,18 +264,8 @@ def mask_class_counts(mask_ids: np.ndarray, gt: np.ndarray, num_masks: int, num_
     """
     mask_ids = np.asarray(mask_ids)
     if mask_ids.shape != np.shape(gt):
-        mask_ids = resize_nearest(mask_ids, np.shape(gt))
+        mask_ids = resize_labels(mask_ids, np.shape(gt))
     return confusion_matrix(mask_ids, gt, num_classes, ignore_index, num_pred=num_masks).T.copy()
-
-
-def resize_nearest(labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """Nearest-neighbour resize of an integer map, sampling at pixel centres."""
-    labels = np.asarray(labels)
-    h, w = labels.shape
-    H, W = int(shape[0]), int(shape[1])
-    rows = np.minimum(((np.arange(H) + 0.5) * h / H).astype(np.int64), h - 1)
-    cols = np.minimum(((np.arange(W) + 0.5) * w / W).astype(np.int64), w - 1)
-    return labels[rows[:, None], cols[None, :]]
 
 
 
@@ -400,7 +390,7 @@ def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
         mask_embeddings=emb,
         query_features=feats,
         lowres_labels=low,
-        lowres_gt=resize_nearest(gt, low.shape).astype(np.int64),
+        lowres_gt=resize_labels(gt, low.shape).astype(np.int64),
         locality=None if loc is None else np.asarray(loc, dtype=np.float64),
         meta=meta,
         method_embeddings=own,

@@ -34,7 +34,6 @@ from emerdiff.metrics import (
     pixel_accuracy,
     protocol_draws,
     remap_confusion,
-    resize_nearest,
     score_labels,
     scores,
     silhouette,
@@ -133,9 +132,11 @@ def test_hungarian_with_more_or_fewer_clusters_than_classes():
     np.testing.assert_allclose(iou, [10 / 13 * 100, 8 / 9 * 100, 0.0])
 
 
-def test_resize_nearest_and_counts():
+def test_resize_and_counts():
+    from emerdiff.images import resize_labels
+
     low = np.array([[0, 1], [2, 3]])
-    up = resize_nearest(low, (4, 6))
+    up = resize_labels(low, (4, 6))
     assert up.shape == (4, 6) and up[0, 0] == 0 and up[0, 5] == 1 and up[3, 0] == 2
     gt = np.array([[0, 0, 255], [1, 1, 1]])
     counts = mask_class_counts(np.array([[0, 1, 1], [1, 1, 0]]), gt, 2, 2)
