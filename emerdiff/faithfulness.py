@@ -23,9 +23,12 @@ what it is asked (docs/METHOD.md, "Faithfulness measures"):
   perturbation acts on the place, not the thing), which is also what the unrelated
   ``control`` segment should score.
 
-The cheap ones (:func:`cheap_measures`: locality, token agreement, each with its chance level)
-are computed by :meth:`emerdiff.EmerDiff.segment` into ``Segmentation.faithfulness``; symmetry
-needs the unmodulated run of the same batch, which :func:`emerdiff.sweep` keeps.
+The cheap ones (:func:`cheap_measures`: locality, token agreement and +/- symmetry, each with
+its chance level) are computed by :meth:`emerdiff.EmerDiff.segment` into
+``Segmentation.faithfulness`` (per mask: ``Segmentation.locality`` and ``Segmentation.symmetry``).
+Symmetry needs I+, I- and the unmodulated I0 of the same batch: ``segment`` decodes I0 once and
+scores each decoded chunk of I+ / I- before dropping it (one image and K numbers kept, not 2K
+images); :func:`emerdiff.sweep` gives it per mask and setting.
 """
 
 from __future__ import annotations
@@ -133,13 +136,24 @@ def agreement_chance(lowres_labels: np.ndarray) -> float:
     return float(counts.max() / counts.sum())
 
 
-def cheap_measures(locality: np.ndarray, lowres_labels: np.ndarray, pixel_labels: np.ndarray) -> dict[str, float]:
+SYMMETRY_CHANCE = 0.0  # unrelated +lambda / -lambda responses: <a, b> averages to 0
+
+
+def cheap_measures(locality: np.ndarray, lowres_labels: np.ndarray, pixel_labels: np.ndarray,
+                   symmetry: np.ndarray | None = None) -> dict[str, float]:
     """The measures a segmentation gets for free, averaged over masks, each with its chance level:
-    ``locality`` / ``locality_chance`` (mean mask area) and ``agreement`` / ``agreement_chance``."""
+    ``locality`` / ``locality_chance`` (mean mask area), ``agreement`` / ``agreement_chance`` and,
+    when the (K,) per-mask ``symmetry`` is given, ``symmetry`` (mean over the masks whose runs
+    changed anything; NaN if none did) / ``symmetry_chance`` (0)."""
     loc = np.asarray(locality, np.float64)
-    return dict(locality=float(loc.mean()), locality_chance=float(mask_area(lowres_labels, range(len(loc))).mean()),
-                agreement=token_agreement(pixel_labels, lowres_labels),
-                agreement_chance=agreement_chance(lowres_labels))
+    out = dict(locality=float(loc.mean()), locality_chance=float(mask_area(lowres_labels, range(len(loc))).mean()),
+               agreement=token_agreement(pixel_labels, lowres_labels),
+               agreement_chance=agreement_chance(lowres_labels))
+    if symmetry is not None:
+        sym = np.asarray(symmetry, np.float64)
+        out.update(symmetry=float(sym[np.isfinite(sym)].mean()) if np.isfinite(sym).any() else float("nan"),
+                   symmetry_chance=SYMMETRY_CHANCE)
+    return out
 
 
 # --------------------------------------------------------------------------- deletion test

@@ -191,11 +191,14 @@ def difference_maps(
     decode_batch: int = 8,
     keep_images: bool = False,
     progress: Any = None,
+    on_pairs: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """d_i(p) = || I_i^-(p) - I_i^+(p) ||_2 over RGB for latents ordered +M_0, -M_0, ...
 
     Decodes ``decode_batch`` images at a time (rounded to whole pairs) and keeps
     only the maps, so memory does not grow with K unless ``keep_images``.
+    ``on_pairs(plus, minus)`` sees each chunk's decoded I+ and I- ((n, 3, H, W) in
+    [-1, 1], unclamped) before they are dropped (``EmerDiff.segment``'s +/- symmetry).
     Returns (maps (K, H, W) float32, images (2K, 3, H, W) or None).
     """
     pairs_per_chunk = max(1, decode_batch // 2)
@@ -206,6 +209,8 @@ def difference_maps(
         imgs = decode(model, chunk).float()
         plus, minus = imgs[0::2], imgs[1::2]
         maps.append((minus - plus).pow(2).sum(1).sqrt())
+        if on_pairs is not None:
+            on_pairs(plus, minus)
         if keep_images:
             images.append(imgs)
         if progress is not None:

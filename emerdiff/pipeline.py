@@ -21,7 +21,7 @@ from .assign import assign_labels, bilinear_upsample, check_difference_maps, loc
 from .attention import AttentionController, controlled_attention
 from .config import EmerDiffConfig
 from .diffseg import DiffSegResult, run_diffseg
-from .faithfulness import cheap_measures
+from .faithfulness import cheap_measures, symmetry
 from .images import ImageInput, load_image, resize_labels
 from .inversion import Inversion, Schedule, invert, sample_noisy_latents
 from .lowres import LowResSegments, cluster_features, segments_from_labels
@@ -49,7 +49,10 @@ class Segmentation:
         query_features: (h*w, C) the clustered query vectors (unit length when
             ``feature_normalization="l2"``; embeddings and centroids are in the same space).
         locality: (K',) share of each difference map's energy inside its mask.
-        faithfulness: mean locality and token agreement with their chance levels
+        symmetry: (K',) +/- symmetry of each mask's responses around the unmodulated run
+            (:func:`emerdiff.faithfulness.symmetry`: 1 antisymmetric, 0 chance, -1 even; NaN if
+            neither sign changed anything).
+        faithfulness: mean locality, token agreement and +/- symmetry with their chance levels
             (:func:`emerdiff.faithfulness.cheap_measures`; docs/METHOD.md, "Faithfulness measures").
         difference_maps: (K', R, R) maps at the model resolution, if requested.
         image_size: (H, W) of the input.
@@ -76,6 +79,7 @@ class Segmentation:
     # other methods' (H, W) labels in the same mask ids, e.g. "diffseg" (DiffSeg alone) when lowres="diffseg"
     extra_labels: dict[str, np.ndarray] = field(default_factory=dict)
     faithfulness: dict[str, float] = field(default_factory=dict)
+    symmetry: np.ndarray | None = None
 
     @property
     def num_segments(self) -> int:
@@ -350,22 +354,54 @@ class EmerDiff:
         the inspector); a timestep other than the prepared one needs ``prepare(t_stop=...)``.
         Returns (maps, the decoded I+/I- images in [-1, 1] if ``keep_images``).
         """
+        maps, images, _ = self._perturb(prepared, mask_ids, keep_images=keep_images, counter=counter, clock=clock,
+                                        progress=progress, with_symmetry=False, **overrides)
+        return maps, images
+
+    def _perturb(
+        self,
+        prepared: PreparedImage,
+        mask_ids: Sequence[int] | None,
+        *,
+        keep_images: bool,
+        counter: CallCounter | None,
+        clock: StageClock | None,
+        progress: bool,
+        with_symmetry: bool,
+        **overrides: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, np.ndarray | None]:
+        """:meth:`perturb`, plus with ``with_symmetry`` the (K,) +/- symmetry of every mask
+        (:func:`emerdiff.faithfulness.symmetry`) around the unmodulated run of the same batch.
+
+        The symmetry is scored chunk by chunk while the decoder's I+ / I- are in hand: one extra
+        decode (the reference I0) and K numbers kept, instead of holding all 2K images to score later.
+        """
         cfg = self.modulation_config(**overrides)
         counter = counter or CallCounter()
         clock = clock or StageClock(self.model.device)
         k = prepared.segments.num_segments if mask_ids is None else len(list(mask_ids))
         calls = expected_unet_calls(k, self.unet_calls_after(cfg.modulation_timestep, cfg.readout_steps),
                                     cfg.max_batch)
-        # one tick per batched UNet call, then one per decoded image (I+ and I- of every mask)
-        decodes = 2 * k
+        # one tick per batched UNet call, then one per decoded image (I+ and I- of every mask, and I0)
+        decodes = 2 * k + int(with_symmetry)
         bar = tqdm(total=calls + decodes, desc=f"modulation ({calls} UNet calls + {decodes} decodes)",
                    disable=not progress, leave=False)
         with clock("modulation"):
-            latents, _ = self.modulate(prepared, mask_ids, counter=counter, progress=bar, **overrides)
+            latents, reference = self.modulate(prepared, mask_ids, counter=counter, progress=bar, **overrides)
+        scores: list[np.ndarray] = []
         with clock("decode"):
-            maps, images = difference_maps(self.model, latents, cfg.decode_batch, keep_images, progress=bar)
+            i0 = None
+            if with_symmetry:
+                i0 = decode(self.model, reference).float()
+                bar.update(1)
+
+            def score_pairs(plus: torch.Tensor, minus: torch.Tensor) -> None:
+                scores.append(symmetry(plus, minus, i0))
+
+            maps, images = difference_maps(self.model, latents, cfg.decode_batch, keep_images, progress=bar,
+                                           on_pairs=score_pairs if with_symmetry else None)
         bar.close()
-        return maps, images
+        return maps, images, (np.concatenate(scores) if with_symmetry else None)
 
     def reconstruct(self, prepared: PreparedImage) -> torch.Tensor:
         """The unmodulated reconstruction decoded, (3, R, R) in [0, 1]."""
@@ -391,8 +427,8 @@ class EmerDiff:
         clock = StageClock(self.model.device)
         clock.timings.update(prepared.timings)
         counter = prepared.counter
-        maps, images = self.perturb(prepared, keep_images=keep_images, counter=counter, clock=clock,
-                                    progress=progress)
+        maps, images, sym = self._perturb(prepared, None, keep_images=keep_images, counter=counter, clock=clock,
+                                          progress=progress, with_symmetry=True)
         check_difference_maps(maps, f"modulation_strength={cfg.modulation_strength}, "
                                     f"dtype={str(self.model.dtype).replace('torch.', '')}")
         size = prepared.image_size
@@ -401,7 +437,7 @@ class EmerDiff:
             model_res_labels = assign_labels(maps, cfg.blur_sigma)
             labels = resize_labels(model_res_labels.cpu(), size)
             loc = locality(maps, prepared.masks(maps.device), prepared.grid).cpu().numpy()
-            faithfulness = cheap_measures(loc, segs.labels, model_res_labels.cpu().numpy())
+            faithfulness = cheap_measures(loc, segs.labels, model_res_labels.cpu().numpy(), sym)
         with clock("baselines"):
             nearest = nearest_upsample(segs.labels, size)
             bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, size)
@@ -426,6 +462,7 @@ class EmerDiff:
             extra_labels={} if prepared.diffseg is None else
             {"diffseg": prepared.diffseg.pixel_labels(size, cfg.resolution, segs.labels)},
             faithfulness=faithfulness,
+            symmetry=sym,
         )
 
     def refine(self, image: ImageInput, lowres_labels: np.ndarray, **kwargs: Any) -> Segmentation:

@@ -143,7 +143,7 @@ def test_segmentation_carries_the_cheap_measures(tiny_model, fast_config, photo)
 
     seg = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
     f = seg.faithfulness
-    assert set(f) == {"locality", "locality_chance", "agreement", "agreement_chance"}
+    assert set(f) == {"locality", "locality_chance", "agreement", "agreement_chance", "symmetry", "symmetry_chance"}
     assert f["locality"] == pytest.approx(float(seg.locality.mean()))
     assert f["locality_chance"] == pytest.approx(1 / seg.num_segments)  # mean area of a partition
     labels_r = assign_labels(torch.from_numpy(seg.difference_maps), fast_config.blur_sigma).numpy()
