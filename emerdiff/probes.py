@@ -160,7 +160,7 @@ def layer_probe(
                 grid = feature_resolution(ed.model.unet, name, ed.latent_size())
                 q = queries[name]
                 kk = min(k, q.shape[0] - 1)
-                segs = cluster_features(q, grid, kk, seed, cfg.kmeans_n_init)
+                segs = cluster_features(q, grid, kk, seed, cfg.kmeans_n_init, cfg.feature_normalization)
                 scores = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
                 row = dict(image=item.name, seed=seed, layer=name, short=short_layer(name),
                            kind=info[name]["kind"], block=info[name]["block"],
@@ -232,7 +232,7 @@ def feature_timestep_sweep(
             for t in timesteps:
                 gen = torch.Generator("cpu").manual_seed(seed + 1)
                 q = eds.extract_queries(prepared.inversion, [layer], t, cfg.feature_noise_draws, gen)[layer]
-                segs = cluster_features(q, grid, cfg.num_clusters, seed, cfg.kmeans_n_init)
+                segs = cluster_features(q, grid, cfg.num_clusters, seed, cfg.kmeans_n_init, cfg.feature_normalization)
                 scores = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
                 rows.append(dict(image=item.name, seed=seed, feature_timestep=int(t),
                                  silhouette=silhouette(segs.features, segs.labels, seed), **scores))

@@ -124,3 +124,25 @@ def test_l2_segmentation_on_the_tiny_model(tiny_model, fast_config, photo):
     np.testing.assert_allclose(again.centroids, seg.centroids, atol=1e-5)
     with pytest.raises(ValueError, match="feature_normalization must be one of"):
         EmerDiff(tiny_model, fast_config.replace(feature_normalization="L2"))
+
+
+def test_probes_that_recluster_queries_follow_the_config(tiny_model, fast_config, monkeypatch):
+    """The layer probe and the feature-timestep sweep cluster fresh queries: with "l2" they normalise too."""
+    import emerdiff.probes as probes
+    from emerdiff import EmerDiff
+    from emerdiff.datasets import load_probe_images
+
+    seen = []
+
+    def recording(*args, **kwargs):
+        out = cluster_features(*args, **kwargs)
+        seen.append(args[5] if len(args) > 5 else kwargs.get("normalization", "none"))
+        np.testing.assert_allclose(np.linalg.norm(out.features, axis=1), 1.0, atol=1e-5)
+        return out
+
+    monkeypatch.setattr(probes, "cluster_features", recording)
+    ed = EmerDiff(tiny_model, fast_config.replace(feature_normalization="l2"))
+    item = load_probe_images(["astronaut"])
+    assert len(probes.layer_probe(ed, item, layers=[ed.config.query_layer])) == 1
+    assert len(probes.feature_timestep_sweep(ed, item, timesteps=[1])) == 1
+    assert seen == ["l2", "l2"]
