@@ -44,6 +44,19 @@ def test_heldout_main_end_to_end(tmp_path, tiny_dir):
     assert "| dataset_hungarian | emerdiff - nearest |" in table
 
 
+def test_heldout_folder_of_validation_scenes_never_holds_test_scenes(tmp_path):
+    """--start 100 (validation, for choosing a model or readout) renders other scenes than the test set."""
+    from emerdiff.reference.heldout import VALIDATION_START
+
+    test = write_heldout_folder(tmp_path / "t", n=2)
+    val = write_heldout_folder(tmp_path / "v", n=2, start=VALIDATION_START)
+    names = lambda root: sorted(x.name for x in (root / "images").iterdir())  # noqa: E731
+    assert names(test) == ["scene_00000.png", "scene_00001.png"]
+    assert names(val) == [f"scene_{VALIDATION_START:05d}.png", f"scene_{VALIDATION_START + 1:05d}.png"]
+    scene = make_scene(heldout_scene_seeds(1, start=VALIDATION_START)[0], 128)
+    assert np.array_equal(np.asarray(Image.open(val / "images" / names(val)[0])), scene.image)
+
+
 def test_heldout_folder_of_the_flat_world_and_world_mismatch(tmp_path):
     root = write_heldout_folder(tmp_path / "d", n=2, world="flat")
     scene = make_scene(heldout_scene_seeds(2)[1], 128, world="flat")

@@ -177,12 +177,12 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
     return "\n".join(lines) + "\n"
 
 
-def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000) -> dict[str, Any]:
-    """Bootstrap intervals over the ``n`` held-out scenes of an ``evaluate`` output folder."""
+def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0) -> dict[str, Any]:
+    """Bootstrap intervals over the ``n`` held-out scenes (from index ``start``) of an ``evaluate`` output folder."""
     from ..evaluate import load_record, record_path
     from ..metrics import bootstrap_protocols
 
-    ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n)]
+    ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n, start)]
     records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]
     return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot)
 
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     world = args.world or model_world(args.model)
     settings = {"model": args.model, "world": world, "scenes": args.n, "first_scene": args.start, "k": args.k, **REFERENCE_CONFIG,
                 "set": args.set}
-    intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap)
+    intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap, start=args.start)
     (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
                                                  indent=2))
     table = results_table(rows, settings, intervals)
