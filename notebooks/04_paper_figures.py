@@ -93,7 +93,7 @@ writer.save(fig, "fig_failure_cases")
 # Open vocabulary: each EmerDiff mask named by the diffusion model's own cross-attention
 # (DAAM-style, no extra model), with its legend. `emerdiff.openvocab.CLIPMaskLabeller` does the
 # same with MaskCLIP features. **Caveat:** on the small models (reference, tiny) this labeller is
-# near chance (reference v1, 100 held-out scenes: 2.2 mIoU, `docs/reference/heldout_results.md`);
+# near chance (reference v1, 100 held-out scenes: 2.2 mIoU, `docs/reference/v1_heldout_results.md`);
 # the figure says so, and its names are an illustration of the interface, not a result.
 
 # %%
