@@ -205,7 +205,7 @@ def test_segment_says_what_it_chose(tiny_dir, tmp_path, capsys):
     assert f"settings for model {str(tiny_dir)!r}" in err
     assert "resolution=128 (given)" in err and "num_clusters=3 (given)" in err and "blur_sigma=4.0," in err
     assert "[1/2] " in err and "[2/2] " in err
-    assert "modulation (" in err and "UNet calls + 6 decodes" in err  # the bar says what it counts
+    assert "modulation (" in err and "UNet calls + 7 decodes" in err  # the bar says what it counts (2K + the reference, for symmetry)
 
 
 def test_quiet_silences_weight_loading(tiny_dir, tmp_path, capfd):
