@@ -173,8 +173,9 @@ def _sized(argv):
 
 
 def test_size_rule_per_model(tiny_dir):
-    # no --model: the reference model at its native 128 px, K 8, every modulated run in one batch
-    assert _sized([]) == dict(resolution=128, num_clusters=8, num_inference_steps=50, modulation_timestep=281,
+    # no --model: the reference model at its native 128 px, K 8, every modulated run in one batch,
+    # t_m 81 (its readout chosen on validation scenes)
+    assert _sized([]) == dict(resolution=128, num_clusters=8, num_inference_steps=50, modulation_timestep=81,
                               blur_sigma=1.0, max_batch=17)
     assert _sized(["--model", "tiny"]) == dict(resolution=128, num_clusters=4, num_inference_steps=10,
                                                modulation_timestep=201, blur_sigma=1.0, max_batch=9)
