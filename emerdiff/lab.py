@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import nbformat
 
 from .config import SIZE_FIELDS  # notebook size parameter -> config field (no torch import)
+from .files import write_atomic
 
 if TYPE_CHECKING:  # the save hook below must stay importable without loading torch
     import torch
@@ -160,7 +161,5 @@ def pre_save(model: dict, path: str, contents_manager: Any, **kwargs: Any) -> No
         folder = Path(contents_manager.root_dir) / os.path.dirname(path) / LAB_COPIES
         folder.mkdir(parents=True, exist_ok=True)
         node = nbformat.from_dict(copy.deepcopy(nb))
-        tmp = folder / f".{os.path.basename(path)}.tmp"
-        nbformat.write(node, str(tmp))
-        tmp.replace(folder / os.path.basename(path))
+        write_atomic(folder / os.path.basename(path), lambda tmp: nbformat.write(node, tmp))
     strip_outputs(nb)

@@ -12,6 +12,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .files import write_atomic_bytes
+
 
 def palette(n: int = 256, seed: int = 3) -> np.ndarray:
     """(n, 3) uint8 colours: a fixed qualitative start, then well-spread random hues."""
@@ -372,9 +374,7 @@ def write_sidecar(out_dir: str | os.PathLike, name: str, data: Mapping[str, Any]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(_jsonable(data), indent=2, allow_nan=False))
-    tmp.replace(path)
+    write_atomic_bytes(path, json.dumps(_jsonable(data), indent=2, allow_nan=False).encode())
     return path
 
 

@@ -56,6 +56,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..files import write_atomic
 from . import WEIGHTS
 from .model import (
     build_text_encoder,
@@ -171,9 +172,8 @@ class EMA:
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupted save never corrupts the last checkpoint
+    # atomic: an interrupted save never corrupts the last checkpoint
+    write_atomic(path, lambda tmp: torch.save(state, tmp))
 
 
 def _open_log(path: Path, start: int) -> Any:
