@@ -594,6 +594,11 @@ def concept_embeddings(records: Iterable[ImageRecord], num_classes: int,
         valid = gt != ignore_index
         np.add.at(sums, gt[valid], feats[valid])
         counts += np.bincount(gt[valid], minlength=num_classes)[:num_classes]
+    return _class_means(sums, counts)
+
+
+def _class_means(sums: np.ndarray | None, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class means from summed embeddings and pixel counts (NaN rows for classes without pixels)."""
     if sums is None:
         raise ValueError("no records to evaluate")
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -621,12 +626,7 @@ def mask_concept_embeddings(records: Iterable[ImageRecord], num_classes: int,
             sums = np.zeros((num_classes, emb.shape[1]))
         sums += counts.T.astype(np.float64) @ emb
         pixels += counts.sum(axis=0)
-    if sums is None:
-        raise ValueError("no records to evaluate")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        concepts = sums / pixels[:, None]
-    concepts[pixels == 0] = np.nan
-    return concepts, pixels
+    return _class_means(sums, pixels)
 
 
 def assign_to_concepts(mask_embeddings: np.ndarray, concepts: np.ndarray) -> np.ndarray:
