@@ -13,6 +13,9 @@ OUT=${OUT:-/tmp/gpu_out}
 BUDGET=${BUDGET:-570}
 POOL=${POOL:-60000}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu BUDGET=150 POOL=300: a smoke run on a CPU
+INIT=${INIT:-}           # INIT=emerdiff/reference/weights: continue the shipped model instead of from scratch
+LRS=(${LRS:-5e-4 1e-3})  # learning rates of runs a and b
+BENCH=${BENCH:-1}        # BENCH=0: all the time to training
 R=/tmp/runs
 mkdir -p "$R" "$OUT"
 if ls .gpu/*.whl >/dev/null 2>&1; then
@@ -27,16 +30,17 @@ left() { echo $((T0 + BUDGET - $(date +%s))); }
 python3 -c "import emerdiff.reference.train, diffusers.models" || exit 1
 
 COMMON="--stage unet --preset small --world flat --vae-from emerdiff/reference/weights --caption-dropout 0.5
-  --batch ${BATCH:-256} --latent-pool $POOL --pool-workers 14 --amp --device $DEVICE --warmup 500 --ckpt-every 2000
-  --eval-fn emerdiff.reference.train:keep_snapshot --eval-every 1500 --no-progress --threads 4"
+  --batch ${BATCH:-256} --latent-pool $POOL --pool-workers 14 --amp --device $DEVICE --warmup ${WARMUP:-500}
+  --ckpt-every 2000 --eval-fn emerdiff.reference.train:keep_snapshot --eval-every ${EVAL_EVERY:-1500}
+  --no-progress --threads 4 ${INIT:+--init-from $INIT}"
 # the latent pool once (same seed, world and VAE: identical for every run), then shared
 python3 -m emerdiff.reference.train $COMMON --out "$R/a" --pool-only || exit 1
 mkdir -p "$R/b/unet" && ln -f "$R/a/unet/latent_pool.pt" "$R/b/unet/latent_pool.pt"
 
-TRAIN=$(( $(left) - 115 ))   # leave ~115 s: final writes, packing, benchmark
+TRAIN=$(( $(left) - (BENCH ? 115 : 35) ))   # leave time for final writes, packing (and the benchmark)
 echo "training budget per run: $TRAIN s (two runs side by side on the one GPU)"
-python3 -m emerdiff.reference.train $COMMON --out "$R/a" --lr 5e-4 --time-budget $((TRAIN - 25)) >"$R/a.log" 2>&1 &
-python3 -m emerdiff.reference.train $COMMON --out "$R/b" --lr 1e-3 --time-budget $((TRAIN - 25)) >"$R/b.log" 2>&1 &
+python3 -m emerdiff.reference.train $COMMON --out "$R/a" --lr ${LRS[0]} --time-budget $((TRAIN - 25)) >"$R/a.log" 2>&1 &
+python3 -m emerdiff.reference.train $COMMON --out "$R/b" --lr ${LRS[1]} --time-budget $((TRAIN - 25)) >"$R/b.log" 2>&1 &
 END=$(( $(date +%s) + TRAIN + 30 ))
 while [ -n "$(jobs -r)" ] && [ "$(date +%s)" -lt "$END" ]; do
   sleep 20
@@ -64,7 +68,7 @@ if ! grep -qs planned_steps "$R/a/unet/log.jsonl" "$R/b/unet/log.jsonl"; then
   echo "no run got past its timed steps: no benchmark, so the lease is left for a fixed rerun"; exit 1
 fi
 B=$(( $(left) - 5 ))
-if [ "$B" -gt 40 ] && [ "$DEVICE" = cuda ]; then
+if [ "$BENCH" = 1 ] && [ "$B" -gt 40 ] && [ "$DEVICE" = cuda ]; then
   echo "benchmark: $B s"
   timeout "$B" python3 benchmarks/bench_segment.py --model sd15-random --device cuda --dtype bf16,fp16 \
     --resolution 512 --k 25 --max-batch 16,51 --loop shared --image .gpu/voc.jpg --markdown "$R/bench.md" \
