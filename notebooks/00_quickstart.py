@@ -62,16 +62,41 @@ writer.save(fig, "00_quickstart_segmentation")
 # ## Faithfulness: do the difference maps say what each segment controls?
 #
 # `seg.faithfulness` holds the measures every segmentation gets for free, each beside its chance
-# level (docs/METHOD.md, "Faithfulness measures"). *locality*: share of a map's energy inside its
-# own mask, averaged over masks; chance = the mean mask area (a map blind to its mask).
-# *agreement*: share of tokens whose pixel label, taken back to the token grid by majority, is
-# still their own low-res segment; chance = the largest segment's share (one label everywhere).
-# Read each as "how far above its chance level": at chance the readout ignores the segments.
+# level (docs/METHOD.md, "Faithfulness measures"; `emerdiff.faithfulness`). *locality* (0 to 1):
+# share of a map's energy inside its own mask, averaged over masks; chance = the mean mask area
+# (a map blind to its mask). *agreement* (0 to 1): share of tokens whose pixel label, taken back
+# to the token grid by majority, is still their own low-res segment; chance = the largest
+# segment's share (one label everywhere). *symmetry* (-1 to 1): does -lambda mirror +lambda
+# around the unmodulated reference I0? 1 = I- - I0 = -(I+ - I0), a response linear in lambda (so
+# the pair difference I- - I+ measures one direction of change); chance 0 = the two responses
+# are unrelated; -1 = both signs make the same change. Read each as its distance above chance
+# (value - chance; a ratio would divide by symmetry's chance of 0): at chance the readout
+# ignores what it is asked.
 
 # %%
-for measure in ("locality", "agreement"):
+for measure in ("locality", "agreement", "symmetry"):
     value, chance = seg.faithfulness[measure], seg.faithfulness[f"{measure}_chance"]
-    print(f"{measure:10s} {value:.3f}   chance {chance:.3f}   ratio {value / chance:.2f}")
+    print(f"{measure:10s} {value:6.3f}   chance {chance:6.3f}   above chance {value - chance:+6.3f}")
+
+# %% [markdown]
+# ## The response maps as data
+#
+# Each mask's difference map (what perturbing that segment changed, ||I- - I+|| per pixel) is the
+# data behind the labels: EmerDiff's label of a pixel is the mask whose map is largest there.
+# One tile per mask: its outline | its map (shared colour scale; the title gives its locality).
+# The maps go to `00_quickstart_maps.npz` (float16, with the mask ids, the low-res masks and the
+# config), the file `emerdiff segment IMAGE --save-maps` writes beside the same contact sheet;
+# `emerdiff.sweep` gives such maps over any grid of layers, timesteps and strengths (notebook 03).
+
+# %%
+from emerdiff.sweep import contact_sheet, save_maps_npz
+
+mask_ids = list(range(seg.num_segments))
+save_maps_npz(writer.out_dir / "00_quickstart_maps.npz", seg.difference_maps, mask_ids, seg.lowres_labels,
+              seg.config, locality=seg.locality)
+fig = contact_sheet(item.image, seg.difference_maps, seg.lowres_labels, mask_ids, seg.locality, MODEL_LABEL,
+                    title=f"{item.name}: the difference map of each mask")
+writer.save(fig, "00_quickstart_maps")
 
 # %% [markdown]
 # ## DiffSeg's segments, refined by EmerDiff
@@ -105,7 +130,10 @@ viz.show(axes[0], item.image, "image")
 viz.show(axes[1], viz.overlay(item.image, diffseg_alone), f"DiffSeg alone (mIoU {diffseg_scores['diffseg']['miou']:.1f})")
 viz.show(axes[2], viz.overlay(item.image, refined.labels),
          f"DiffSeg + EmerDiff refine (mIoU {diffseg_scores['diffseg+emerdiff']['miou']:.1f})")
-fig.suptitle(f"{item.name}: DiffSeg (tau {tau}) vs DiffSeg + EmerDiff refinement · {MODEL_LABEL}")
+fig.suptitle(f"{item.name}: DiffSeg (tau {tau}) vs DiffSeg + EmerDiff refinement")
+viz.stamp_model(fig, MODEL_LABEL)
+fig.tight_layout(rect=(0, 0.03, 1, 1))
+writer.save(fig, "00_quickstart_diffseg_refine")
 plt.show()
 
 # %%
@@ -116,6 +144,7 @@ writer.sidecar("00_quickstart", {
     "boundary": {k: v["boundary"] for k, v in scores.items()},
     "locality": seg.locality.tolist(), "locality_mean": float(seg.locality.mean()),
     "timings": seg.timings, "unet_calls": seg.unet_calls, "faithfulness": seg.faithfulness,
+    "symmetry": seg.symmetry.tolist(), "maps_file": "00_quickstart_maps.npz",
     "diffseg": {"kl_threshold": tau, "num_segments": found.num_segments, "num_refined": refined.num_segments,
                 "miou": {k: v["miou"] for k, v in diffseg_scores.items()},
                 "faithfulness": refined.faithfulness},

@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 papermill = pytest.importorskip("papermill")
@@ -30,7 +31,7 @@ EXTRA = {
     "06_diagnosis": dict(settings=[{}, {"readout_steps": 1}, {"modulation_timestep": 101}], example_masks=2),
 }
 FIGURES = {
-    "00_quickstart": ["00_quickstart_segmentation"],
+    "00_quickstart": ["00_quickstart_segmentation", "00_quickstart_maps", "00_quickstart_diffseg_refine"],
     "01_layer_probe": ["01_layer_probe_features", "01_layer_probe_features_boundary",
                        "01_layer_probe_modulation_locality", "01_layer_probe_modulation_score"],
     "02_timestep_probe": ["02_timestep_probe_feature", "02_timestep_probe_modulation",
@@ -135,6 +136,19 @@ def test_00_quickstart(tmp_path):
         assert finite_in(data["miou"][method], 0, 100)  # voc_sample has ground truth
     assert all(finite_in(v, 0, 1) for v in data["locality"])
     assert data["unet_calls"]["modulation"] >= 1
+    faith = data["faithfulness"]
+    assert faith["symmetry_chance"] == 0 and finite_in(faith["locality_chance"], 0, 1)
+    assert len(data["symmetry"]) == data["num_segments"]
+    per_mask = [v for v in data["symmetry"] if v is not None]  # None: a mask whose runs changed nothing
+    assert per_mask and all(finite_in(v, -1, 1) for v in per_mask)
+    assert math.isclose(faith["symmetry"], sum(per_mask) / len(per_mask), rel_tol=1e-9)
+    # the response maps as data (what `segment --save-maps` writes): one map per mask, masks a partition
+    with np.load(tmp_path / "figures" / data["maps_file"]) as z:
+        maps, ids, masks = z["maps"], z["mask_ids"], z["lowres_masks"]
+        assert maps.dtype == np.float16 and maps.shape == (4, 128, 128)
+        assert ids.tolist() == [0, 1, 2, 3] and (masks.sum(axis=0) == 1).all()
+        assert np.isfinite(maps).all() and maps.min() >= 0 and maps.max() > 0
+        assert np.allclose(z["locality"], data["locality"])
 
 
 def test_01_layer_probe(tmp_path):
