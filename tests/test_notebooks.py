@@ -29,6 +29,8 @@ EXTRA = {
                              grid_timesteps=[201, 101], grid_strengths=[10.0]),
     "05_inspector": dict(mpl_backend="agg", slider_timesteps=[201, 101]),
     "06_diagnosis": dict(settings=[{}, {"readout_steps": 1}, {"modulation_timestep": 101}], example_masks=2),
+    # two validation scenes: with two, every bootstrap draw is one of three resamples, the full data among them
+    "07_evaluation": dict(first_scene=100, num_scenes=2, bootstrap=100, examples=1),
 }
 FIGURES = {
     "00_quickstart": ["00_quickstart_segmentation", "00_quickstart_maps", "00_quickstart_diffseg_refine"],
@@ -42,6 +44,7 @@ FIGURES = {
     "05_inspector": ["05_inspector"],
     "06_diagnosis": ["06_diagnosis_locality_by_stage", "06_diagnosis_stage_maps", "06_diagnosis_label_moves",
                      "06_diagnosis_settings_locality", "06_diagnosis_settings_accuracy"],
+    "07_evaluation": ["07_evaluation_miou", "07_evaluation_per_class", "07_evaluation_examples"],
 }
 
 
@@ -215,3 +218,38 @@ def test_06_diagnosis(tmp_path):
     assert [r["setting"] for r in data["sweep_rows"]] == ["paper", "readout_steps=1", "t_m=101"]
     # the paper row of the sweep is the pipeline's own readout: the same locality as (a)
     assert math.isclose(data["sweep_rows"][0]["locality"], row["decoded"], rel_tol=1e-4)
+
+
+def test_07_evaluation(tmp_path):
+    data = run_notebook("07_evaluation", tmp_path)
+    assert data["shared_images"] == 2 and data["only_a"] == [] and data["only_b"] == []
+    assert data["segmentation_config"]["A"]["lowres"] == "kmeans"
+    assert data["segmentation_config"]["B"]["lowres"] == "diffseg"
+    rows = {(r["protocol"], r["method"]): r for r in data["comparison"]}
+    protocols = ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean")
+    assert set(rows) == {(p, m) for p in protocols for m in ("emerdiff", "nearest", "bilinear", "diffseg")}
+    for (protocol, method), row in rows.items():
+        if method == "diffseg":  # DiffSeg alone is a method of run B only
+            assert row["a"] is None and row["a-b"] is None and finite_in(row["b"]["value"], 0, 100)
+            continue
+        a, b, d = row["a"], row["b"], row["a-b"]
+        for v, lo, hi in ((a, 0, 100), (b, 0, 100), (d, -100, 100)):
+            assert finite_in(v["value"], lo, hi) and finite_in(v["lo"], lo, hi) and finite_in(v["hi"], lo, hi), row
+            # two scenes: the full data is one of the three resamples, so every interval holds its estimate
+            assert v["lo"] <= v["value"] <= v["hi"], row
+        assert math.isclose(d["value"], a["value"] - b["value"], abs_tol=1e-9), row
+    # compare_runs recomputes each run on the shared scenes with the same resamples: its A and B columns
+    # are the runs' own results (a mispaired or re-seeded comparison would differ)
+    for side, key in (("A", "a"), ("B", "b")):
+        for own in data["runs"][side]:
+            mine = rows[(own["protocol"], own["method"])][key]
+            for field, theirs in (("value", own["miou"]), ("lo", own["miou_lo"]), ("hi", own["miou_hi"])):
+                assert math.isclose(mine[field], theirs, abs_tol=1e-6), (side, own, mine)
+    # within a run: EmerDiff minus each other method of the same records, paired
+    within = {(r["run"], r["protocol"], r["difference"]): r for r in data["within_run"]}
+    assert {d for run, _, d in within if run == "B"} == {"emerdiff-nearest", "emerdiff-bilinear", "emerdiff-diffseg"}
+    for (run, protocol, difference), r in within.items():
+        other = difference.split("-", 1)[1]
+        key = "a" if run == "A" else "b"
+        expected = rows[(protocol, "emerdiff")][key]["value"] - rows[(protocol, other)][key]["value"]
+        assert math.isclose(r["value"], expected, abs_tol=1e-6) and r["lo"] <= r["value"] <= r["hi"], r
