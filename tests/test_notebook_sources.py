@@ -44,7 +44,7 @@ def load_build():
 
 
 def test_every_notebook_has_its_source():
-    assert len(SOURCES) == 7
+    assert len(SOURCES) == 8
     assert [p.stem for p in SOURCES] == sorted(p.stem for p in NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
