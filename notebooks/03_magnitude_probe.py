@@ -97,6 +97,7 @@ chance = {"locality": table["mask_area"].mean(), "symmetry": 0.0, "setting_agree
 for ax in fig.axes:  # one panel per metric, titled by it (a metric that is NaN throughout has none)
     ax.axhline(chance[ax.get_title()], color="grey", linestyle="--", linewidth=1)
     ax.set_xscale("log")
+writer.save(fig, "03_magnitude_probe_sweep")
 
 # %%
 writer.sidecar("03_magnitude_probe", {
