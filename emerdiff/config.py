@@ -272,6 +272,10 @@ FIGURE_SIZES: dict[str, dict[str, Any]] = {
     "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0,
                     max_batch=16),
 }
+# DiffSeg's merge threshold tau on the shipped reference model (v2). Its self-attention is far flatter
+# than SD's (at the published 1.1 every map merges into one segment); 0.1 gives 3-8 segments (mean 5.4)
+# on validation scenes 100-109, the range 0.03 gave on v1 (0.03 gives v2 ~23). docs/METHOD.md.
+REFERENCE_DIFFSEG_KL_THRESHOLD = 0.1
 # notebook size parameter -> EmerDiffConfig field (emerdiff.lab.setup takes these names)
 SIZE_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
                   "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}

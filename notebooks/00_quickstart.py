@@ -31,8 +31,8 @@ max_batch = None          # UNet batch of the modulated denoising (2K + 1: every
 seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
-# DiffSeg's merge threshold tau; None: 0.03 on the reference model (its flat self-attention merges into
-# one segment at the published 1.1; chosen on validation scenes, docs/METHOD.md), else DiffSeg's 1.1
+# DiffSeg's merge threshold tau; None: emerdiff.config.REFERENCE_DIFFSEG_KL_THRESHOLD (0.1) on the reference
+# model (its flat self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
 diffseg_kl_threshold = None
 
 # %%
@@ -112,8 +112,10 @@ writer.save(fig, "00_quickstart_maps")
 
 # %%
 from emerdiff import diffseg
+from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
 
-tau = diffseg_kl_threshold or (0.03 if sd.source == "reference" else config.diffseg_kl_threshold)
+tau = diffseg_kl_threshold or (REFERENCE_DIFFSEG_KL_THRESHOLD if sd.source == "reference"
+                               else config.diffseg_kl_threshold)
 found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg", diffseg_kl_threshold=tau))
 refined = ed.refine(item.image, found.labels, progress=False)
 diffseg_alone = found.pixel_labels(item.image.shape[:2], config.resolution, projected=refined.lowres_labels)

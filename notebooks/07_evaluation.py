@@ -41,8 +41,8 @@ seeds = [0]
 # The two settings compared: a name and EmerDiffConfig changes on top of the sizes above.
 setting_a = {"name": "k-means + EmerDiff", "changes": {}}
 setting_b = {"name": "DiffSeg + EmerDiff", "changes": {"lowres": "diffseg"}}
-# DiffSeg's merge threshold tau; None: 0.03 on the reference model (its flat self-attention merges into
-# one segment at the published 1.1; chosen on validation scenes, docs/METHOD.md), else DiffSeg's 1.1
+# DiffSeg's merge threshold tau; None: emerdiff.config.REFERENCE_DIFFSEG_KL_THRESHOLD (0.1) on the reference
+# model (its flat self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
 diffseg_kl_threshold = None
 bootstrap = 1000          # resamples of the scenes for every interval (paired: A and B resampled alike)
 runs_dir = None           # None: a temporary folder, removed at the end; a path keeps the runs (and their
@@ -88,10 +88,12 @@ import tempfile
 from pathlib import Path
 
 from emerdiff import evaluate
+from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
 from emerdiff.reference import model_world
 from emerdiff.reference.heldout import write_heldout_folder
 
-tau = diffseg_kl_threshold or (0.03 if sd.source == "reference" else config.diffseg_kl_threshold)
+tau = diffseg_kl_threshold or (REFERENCE_DIFFSEG_KL_THRESHOLD if sd.source == "reference"
+                               else config.diffseg_kl_threshold)
 scratch = tempfile.TemporaryDirectory(prefix="emerdiff-07-") if runs_dir is None else None
 runs = Path(runs_dir or scratch.name)
 data = write_heldout_folder(runs / "data", n=num_scenes, start=first_scene, world=model_world(model))
