@@ -1,13 +1,26 @@
-"""Shared fixtures: one tiny random SD pipeline per session, loaded through the real path."""
+"""Shared fixtures: one tiny random SD pipeline per session, loaded through the real path.
+
+Every test starts from the same process state, whatever ran before it: `make test` spreads the
+tests over two pytest-xdist workers, so which tests share a process, and in which order, changes
+from run to run.
+"""
 
 from __future__ import annotations
 
 import os
+import random
 
+import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+
+# One torch thread per test process. The tiny models gain nothing from a second thread, and on a
+# 2-core machine that is busy (another process, or the other xdist worker) two threads that wait
+# for each other made single tests up to 10x slower; `make test` gets its parallelism from two
+# worker processes instead.
+TORCH_THREADS = 1
 
 
 @pytest.fixture(scope="session")
@@ -43,4 +56,14 @@ def photo():
 
 
 def pytest_configure(config):
+    torch.set_num_threads(TORCH_THREADS)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    """Before any fixture of the test is set up: global seeds 0 and one torch thread again (a test
+    may have changed either), so no test or fixture depends on the tests that ran before it."""
     torch.manual_seed(0)
+    np.random.seed(0)
+    random.seed(0)
+    torch.set_num_threads(TORCH_THREADS)
