@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -177,13 +178,21 @@ def test_cli_evaluate_subcommand(tmp_path, fake_model):
     assert rc == 0 and (out / "results.json").exists() and (out / "results.csv").exists()
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: bool = False) -> dict:
     """`accelerate launch` 2 processes of the evaluation (CPU: the torchrun-based launcher);
-    ``fake``: with the fake segmenter (through the test launcher script)."""
+    ``fake``: with the fake segmenter (through the test launcher script). A free port, not
+    accelerate's fixed default: two launches at once (the xdist workers of `make test`) would clash."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluate"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()),
            *target, "--data", str(data), "--out", str(out),
            "--protocol", "all", "--quiet", "--bootstrap", "100", *extra]
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
