@@ -364,6 +364,7 @@ def test_reference_model_diffseg():
     """The project's trained model: 16x16 self-attention grid = its query grid (so nothing is lost
     in the projection); its near-uniform self-attention merges everything at DiffSeg's tau = 1.1."""
     from emerdiff import load_pipeline
+    from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
     from emerdiff.reference import model_world, weights_dir
     from emerdiff.reference.heldout import REFERENCE_CONFIG, VALIDATION_START
     from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
@@ -372,9 +373,9 @@ def test_reference_model_diffseg():
     scene = make_scene(heldout_scene_seeds(1, start=VALIDATION_START)[0], 128, world=model_world(weights_dir()))
     cfg = EmerDiffConfig(**REFERENCE_CONFIG, lowres="diffseg")
     assert diffseg(model, scene.image, cfg).num_segments == 1
-    # tau 0.08: 6 segments on this scene (0.03 gave 26, and the readout's cost grows with K; 0.5 and
-    # up give 1; scenes 0, 101, 102 give 11, 4, 7 at 0.08)
-    low = cfg.replace(diffseg_kl_threshold=0.08)
+    # the tau the project uses on this model: 6 segments on this scene (0.03 gave 26, and the readout's
+    # cost grows with K)
+    low = cfg.replace(diffseg_kl_threshold=REFERENCE_DIFFSEG_KL_THRESHOLD)
     result = diffseg(model, scene.image, low)
     assert result.grid == (16, 16) and result.num_segments > 1
     ed = EmerDiff(model, low)
