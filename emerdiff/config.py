@@ -276,6 +276,13 @@ FIGURE_SIZES: dict[str, dict[str, Any]] = {
 # than SD's (at the published 1.1 every map merges into one segment); 0.1 gives 3-8 segments (mean 5.4)
 # on validation scenes 100-109, the range 0.03 gave on v1 (0.03 gives v2 ~23). docs/METHOD.md.
 REFERENCE_DIFFSEG_KL_THRESHOLD = 0.1
+
+
+def diffseg_threshold(source: str, config: EmerDiffConfig) -> float:
+    """DiffSeg's tau for a model: the reference model's own (:data:`REFERENCE_DIFFSEG_KL_THRESHOLD`)
+    when ``source`` is ``"reference"`` (``SDPipeline.source``), else ``config.diffseg_kl_threshold``."""
+    return REFERENCE_DIFFSEG_KL_THRESHOLD if source == "reference" else config.diffseg_kl_threshold
+
 # notebook size parameter -> EmerDiffConfig field (emerdiff.lab.setup takes these names)
 SIZE_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
                   "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}

@@ -112,10 +112,9 @@ writer.save(fig, "00_quickstart_maps")
 
 # %%
 from emerdiff import diffseg
-from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
+from emerdiff.config import diffseg_threshold
 
-tau = diffseg_kl_threshold or (REFERENCE_DIFFSEG_KL_THRESHOLD if sd.source == "reference"
-                               else config.diffseg_kl_threshold)
+tau = diffseg_kl_threshold or diffseg_threshold(sd.source, config)
 found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg", diffseg_kl_threshold=tau))
 refined = ed.refine(item.image, found.labels, progress=False)
 diffseg_alone = found.pixel_labels(item.image.shape[:2], config.resolution, projected=refined.lowres_labels)

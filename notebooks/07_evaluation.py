@@ -88,12 +88,11 @@ import tempfile
 from pathlib import Path
 
 from emerdiff import evaluate
-from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
+from emerdiff.config import diffseg_threshold
 from emerdiff.reference import model_world
 from emerdiff.reference.heldout import write_heldout_folder
 
-tau = diffseg_kl_threshold or (REFERENCE_DIFFSEG_KL_THRESHOLD if sd.source == "reference"
-                               else config.diffseg_kl_threshold)
+tau = diffseg_kl_threshold or diffseg_threshold(sd.source, config)
 scratch = tempfile.TemporaryDirectory(prefix="emerdiff-07-") if runs_dir is None else None
 runs = Path(runs_dir or scratch.name)
 data = write_heldout_folder(runs / "data", n=num_scenes, start=first_scene, world=model_world(model))

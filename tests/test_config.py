@@ -57,3 +57,11 @@ def test_k_larger_than_tokens(tiny_model):
 def test_bad_values(field, value):
     with pytest.raises(ValueError, match=field.split("_")[0]):
         EmerDiffConfig(**{field: value}).check_values()
+
+
+def test_diffseg_threshold_per_source():
+    from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD, EmerDiffConfig, diffseg_threshold
+
+    cfg = EmerDiffConfig(diffseg_kl_threshold=0.9)
+    assert diffseg_threshold("reference", cfg) == REFERENCE_DIFFSEG_KL_THRESHOLD != 0.9
+    assert diffseg_threshold("runwayml/stable-diffusion-v1-5", cfg) == 0.9
