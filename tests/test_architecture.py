@@ -18,7 +18,8 @@ LAYERS: dict[str, int] = {
     # 2 interfaces: the commands, their shared options, notebook support, the inspector
     **{m: 2 for m in ("options", "cli", "evaluate", "lab", "inspector")},
     # 3 the reference model's training and evaluation scripts (may import everything)
-    **{m: 3 for m in ("reference.model", "reference.train", "reference.heldout", "reference.figures")},
+    **{m: 3 for m in ("reference.model", "reference.train", "reference.heldout", "reference.figures",
+                      "reference.readout_sweep")},
     "": 2,  # the package facade (emerdiff/__init__.py) re-exports the public API
 }
 

@@ -201,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="scene world (default: the one the model was trained on, from its reference.json)")
     p.add_argument("--k", type=int, default=REFERENCE_CONFIG["num_clusters"])
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="other config fields")
     p.add_argument("--no-openvocab", action="store_true", help="skip the open-vocabulary rows")
     p.add_argument("--bootstrap", type=int, default=1000,
@@ -215,6 +218,10 @@ def main(argv: list[str] | None = None) -> int:
               "--resolution", str(REFERENCE_CONFIG["resolution"]), *sum([["--set", s] for s in sets], [])]
     if args.device:
         common += ["--device", args.device]
+    if args.dtype:
+        common += ["--dtype", args.dtype]
+    if args.quiet:
+        common += ["--quiet"]
     # One per-image cache for both runs, filled by the first (open vocabulary needs the
     # segmentation too, so it goes first and the mask protocols then only merge). Each run
     # rewrites results.json, so rows are collected in between.
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         rows += json.loads((out / "evaluate" / "results.json").read_text())["rows"]
     world = args.world or model_world(args.model)
     settings = {"model": args.model, "world": world, "scenes": args.n, "first_scene": args.start, "k": args.k, **REFERENCE_CONFIG,
-                "set": args.set}
+                "set": args.set, "device": args.device, "dtype": args.dtype}
     intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap, start=args.start)
     (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
                                                  indent=2))

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# One lease of the GPU machine (device tool): issue 13's readout sweep on validation scenes, then the
+# chosen setting alone on the test scenes (emerdiff.reference.readout_sweep), in one call.
+#
+#   bash scripts/gpu_sweep.sh                      # BUDGET=520 s, N=150 validation scenes, 12 at a time
+#   DEVICE=cpu N=1 WORKERS=2 EXTRA="--grid modulation_strength=[5.0] --test-n 1" bash scripts/gpu_sweep.sh
+#
+# Needs the carried folder .gpu/ with the diffusers wheel (the machine has torch, not diffusers) and,
+# for a second model, SNAPSHOT=.gpu/NAME.safetensors (a keep_snapshot file; unpacked on v2's VAE).
+set -u
+T0=$(date +%s)
+OUT=${OUT:-/tmp/gpu_out}
+BUDGET=${BUDGET:-520}
+SNAPSHOT=${SNAPSHOT:-.gpu/b_step_001400.safetensors}
+R=/tmp/sweep
+mkdir -p "$OUT" "$R"
+if ls .gpu/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; nproc
+  python3 -c "import torch, diffusers, sklearn; print(torch.__version__, diffusers.__version__, sklearn.__version__)"
+} 2>&1 | tee "$OUT/env.txt"
+MODELS=(--model v2=reference)
+if [ -f "$SNAPSHOT" ]; then
+  name=$(basename "$SNAPSHOT" .safetensors)
+  python3 -c "from emerdiff.reference.train import unpack_snapshot as u; u('$SNAPSHOT', 'emerdiff/reference/weights', '/tmp/$name')" || exit 1
+  MODELS+=(--model "$name=/tmp/$name")
+fi
+LEFT=$(( BUDGET - ($(date +%s) - T0) - 15 ))
+python3 -m emerdiff.reference.readout_sweep "${MODELS[@]}" --out "$R" --n "${N:-150}" --workers "${WORKERS:-12}" \
+  --device "${DEVICE:-cuda}" --budget "$LEFT" ${EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
+cp "$R/sweep.md" "$R/sweep.json" "$OUT/" 2>/dev/null
+# every run's results (the scenes and per-image records stay behind, except the test runs' records)
+tar czf "$OUT/runs.tgz" -C "$R" --exclude='*/data' --exclude='validation/*/evaluate/per_image' . 2>/dev/null
+ls -la "$OUT"
+echo "total $(( $(date +%s) - T0 )) s"

@@ -1,0 +1,104 @@
+"""The readout sweep of issue 13: selection rule, phases and one end-to-end run on the tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emerdiff.reference.readout_sweep import (
+    BASE,
+    bar_summary,
+    heldout_argv,
+    main,
+    phase1_settings,
+    phase2_settings,
+    rank,
+    setting_name,
+)
+
+
+def _intervals(leads: dict[str, float], lo_shift: float = -1.0) -> dict:
+    out = {}
+    for protocol in ("dataset_hungarian", "concept", "per_image_hungarian"):
+        out[protocol] = {"emerdiff": {"value": 30.0, "lo": 28.0, "hi": 32.0}}
+        for b in ("nearest", "bilinear"):
+            v = leads.get(f"{protocol}-{b}", 5.0)
+            out[protocol][f"emerdiff-{b}"] = {"value": v, "lo": v + lo_shift, "hi": v + 1}
+    return out
+
+
+def test_bar_summary_margin_is_the_smallest_counted_lead():
+    s = bar_summary(_intervals({"dataset_hungarian-bilinear": 2.5, "concept-nearest": 4.0,
+                                "per_image_hungarian-nearest": -9.0}))  # per-image Hungarian never counts
+    assert s["margin"] == 2.5 and set(s["leads"]) == {"dataset_hungarian-nearest", "dataset_hungarian-bilinear",
+                                                      "concept-nearest", "concept-bilinear"}
+    assert s["met"]  # every lead >= 2 with lo = value - 1 > 0
+
+
+@pytest.mark.parametrize("leads, lo_shift", [({"concept-bilinear": 1.9}, -1.0),   # one lead under 2
+                                             ({}, -5.5)])                         # intervals reach below 0
+def test_bar_not_met(leads, lo_shift):
+    assert not bar_summary(_intervals(leads, lo_shift))["met"]
+
+
+def test_bar_summary_needs_the_mask_protocols():
+    with pytest.raises(KeyError, match="concept"):
+        bar_summary({"dataset_hungarian": _intervals({})["dataset_hungarian"]})
+
+
+def test_phase1_moves_one_knob_at_a_time():
+    settings = phase1_settings(BASE, {"modulation_timestep": [61, 81, 101], "num_clusters": [6]})
+    assert settings[0] == BASE and len(settings) == 4  # t_m 81 is the base: not repeated
+    for s in settings[1:]:
+        assert sum(s[k] != BASE[k] for k in BASE) == 1
+    assert len({setting_name("m", s) for s in settings}) == 4
+
+
+def test_phase2_is_the_factorial_of_each_knobs_two_best_values():
+    def rec(margin, **moved):
+        return {"knobs": {**BASE, **moved}, "summary": {"margin": margin}}
+
+    results = [rec(1.0), rec(3.0, modulation_timestep=101), rec(0.5, modulation_timestep=61),
+               rec(2.0, num_clusters=6), rec(-1.0, blur_sigma=2.0), rec(1.5, blur_sigma=0.5),
+               {"knobs": {**BASE, "num_clusters": 12}}]  # not completed: ignored
+    assert [r["summary"]["margin"] for r in rank(results)] == [3.0, 2.0, 1.5, 1.0, 0.5, -1.0]
+    combos = phase2_settings(results)
+    assert {(c["modulation_timestep"], c["num_clusters"]) for c in combos} == {(101, 6), (101, 8), (81, 6), (81, 8)}
+    assert all(c["blur_sigma"] == 0.5 for c in combos)  # non-factorial knob: its best value only
+    assert all(c["modulation_strength"] == BASE["modulation_strength"] for c in combos)
+
+
+def test_heldout_argv_names_every_knob():
+    argv = heldout_argv("reference", {**BASE, "readout_steps": 2}, "out", 40, 100, "cuda", "float32", 200)
+    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    assert "readout_steps=2" in sets and "attention_injection=true" in sets and "modulation_timestep=81" in sets
+    assert argv[argv.index("--k") + 1] == "8" and argv[argv.index("--start") + 1] == "100"
+    assert "--no-openvocab" in argv and argv[argv.index("--dtype") + 1] == "float32"
+
+
+def test_sweep_refuses_validation_scenes_that_overlap_the_test_scenes(tmp_path):
+    with pytest.raises(SystemExit):
+        main(["--model", "m=tiny", "--out", str(tmp_path), "--start", "50"])
+    with pytest.raises(SystemExit):
+        main(["--model", "m=tiny", "--out", str(tmp_path), "--grid", "lambda=[1]"])
+
+
+def test_sweep_end_to_end_on_the_tiny_model(tmp_path, tiny_dir):
+    out = tmp_path / "sweep"
+    code = main(["--model", f"a={tiny_dir}", "--model", f"b={tiny_dir}", "--out", str(out), "--n", "1",
+                 "--test-n", "1", "--grid", "modulation_strength=[5.0]", "--transfer", "1", "--device", "cpu",
+                 "--bootstrap", "100", "--workers", "2"])
+    assert code == 0
+    report = json.loads((out / "sweep.json").read_text())
+    names = {r["name"] for r in report["validation"]}
+    # phase 1: base + lambda 5; phase 2: the same two (already run); phase 3: the best on model b
+    assert len(names) == 3 and sum(n.startswith("b_") for n in names) == 1
+    assert all(r.get("summary") for r in report["validation"])
+    best = rank(report["validation"])[0]
+    assert report["chosen"] == best["name"]
+    assert best["summary"]["margin"] == min(v["value"] for v in best["summary"]["leads"].values())
+    assert report["test"][0]["name"] == best["name"] and report["test"][0].get("summary")
+    test_settings = json.loads((out / "test" / best["name"] / "results.json").read_text())["settings"]
+    assert test_settings["first_scene"] == 0 and test_settings["scenes"] == 1
+    assert "| 1 |" in (out / "sweep.md").read_text()
