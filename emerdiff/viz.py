@@ -339,6 +339,86 @@ def sweep_lines(rows: Sequence[Mapping[str, Any]], x: str, ys: Sequence[str], mo
     return _finish(fig, model)
 
 
+# ------------------------------------------------------------------ evaluation
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def _xerr(v: Mapping[str, Any]) -> list[list[float]] | None:
+    """matplotlib's asymmetric error of an interval dict (None without an interval)."""
+    if not (_finite(v["lo"]) and _finite(v["hi"])):
+        return None
+    return [[v["value"] - v["lo"]], [v["hi"] - v["value"]]]
+
+
+def comparison_figure(comparison: Mapping[str, Any], model: str, names: Sequence[str] = ("A", "B"),
+                      protocols: Sequence[str] | None = None, note: str = "") -> Any:
+    """Two evaluation runs side by side: mIoU of A and B and their difference, with intervals.
+
+    ``comparison`` is what :func:`emerdiff.evaluate.compare_runs` returns (``emerdiff compare
+    --json``; NaN or None bounds both mean "no interval"). One column per protocol. Top row: one
+    horizontal bar per method and run (A blue, B orange), its error bar the run's interval.
+    Bottom row: A - B per method both runs have, a dot with its paired interval, black where the
+    interval excludes 0. A method missing from one run has no bar there.
+
+    Args:
+        comparison: ``{"rows": [{"protocol", "method", "a", "b", "a-b"}, ...], "shared_images",
+            "bootstrap": {"level", ...}}``; each of a, b, a-b ``{"value", "lo", "hi"}`` or None.
+        model: the model named in the footer.
+        names: what A and B are (legend and title).
+        protocols: the columns, in order (default: every protocol of the rows).
+        note: appended to the footer (e.g. which scenes).
+    """
+    import matplotlib.pyplot as plt
+
+    if len(names) != 2:
+        raise ValueError(f"names: give two names, one for run A and one for run B; got {list(names)}")
+    held = list(dict.fromkeys(r["protocol"] for r in comparison["rows"]))
+    protocols = held if protocols is None else list(protocols)
+    missing = [p for p in protocols if p not in held]
+    if missing or not protocols:
+        raise ValueError(f"the comparison has no rows for protocol(s) {missing or protocols}; it holds {held}")
+    rows = {(r["protocol"], r["method"]): r for r in comparison["rows"] if r["protocol"] in protocols}
+    methods = list(dict.fromkeys(m for _, m in rows))
+    # the same rows in every bottom panel (their y axes are shared): methods with a difference anywhere
+    both = [m for m in methods if any(rows.get((p, m), {}).get("a-b") is not None for p in protocols)]
+    fig, axes = plt.subplots(2, len(protocols), figsize=(3.8 * len(protocols), 6.2), sharey="row", squeeze=False)
+    for j, protocol in enumerate(protocols):
+        top, bottom = axes[0, j], axes[1, j]
+        for k, (side, color) in enumerate((("a", "tab:blue"), ("b", "tab:orange"))):
+            labelled = False
+            for i, method in enumerate(methods):
+                v = rows.get((protocol, method), {}).get(side)
+                if v is None or not _finite(v["value"]):
+                    continue
+                top.barh(i + (k - 0.5) * 0.35, v["value"], height=0.33, color=color, xerr=_xerr(v), capsize=2,
+                         label=None if labelled else f"{side.upper()}: {names[k]}")
+                labelled = True
+        for y, method in enumerate(both):
+            d = rows.get((protocol, method), {}).get("a-b")
+            if d is None or not _finite(d["value"]):
+                continue
+            excludes0 = _xerr(d) is not None and (d["lo"] > 0 or d["hi"] < 0)
+            bottom.errorbar(d["value"], y, xerr=_xerr(d), fmt="o", color="black" if excludes0 else "grey", capsize=3)
+        bottom.axvline(0, color="grey", linewidth=0.8, linestyle="--")
+        bottom.set_yticks(range(len(both)), both)
+        top.set_yticks(range(len(methods)), methods)
+        top.set_title(protocol.replace("_", " "))
+        top.set_xlabel("mIoU (%)")
+        bottom.set_xlabel("A - B (mIoU points)")
+    for ax in axes[:, 0]:  # the first method on top; once per row: the row shares its y axis, and
+        ax.invert_yaxis()  # inverting every panel flips it back for an even number of protocols
+    handles = {label: h for ax in axes[0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="lower right", ncol=2, fontsize=8)
+    boot = comparison.get("bootstrap") or {}
+    spread = (f"{round(boot.get('level', 0.95) * 100)} % paired bootstrap intervals"
+              if boot.get("resamples", 1) else "no intervals (0 resamples)")
+    fig.suptitle(f"A = {names[0]} vs B = {names[1]}: {comparison['shared_images']} shared images, {spread}")
+    stamp_model(fig, model, note)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))  # the bottom strip: footer and legend
+    return fig
+
+
 # ------------------------------------------------------------------ output
 def save_figure(fig: Any, out_dir: str | os.PathLike, name: str, formats: Iterable[str] = ("png", "pdf")) -> list[Path]:
     """Write ``fig`` as ``out_dir/name.<fmt>`` for every format; returns the paths."""

@@ -128,3 +128,87 @@ def test_overlap_check_sees_overlaps():
     fig, ax = plt.subplots(2, 1, figsize=(2, 2))
     ax[1].set_title("a long title that runs into the panel above it\n\n\n")
     assert text_overlaps(fig)
+
+
+def _interval(value, half):
+    return {"value": value, "lo": value - half, "hi": value + half}
+
+
+def synthetic_comparison(protocols=("per_image_hungarian", "dataset_hungarian")):
+    """compare_runs' shape: emerdiff and nearest in both runs, diffseg in B only; one difference
+    without an interval (NaN bounds, as with --bootstrap 0) and one as JSON writes it (None)."""
+    rows = []
+    for j, p in enumerate(protocols):
+        a_e, b_e, a_n, b_n, b_d = 40.0 + j, 30.0 + j, 20.0 + j, 22.0 + j, 35.0 + j
+        rows += [
+            {"protocol": p, "method": "emerdiff", "a": _interval(a_e, 3.0 + j), "b": _interval(b_e, 2.0),
+             "a-b": _interval(a_e - b_e, 4.0)},
+            {"protocol": p, "method": "nearest", "a": _interval(a_n, 1.5), "b": _interval(b_n, 2.5 + j),
+             "a-b": {"value": a_n - b_n, "lo": float("nan"), "hi": float("nan")} if j == 0
+             else {"value": a_n - b_n, "lo": None, "hi": None}},
+            {"protocol": p, "method": "diffseg", "a": None, "b": _interval(b_d, 5.0), "a-b": None},
+        ]
+    return {"rows": rows, "shared_images": 8, "only_a": [], "only_b": [],
+            "bootstrap": {"resamples": 100, "seed": 0, "level": 0.95, "paired": True}}
+
+
+def _tick_method(ax, y):
+    """The y tick label nearest to y (the method a bar or dot belongs to); ``ax``: the row's first
+    panel (the row shares its y axis, and only the first panel shows the labels)."""
+    ticks = ax.get_yticks()
+    return ax.get_yticklabels()[int(np.argmin(np.abs(ticks - y)))].get_text()
+
+
+@pytest.mark.parametrize("protocols", [("per_image_hungarian", "dataset_hungarian"),
+                                       ("per_image_hungarian", "dataset_hungarian", "concept")])
+def test_comparison_figure_draws_every_value_with_its_interval(protocols):
+    from matplotlib.colors import to_rgba
+    from matplotlib.container import BarContainer, ErrorbarContainer
+
+    comparison = synthetic_comparison(protocols)
+    fig = viz.comparison_figure(comparison, "my-model", names=("k-means", "DiffSeg"), note="scenes 100-107")
+    assert "model: my-model" in texts(fig) and "k-means" in texts(fig) and "8 shared images" in texts(fig)
+    assert text_overlaps(fig) == []
+    axes = np.array(fig.axes).reshape(2, len(protocols))
+    side_of = {to_rgba("tab:blue"): "a", to_rgba("tab:orange"): "b"}
+    for j, protocol in enumerate(protocols):
+        top, bottom = axes[:, j]
+        assert top.get_title() == protocol.replace("_", " ")
+        expected = {(r["method"], side): r[side] for r in comparison["rows"] if r["protocol"] == protocol
+                    for side in ("a", "b") if r[side] is not None}
+        drawn = {}
+        for c in (c for c in top.containers if isinstance(c, BarContainer)):  # (+ their error bars)
+            assert len(c.patches) == 1
+            bar = c.patches[0]
+            key = (_tick_method(axes[0, 0], bar.get_y() + bar.get_height() / 2), side_of[bar.get_facecolor()])
+            assert key not in drawn
+            (lo, _), (hi, _) = c.errorbar.lines[2][0].get_segments()[0]
+            drawn[key] = {"value": bar.get_width(), "lo": lo, "hi": hi}
+        assert drawn.keys() == expected.keys()  # one bar per method and run; none for diffseg in A
+        for key, v in expected.items():
+            assert drawn[key] == pytest.approx(v), key
+        assert top.yaxis_inverted() and bottom.yaxis_inverted()  # the first method on top
+        # bottom row: A - B where both runs have the method; an error bar only where there is an interval
+        dots = [c for c in bottom.containers if isinstance(c, ErrorbarContainer)]
+        differences = {r["method"]: r["a-b"] for r in comparison["rows"]
+                       if r["protocol"] == protocol and r["a-b"] is not None}
+        assert len(dots) == len(differences)
+        for c in dots:
+            line = c.lines[0]
+            x, y = float(line.get_xdata()[0]), float(line.get_ydata()[0])
+            d = differences[_tick_method(axes[1, 0], y)]
+            assert x == pytest.approx(d["value"])
+            if d["lo"] is None or not np.isfinite(d["lo"]):
+                assert not c.lines[2]
+            else:
+                (lo, _), (hi, _) = c.lines[2][0].get_segments()[0]
+                assert (lo, hi) == pytest.approx((d["lo"], d["hi"]))
+    labels = fig.legends[0].get_texts()
+    assert [t.get_text() for t in labels] == ["A: k-means", "B: DiffSeg"]
+
+
+def test_comparison_figure_refuses_missing_protocols():
+    with pytest.raises(ValueError, match=r"no rows for protocol\(s\) \['concept'\]"):
+        viz.comparison_figure(synthetic_comparison(), "m", protocols=["concept"])
+    with pytest.raises(ValueError, match="two names"):
+        viz.comparison_figure(synthetic_comparison(), "m", names=("only one",))
