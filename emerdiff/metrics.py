@@ -42,6 +42,13 @@ Protocols (names as in results files and ``--protocol``)
   class's GT downsampled to the token grid (:func:`concept_embeddings`), the
   same for every method.
 
+Oracle protocol (not in :data:`PROTOCOLS`; asked for by name, e.g. by
+``emerdiff.reference.heldout``): ``majority``: every mask takes the GT class
+holding most of its pixels in its own image (many-to-one, using the labels).
+No mask labelling can score a higher pixel accuracy with the same label map,
+so it measures the label map's boundaries apart from any assignment step: a
+readout that places pixels better than upsampling wins here first.
+
 :func:`bootstrap_protocols` adds a paired percentile bootstrap over images to
 every protocol's mIoU and to the differences between methods.
 
@@ -74,6 +81,9 @@ METHOD_FIELDS: dict[str, str] = {
     "bilinear": "bilinear_labels",
 }
 PROTOCOLS: tuple[str, ...] = ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean")
+# Oracle protocols: computed on request (they use GT labels to assign masks), never by default.
+ORACLE_PROTOCOLS: tuple[str, ...] = ("majority",)
+KNOWN_PROTOCOLS: tuple[str, ...] = PROTOCOLS + ORACLE_PROTOCOLS
 # concept-embedding variant -> its protocol name ("mask_mean" is the paper's and the default)
 CONCEPT_VARIANTS: dict[str, str] = {"mask_mean": "concept", "token_mean": "concept_token_mean"}
 
@@ -689,10 +699,38 @@ def concept_protocol(records: Sequence[ImageRecord], num_classes: int,
     return out
 
 
+def majority_assignments(records: Iterable[ImageRecord], method: str) -> list[np.ndarray]:
+    """Per image, each of ``method``'s masks -> the GT class with most of its pixels (ties: lowest id)."""
+    return [np.asarray(rec.counts[method]).argmax(axis=1) for rec in records]
+
+
+def majority_protocol(records: Sequence[ImageRecord], num_classes: int, class_names: Sequence[str] | None = None,
+                      methods: Sequence[str] | None = None) -> dict[str, Any]:
+    """Oracle protocol ``majority``: each method's masks labelled with their own majority GT class.
+
+    The upper bound of pixel accuracy over every labelling of a method's masks (each mask's
+    best class is chosen independently), so the differences between methods here are
+    differences of their label maps alone. mIoU pooled over the dataset, as the others.
+    """
+    methods = _methods(records, methods)
+    for rec in records:
+        _check_record(rec, methods)
+    out: dict[str, Any] = {"protocol": "majority", "methods": {}}
+    for m in methods:
+        assignments = majority_assignments(records, m)
+        out["num_images"] = len(assignments)
+        out["methods"][m] = scores(_assignment_confusion(records, assignments, m, num_classes, num_classes),
+                                   class_names)
+    _add_locality(out, records)
+    return out
+
+
 def evaluate_records(records: Sequence[ImageRecord], protocol: str, num_classes: int,
                      class_names: Sequence[str] | None = None, ignore_index: int = 255,
                      methods: Sequence[str] | None = None, seed: int = 0) -> dict[str, Any]:
-    """Run one protocol of :data:`PROTOCOLS` on per-image records (``seed``: dataset k-means)."""
+    """Run one protocol of :data:`KNOWN_PROTOCOLS` on per-image records (``seed``: dataset k-means)."""
+    if protocol == "majority":
+        return majority_protocol(records, num_classes, class_names, methods)
     if protocol == "per_image_hungarian":
         return per_image_hungarian_protocol(records, num_classes, class_names, methods)
     if protocol == "dataset_hungarian":
@@ -700,7 +738,7 @@ def evaluate_records(records: Sequence[ImageRecord], protocol: str, num_classes:
     for variant, name in CONCEPT_VARIANTS.items():
         if protocol == name:
             return concept_protocol(records, num_classes, class_names, methods, ignore_index, variant)
-    raise ValueError(f"unknown protocol {protocol!r}; choose from {list(PROTOCOLS)}")
+    raise ValueError(f"unknown protocol {protocol!r}; choose from {list(KNOWN_PROTOCOLS)}")
 
 
 def summary_rows(result: Mapping[str, Any],
@@ -786,9 +824,9 @@ def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np
     concept embeddings and every mask's nearest concept are recomputed.
     Returns ``{protocol: {method: (B,) mIoU}}``.
     """
-    unknown = [p for p in protocols if p not in PROTOCOLS]
+    unknown = [p for p in protocols if p not in KNOWN_PROTOCOLS]
     if unknown:
-        raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(PROTOCOLS)}")
+        raise ValueError(f"unknown protocol(s) {unknown}; choose from {list(KNOWN_PROTOCOLS)}")
     records = list(records) if not isinstance(records, Sequence) else records
     methods = _methods(records, methods)
     n, c = len(records), num_classes
@@ -839,6 +877,9 @@ def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np
             ids, k = _kmeans_ids(raw[s], num_clusters or c, seed, normalize, n_init)
             clusters[s] = (_onehot(ids, k), k)
         out["dataset_hungarian"] = {m: np.empty(len(weights)) for m in methods}
+    if "majority" in protocols:  # the assignment uses GT only: the same in every draw
+        majority = {m: np.argmax(cnt[m], axis=1) for m in methods}
+        out["majority"] = {m: np.empty(len(weights)) for m in methods}
     if any(p in protocols for p in CONCEPT_VARIANTS.values()):
         for p in CONCEPT_VARIANTS.values():
             if p in protocols:
@@ -866,6 +907,8 @@ def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np
         for m in methods:
             s = source_of[m]
             weighted = cnt[m] * w[own[s]][:, None]  # (M, C) pixel counts of this draw
+            if "majority" in protocols:
+                out["majority"][m][b] = miou((_onehot(majority[m], c) @ weighted).T)
             if "dataset_hungarian" in protocols:
                 onehot, k = clusters[s]
                 conf = np.rint((onehot @ weighted).T).astype(np.int64)  # (C, k)

@@ -519,3 +519,32 @@ def test_summarize_and_best():
     assert table[0]["m"] == 2.0 and table[0]["m_sd"] == 1.0 and table[0]["n"] == 2
     assert math.isnan(table[1]["m"])
     assert best(rows, "m", "x") == 1
+
+
+def test_majority_protocol_is_the_pixel_accuracy_ceiling_of_every_mask_labelling():
+    """Each mask takes its majority GT class: no protocol's labelling of the same masks gets more pixels right,
+    and a label map equal to the GT scores 100."""
+    from emerdiff.metrics import KNOWN_PROTOCOLS, bootstrap_protocols, evaluate_records
+
+    recs = _noisy_records(n_images=8, seed=3)
+    num_classes = recs[0].counts["emerdiff"].shape[1]
+    major = evaluate_records(recs, "majority", num_classes)
+    assert major["protocol"] == "majority" and set(major["methods"]) == set(recs[0].counts)
+    for protocol in ("dataset_hungarian", "concept", "per_image_hungarian"):
+        other = evaluate_records(recs, protocol, num_classes)
+        for m, res in other["methods"].items():
+            assert major["methods"][m]["pixel_accuracy"] >= res["pixel_accuracy"] - 1e-9, (protocol, m)
+    # the bootstrap's full-data value equals the protocol's mIoU
+    boot = bootstrap_protocols(recs, num_classes, n_boot=20, protocols=KNOWN_PROTOCOLS)
+    for m, res in major["methods"].items():
+        assert boot["majority"][m]["value"] == pytest.approx(res["miou"])
+    assert "majority" not in PROTOCOLS  # an oracle: never part of the default protocols
+
+
+def test_majority_protocol_of_a_perfect_label_map_is_100():
+    from emerdiff.metrics import ImageRecord, evaluate_records
+
+    counts = np.array([[50, 0, 0], [0, 30, 0], [0, 0, 20], [0, 10, 0]])  # mask 3 also lies in class 1
+    rec = ImageRecord("a", {"emerdiff": counts}, np.eye(4), np.zeros((4, 4)), np.zeros((2, 2), dtype=int),
+                      np.zeros((2, 2), dtype=int))
+    assert evaluate_records([rec], "majority", 3)["methods"]["emerdiff"]["miou"] == pytest.approx(100.0)

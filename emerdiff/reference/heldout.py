@@ -165,6 +165,11 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
         span = f"[{ci['lo']:.1f}, {ci['hi']:.1f}]" if ci else ""
         lines.append(f"| {row['protocol']} | {row['method']} | {row['miou']:.1f} | {span} | "
                      f"{row['pixel_accuracy']:.1f} | {loc} |")
+    listed = {row["protocol"] for row in rows}
+    for protocol, per in intervals.items():  # protocols scored by the bootstrap alone (the oracle "majority")
+        if protocol not in listed:
+            lines += [f"| {protocol} | {m} | {v['value']:.1f} | [{v['lo']:.1f}, {v['hi']:.1f}] |  |  |"
+                      for m, v in per.items() if "-" not in m]
     diffs = [(p, name, v) for p, per in intervals.items() for name, v in per.items() if "-" in name]
     if diffs:
         lines += ["", "| protocol | difference (mIoU) | value | 95 % interval | excludes 0 |", "|---|---|---|---|---|"]
@@ -180,11 +185,12 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
 def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0) -> dict[str, Any]:
     """Bootstrap intervals over the ``n`` held-out scenes (from index ``start``) of an ``evaluate`` output folder."""
     from ..evaluate import load_record, record_path
-    from ..metrics import bootstrap_protocols
+    from ..metrics import KNOWN_PROTOCOLS, bootstrap_protocols
 
     ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n, start)]
     records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]
-    return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot)
+    # the oracle "majority" protocol too: the readout's label map apart from any mask labelling
+    return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot, protocols=KNOWN_PROTOCOLS)
 
 
 def main(argv: list[str] | None = None) -> int:
