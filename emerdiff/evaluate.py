@@ -27,6 +27,9 @@ ids never share a file. ``OUT/run.json`` pins the settings (dataset, model,
 method config); it is written once they are validated, and a rerun with other
 settings into the same OUT is refused with the keys that differ.
 
+From Python, :func:`run_config` runs the same command on an ``EmerDiffConfig`` (or a dict of
+its fields) and returns ``results.json``.
+
 Run standalone as ``python -m emerdiff.evaluate ...`` (same arguments
 as ``emerdiff evaluate``). Several processes:
 ``accelerate launch --num_processes 4 -m emerdiff.evaluate --data D --out O``
@@ -46,7 +49,7 @@ import math
 import os
 import sys
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -673,6 +676,115 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
                       f"pixel acc {row['pixel_accuracy']:6.2f}", file=sys.stderr)
     state.wait_for_everyone()
     return 0
+
+
+# --------------------------------------------------------------------------- from Python
+# Arguments of run_config given by name (not through **options); the parser's own --help aside.
+_RUN_CONFIG_NAMED = frozenset({"data", "out", "model", "protocol", "bootstrap", "device", "dtype", "limit",
+                               "quiet", "help"})
+
+
+def _json_value(field: str, value: Any) -> str:
+    """One ``--set`` value: JSON (numpy scalars and arrays as Python numbers and lists)."""
+    def plain(obj: Any) -> Any:
+        if isinstance(obj, (np.generic, np.ndarray)):
+            return obj.tolist()
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+
+    try:
+        return json.dumps(value, default=plain)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"config field {field}={value!r} cannot be passed to `emerdiff evaluate` ({err}); "
+                         "give numbers, strings, booleans, None, lists or dicts") from err
+
+
+def config_argv(config: Any) -> list[str]:
+    """``--set FIELD=JSON`` for every field of ``config`` (and ``--seed`` when it names the seed).
+
+    ``config``: an :class:`~emerdiff.config.EmerDiffConfig` (every field given outright, so the run
+    evaluates exactly that config) or a mapping of some of its fields (the rest: the model's sizes
+    and the paper's values, as on the command line). A field name that is not an EmerDiffConfig
+    field is a ValueError listing the valid ones. ``seed`` is also given as ``--seed``, which seeds
+    the protocols' dataset k-means as well, as ``emerdiff evaluate --seed N`` does.
+    """
+    from .config import EmerDiffConfig
+
+    if isinstance(config, EmerDiffConfig):
+        fields = config.to_dict()
+    elif isinstance(config, Mapping):
+        fields = dict(config)
+        EmerDiffConfig().replace(**fields)  # unknown names: a ValueError listing the valid fields
+    else:
+        raise TypeError(f"config must be an EmerDiffConfig or a dict of its fields, got {type(config).__name__}")
+    argv = [arg for field, value in fields.items() for arg in ("--set", f"{field}={_json_value(field, value)}")]
+    if "seed" in fields:
+        argv += ["--seed", str(fields["seed"])]
+    return argv
+
+
+def run_config(data: str | os.PathLike, out: str | os.PathLike, model: str | os.PathLike, config: Any, *,
+               protocol: str = "all", bootstrap: int = 1000, device: str | None = None, dtype: str | None = None,
+               limit: int | None = None, quiet: bool = False, **options: Any) -> dict[str, Any]:
+    """Run ``emerdiff evaluate`` on ``config`` from Python; returns the run's ``results.json``.
+
+    The arguments become the command's own argv (``--set FIELD=JSON`` for every config field,
+    :func:`config_argv`), parsed by :func:`build_parser` and run by :func:`run`, so this is
+    exactly the command line ``emerdiff evaluate --data DATA --out OUT --model MODEL ...``: the
+    same cache (a rerun with the same settings segments nothing), the same checks, the same files.
+
+    Args:
+        data: dataset root (``--data``).
+        out: output folder (``--out``).
+        model: ``'reference'``, ``'tiny'``, a diffusers folder or hub id (``--model``).
+        config: an :class:`~emerdiff.config.EmerDiffConfig` (the run evaluates exactly it) or a
+            dict of some of its fields (the rest sized for the model, as on the command line).
+        protocol, bootstrap, device, dtype, limit, quiet: the options of the same names.
+        **options: any other option of the command by its Python name, e.g. ``layout="voc"``,
+            ``split="val"``, ``bootstrap_seed=1``, ``labeller="clip"``; ``True`` gives a bare flag.
+            Method settings (``k``, ``resolution``, ...) belong in ``config``.
+
+    Returns:
+        The ``results.json`` payload: ``rows`` (protocol x method mIoU with intervals),
+        ``protocols``, ``intervals`` and ``config`` (the run's settings).
+
+    Raises:
+        ValueError: an unknown config field or option, or a value the command refuses (the
+            message names it).
+    """
+    from .options import add_config_args
+
+    parser = build_parser()
+
+    def refuse(message: str) -> None:  # argparse would print and exit; a library call raises
+        raise ValueError(f"run_config: {message}")
+
+    parser.error = refuse  # type: ignore[method-assign]
+    method_flags = argparse.ArgumentParser(add_help=False)
+    add_config_args(method_flags)
+    method_dests = {a.dest for a in method_flags._actions}
+    flags = {a.dest: a for a in parser._actions if a.option_strings and a.dest not in _RUN_CONFIG_NAMED}
+    argv = ["--data", str(data), "--out", str(out), "--model", str(model), "--protocol", protocol,
+            "--bootstrap", str(bootstrap)]
+    argv += ["--device", device] if device else []
+    argv += ["--dtype", dtype] if dtype else []
+    argv += ["--limit", str(limit)] if limit is not None else []
+    argv += ["--quiet"] if quiet else []
+    for name, value in options.items():
+        if name in method_dests:
+            raise ValueError(f"run_config: {name}={value!r} is a method setting; give the EmerDiffConfig field in "
+                             "config instead (e.g. config={'num_clusters': 8})")
+        if name not in flags:
+            valid = sorted(set(flags) - method_dests)
+            raise ValueError(f"run_config: unknown option {name!r}; the options of `emerdiff evaluate` besides the "
+                             f"named arguments: {valid}")
+        flag = flags[name].option_strings[-1]
+        if flags[name].nargs == 0:  # a switch
+            argv += [flag] if value else []
+        elif value is not None:
+            argv += [flag, str(value)]
+    argv += config_argv(config)
+    run(parser.parse_args(argv))
+    return json.loads((Path(out) / "results.json").read_text())
 
 
 # --------------------------------------------------------------------------- compare

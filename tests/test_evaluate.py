@@ -246,6 +246,72 @@ def test_accelerate_tiny_model_matches_single_process(tmp_path):
     assert payload["rows"] == _rows(single)
 
 
+def _record_arrays(out: Path, image_id: str) -> dict[str, np.ndarray]:
+    with np.load(record_path(out, image_id)) as z:
+        return {k: z[k] for k in z.files if k not in ("meta", "settings_sha256")}
+
+
+def test_run_config_is_the_command_line(tmp_path):
+    """The config a command-line run recorded, given to run_config, reproduces that run: the same
+    rows, settings and per-image records (flags off the model's sizes, so a dropped field shows)."""
+    import torch
+
+    from emerdiff.cli import main
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.evaluate import run_config
+
+    torch.set_num_threads(1)
+    data = make_folder(tmp_path / "data", n=1)
+    cli_out, py_out = tmp_path / "cli", tmp_path / "py"
+    assert main(["evaluate", "--data", str(data), "--out", str(cli_out), "--model", "tiny", "--device", "cpu",
+                 "--quiet", "--bootstrap", "20", "--resolution", "64", "--k", "2", "--blur-sigma", "0.5",
+                 "--seed", "1", "--set", "kmeans_n_init=1"]) == 0
+    from_cli = json.loads((cli_out / "results.json").read_text())
+    config = EmerDiffConfig.from_dict(from_cli["config"]["segmentation_config"])
+    assert (config.resolution, config.num_clusters, config.blur_sigma, config.seed) == (64, 2, 0.5, 1)
+
+    payload = run_config(data, py_out, "tiny", config, bootstrap=20, device="cpu", quiet=True)
+    assert payload == json.loads((py_out / "results.json").read_text())
+    assert payload["config"]["segmentation_config"] == config.to_dict()  # every field reached the segmenter
+    assert payload["config"]["protocol_seed"] == 1  # the config's seed seeds the protocols, as --seed does
+    assert payload["rows"] == from_cli["rows"] and payload["config"] == from_cli["config"]
+    assert json.loads((py_out / "run.json").read_text()) == json.loads((cli_out / "run.json").read_text())
+    ours, theirs = _record_arrays(py_out, "im00"), _record_arrays(cli_out, "im00")
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
+
+
+def test_run_config_with_a_dict_of_fields_and_options(tmp_path, fake_model):
+    """A dict names some fields (the rest sized for the model, as on the command line); other
+    options go by their Python names; bad names are a ValueError naming them, before anything is written."""
+    from emerdiff.config import config_sizes
+    from emerdiff.evaluate import run_config
+
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "out"
+    payload = run_config(data, out, "tiny", {"num_clusters": 3, "modulation_strength": np.float32(5.0), "seed": 2},
+                         protocol="concept", bootstrap=10, quiet=True, bootstrap_seed=7, limit=1)
+    method = json.loads((out / "run.json").read_text())["method_config"]
+    assert (method["num_clusters"], method["modulation_strength"], method["seed"]) == (3, 5.0, 2)
+    assert method["resolution"] == config_sizes("tiny")["resolution"]  # not given: the model's size
+    assert payload["config"]["bootstrap"]["seed"] == 7 and payload["config"]["protocol_seed"] == 2
+    assert payload["config"]["num_images"] == 1 and {r["protocol"] for r in payload["rows"]} == {"concept"}
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(ValueError, match=r"unknown EmerDiffConfig field\(s\) \['num_clusterz'\]; valid fields"):
+        run_config(data, fresh, "tiny", {"num_clusterz": 3})
+    with pytest.raises(ValueError, match="unknown option 'bootstrap_sed'"):
+        run_config(data, fresh, "tiny", {}, bootstrap_sed=1)
+    with pytest.raises(ValueError, match="k=3 is a method setting; give the EmerDiffConfig field in config"):
+        run_config(data, fresh, "tiny", {}, k=3)
+    with pytest.raises(ValueError, match="run_config: argument --protocol: invalid choice: 'bogus'"):
+        run_config(data, fresh, "tiny", {}, protocol="bogus")
+    with pytest.raises(TypeError, match="EmerDiffConfig or a dict"):
+        run_config(data, fresh, "tiny", [("num_clusters", 3)])
+    assert not fresh.exists()
+
+
 def test_openvocab_protocol_with_unet_labeller(tmp_path):
     """Class names from the dataset's list: labeller alone and pooled in EmerDiff masks, cached per image."""
     import torch
