@@ -101,4 +101,26 @@ def test_sweep_end_to_end_on_the_tiny_model(tmp_path, tiny_dir):
     assert report["test"][0]["name"] == best["name"] and report["test"][0].get("summary")
     test_settings = json.loads((out / "test" / best["name"] / "results.json").read_text())["settings"]
     assert test_settings["first_scene"] == 0 and test_settings["scenes"] == 1
-    assert "| 1 |" in (out / "sweep.md").read_text()
+    assert "| 1 |" in (out / "sweep.md").read_text() and (out / "sweep.png").stat().st_size > 0
+
+
+def test_sweep_figure_has_a_panel_per_knob_with_the_runs_that_moved_it():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from emerdiff.reference.readout_sweep import sweep_figure
+
+    def rec(lead, **moved):
+        return {"model": "m", "knobs": {**BASE, **moved}, "summary": bar_summary(_intervals({}, -1.0) | {
+            "concept": {f"emerdiff-{b}": {"value": lead, "lo": lead - 1, "hi": lead + 2} for b in ("nearest", "bilinear")}})}
+
+    runs = [rec(1.0), rec(3.0, modulation_timestep=101), rec(-2.0, modulation_timestep=41), rec(0.5, num_clusters=6),
+            {"model": "m", "knobs": BASE}]  # not completed: left out
+    fig = sweep_figure(runs)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert set(panels) == set(BASE)
+    tm = panels["modulation_timestep"]
+    assert [t.get_text() for t in tm.get_xticklabels()] == ["41", "[81]", "101"]  # sorted, base bracketed
+    concept = [line for line in tm.get_lines() if list(line.get_ydata()) == [-2.0, 1.0, 3.0]]
+    assert len(concept) == 2  # concept - nearest and concept - bilinear at the three t_m
+    assert [t.get_text() for t in panels["num_clusters"].get_xticklabels()] == ["6", "[8]"]

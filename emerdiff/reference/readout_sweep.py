@@ -37,7 +37,7 @@ from typing import Any
 from .heldout import VALIDATION_START
 
 __all__ = ["BASE", "PHASE1_VALUES", "BAR_PROTOCOLS", "BAR_BASELINES", "BAR_MIOU", "bar_summary", "setting_name",
-           "heldout_argv", "phase1_settings", "phase2_settings", "rank", "main"]
+           "heldout_argv", "phase1_settings", "phase2_settings", "rank", "sweep_figure", "main"]
 
 # The shipped readout of the reference model (emerdiff.config's "reference" sizes).
 BASE: dict[str, Any] = dict(modulation_timestep=81, modulation_strength=10.0, readout_steps=None, num_clusters=8,
@@ -211,6 +211,46 @@ def sweep_table(results: Sequence[Mapping[str, Any]], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def sweep_figure(results: Sequence[Mapping[str, Any]], base: Mapping[str, Any] = BASE, model: str | None = None,
+                 title: str | None = None) -> Any:
+    """One panel per knob: EmerDiff's four bar leads (95 % intervals) at each value the knob took
+    while every other knob stayed at ``base`` (phase 1), the base value marked, and the bar
+    (+BAR_MIOU) and 0 as lines. ``model``: that model's runs only (default: the first run's)."""
+    import matplotlib.pyplot as plt
+
+    done = [r for r in results if r.get("summary")]
+    if not done:
+        raise ValueError("no completed runs to plot")
+    model = model or done[0]["model"]
+    done = [r for r in done if r["model"] == model]
+    keys = [f"{p}-{b}" for p in BAR_PROTOCOLS for b in BAR_BASELINES]
+    fig, axes = plt.subplots(2, (len(base) + 1) // 2, figsize=(4.2 * ((len(base) + 1) // 2), 7), squeeze=False)
+    for ax, knob in zip(axes.flat, base, strict=False):
+        runs = [r for r in done if all(r["knobs"][k] == base[k] for k in base if k != knob)]
+        runs.sort(key=lambda r: (r["knobs"][knob] is None, r["knobs"][knob]))
+        xs = range(len(runs))
+        for j, key in enumerate(keys):
+            leads = [r["summary"]["leads"][key] for r in runs]
+            v = [x["value"] for x in leads]
+            err = [[x["value"] - x["lo"] for x in leads], [x["hi"] - x["value"] for x in leads]]
+            ax.errorbar([x + (j - 1.5) * 0.1 for x in xs], v, yerr=err, fmt="o-", ms=4, capsize=2,
+                        label=key.replace("dataset_hungarian", "dataset H.").replace("-", " - "))
+        ax.axhline(0, color="k", lw=0.8)
+        ax.axhline(BAR_MIOU, color="r", lw=0.8, ls="--")
+        labels = ["all" if r["knobs"][knob] is None else f"{r['knobs'][knob]:g}" if not isinstance(
+            r["knobs"][knob], bool) else str(r["knobs"][knob]) for r in runs]
+        ax.set_xticks(list(xs), [f"[{t}]" if r["knobs"][knob] == base[knob] else t for t, r in zip(labels, runs)])
+        ax.set_title(knob)
+        ax.set_ylabel("EmerDiff lead (mIoU)")
+    for ax in list(axes.flat)[len(base):]:
+        ax.axis("off")
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=len(keys), fontsize=8)
+    fig.suptitle(title or f"{model}: one knob at a time around the base [bracketed]; red: the bar (+{BAR_MIOU:g})")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    return fig
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m emerdiff.reference.readout_sweep",
                                 description=__doc__.split("\n\n")[0],
@@ -282,6 +322,9 @@ def main(argv: list[str] | None = None) -> int:
     report["seconds"] = round(time.time() - t0)
     (root / "sweep.json").write_text(json.dumps(report, indent=1, default=str))
     (root / "sweep.md").write_text("\n".join(md))
+    if ranked:
+        sweep_figure(everything, title=f"{first}: {args.n} validation scenes from {args.start}").savefig(
+            root / "sweep.png", dpi=110)
     print("\n".join(md))
     return 0
 
