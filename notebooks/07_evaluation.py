@@ -77,13 +77,12 @@ sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
 # {"name": "t_m 281", "changes": {"modulation_timestep": 281}}` asks whether the paper's
 # modulation timestep would beat the reference model's 81 on these scenes.
 #
-# Each run is the `evaluate` command (`emerdiff.evaluate.run`): it caches one record per scene
-# (resumable, self-verifying), then scores every protocol from the records. The same runs from
-# a shell: `emerdiff evaluate --data DATA --out A` (and `--set lowres=diffseg` for B), then
-# `emerdiff compare A B`.
+# Each run is the `evaluate` command (`emerdiff.evaluate.run_config`, every config field given
+# as `--set`): it caches one record per scene (resumable, self-verifying), then scores every
+# protocol from the records. The same runs from a shell: `emerdiff evaluate --data DATA --out A`
+# (and `--set lowres=diffseg` for B), then `emerdiff compare A B`.
 
 # %%
-import json
 import tempfile
 from pathlib import Path
 
@@ -98,14 +97,11 @@ runs = Path(runs_dir or scratch.name)
 data = write_heldout_folder(runs / "data", n=num_scenes, start=first_scene, world=model_world(model))
 settings = {"A": setting_a, "B": setting_b}
 configs = {side: config.replace(diffseg_kl_threshold=tau, **s["changes"]) for side, s in settings.items()}
-for side, cfg in configs.items():
-    # every field of the notebook's config given outright: the run evaluates exactly this config
-    sets = [arg for field, value in cfg.to_dict().items() for arg in ("--set", f"{field}={json.dumps(value)}")]
-    argv = ["--data", str(data), "--out", str(runs / side), "--model", str(model), "--device", device,
-            "--bootstrap", str(bootstrap), "--quiet", *(["--dtype", dtype] if dtype else []), *sets]
-    evaluate.run(evaluate.build_parser().parse_args(argv))
+results = {}
+for side, cfg in configs.items():  # the whole config given outright: each run evaluates exactly it
+    results[side] = evaluate.run_config(data, runs / side, model, cfg, bootstrap=bootstrap, device=device,
+                                        dtype=dtype, quiet=True)
     print(f"{side} = {settings[side]['name']}: {runs / side}")
-results = {side: json.loads((runs / side / "results.json").read_text()) for side in configs}
 
 # %% [markdown]
 # ## Side by side: A, B and A - B (95 % paired bootstrap intervals over scenes)
@@ -138,39 +134,8 @@ import numpy as np
 
 from emerdiff import viz
 
-rows = [r for r in comparison["rows"] if r["protocol"] in protocols]
-methods = list(dict.fromkeys(r["method"] for r in rows))
-fig, axes = plt.subplots(2, len(protocols), figsize=(3.8 * len(protocols), 6.2), sharey="row", squeeze=False)
-for j, protocol in enumerate(protocols):
-    mine = {r["method"]: r for r in rows if r["protocol"] == protocol}
-    for k, (side, color) in enumerate((("a", "tab:blue"), ("b", "tab:orange"))):
-        for i, m in enumerate(methods):
-            v = mine[m][side]
-            if v is None or v["value"] is None:
-                continue
-            err = None if not np.isfinite(v["lo"]) else [[v["value"] - v["lo"]], [v["hi"] - v["value"]]]
-            axes[0, j].barh(i + (k - 0.5) * 0.35, v["value"], height=0.33, color=color, xerr=err, capsize=2,
-                            label=f"{side.upper()}: {settings[side.upper()]['name']}" if i == 0 else None)
-    both = [m for m in methods if mine[m]["a-b"] is not None]
-    for y, m in enumerate(both):
-        d = mine[m]["a-b"]
-        excludes0 = np.isfinite(d["lo"]) and (d["lo"] > 0 or d["hi"] < 0)
-        axes[1, j].errorbar(d["value"], y, xerr=[[d["value"] - d["lo"]], [d["hi"] - d["value"]]]
-                            if np.isfinite(d["lo"]) else None, fmt="o", color="black" if excludes0 else "grey",
-                            capsize=3)
-    axes[1, j].axvline(0, color="grey", linewidth=0.8, linestyle="--")
-    axes[1, j].set_yticks(range(len(both)), both)
-    axes[0, j].set_yticks(range(len(methods)), methods)
-    axes[0, j].set_title(protocol.replace("_", " "))
-    axes[0, j].set_xlabel("mIoU (%)")
-    axes[1, j].set_xlabel("A - B (mIoU points)")
-for ax in axes.flat:  # the first method on top
-    ax.invert_yaxis()
-fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower right", ncol=2, fontsize=8)
-fig.suptitle(f"A = {setting_a['name']} vs B = {setting_b['name']}: {comparison['shared_images']} scenes, "
-             f"95 % paired bootstrap intervals")
-viz.stamp_model(fig, MODEL_LABEL, f"scenes {first_scene}-{first_scene + num_scenes - 1}")
-fig.tight_layout(rect=(0, 0.05, 1, 1))
+fig = viz.comparison_figure(comparison, MODEL_LABEL, names=(setting_a["name"], setting_b["name"]),
+                            protocols=protocols, note=f"scenes {first_scene}-{first_scene + num_scenes - 1}")
 writer.save(fig, "07_evaluation_miou")
 plt.show()
 
