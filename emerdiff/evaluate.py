@@ -58,6 +58,7 @@ import numpy as np
 from .datasets import LAYOUTS, SegmentationDataset, open_dataset
 from .files import check_output_dir, clean_stale_temps, write_atomic_bytes
 from .metrics import (
+    KNOWN_PROTOCOLS,
     METHOD_FIELDS,
     METHODS,
     PROTOCOLS,
@@ -89,14 +90,16 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark split (default: its validation split); folder layout: a sub-folder")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="void label value of the folder layout (default: 255)")
-    p.add_argument("--protocol", default="all", choices=[*PROTOCOLS, "all", "openvocab"],
+    p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOLS, "all", "openvocab"],
                    help="per_image_hungarian: each image's masks matched to its own classes (as DiffSeg/"
                         "DiffCut report); dataset_hungarian: dataset k-means + one Hungarian matching (as "
                         "EmerDiff reports); concept: nearest GT concept embedding (the paper's: mean mask "
                         "embedding over the class's pixels), no matching; concept_token_mean: the same with "
                         "token-mean concepts; all: these four, from the same cached records; openvocab: "
                         "class names from the dataset's class list by an open-vocabulary labeller, alone "
-                        "and pooled in EmerDiff masks, no matching (default: all)")
+                        "and pooled in EmerDiff masks, no matching; majority (an oracle, not in all): each mask "
+                        "takes its own majority GT class, the label map's quality apart from any labelling "
+                        "step (default: all)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="resamples of the images for the 95 %% interval of every mIoU and of every "
                         "difference between methods; 0 disables (default: 1000)")
@@ -537,7 +540,7 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
         else:
             results.append(evaluate_records(records, protocol, dataset.num_classes, dataset.class_names,
                                             dataset.ignore_index, seed=seed))
-    mask_protocols = [p for p in protocols if p in PROTOCOLS]
+    mask_protocols = [p for p in protocols if p in KNOWN_PROTOCOLS]
     intervals: dict[str, Any] = {}
     if n_boot > 0 and mask_protocols:
         intervals = bootstrap_protocols(records, dataset.num_classes, n_boot=n_boot, level=level,
@@ -799,8 +802,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "class list and, image by image, the same labels).")
     p.add_argument("run_a", metavar="RUN_A", help="output folder of one `emerdiff evaluate` run")
     p.add_argument("run_b", metavar="RUN_B", help="output folder of another run")
-    p.add_argument("--protocol", default="all", choices=[*PROTOCOLS, "all"],
-                   help="protocol(s) to compare (default: all)")
+    p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOLS, "all"],
+                   help="protocol(s) to compare (default: all = every protocol but the majority oracle)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="resamples of the shared images; 0: values only (default: 1000)")
     p.add_argument("--bootstrap-seed", type=int, default=0, help="seed of the resampling (default: 0)")

@@ -441,3 +441,28 @@ def test_compare_refuses_runs_that_cannot_be_paired(tmp_path, capsys):
     # not a finished run
     assert main(["compare", str(a), str(tmp_path / "data")]) == 2
     assert "no results.json" in capsys.readouterr().err
+
+
+def test_majority_oracle_protocol_on_request_only(tmp_path):
+    """--protocol majority scores each method's masks with their own majority class: its pixel accuracy is the
+    ceiling of every labelling of the same masks; `all` leaves the oracle out."""
+    data = make_folder(tmp_path / "data")
+    assert run(_args(data, tmp_path / "all"), segment_fn=fake_segment) == 0
+    assert "majority" not in {r["protocol"] for r in _rows(tmp_path / "all")}
+    assert run(_args(data, tmp_path / "all", "--protocol", "majority"), segment_fn=fake_segment) == 0
+    rows = {r["method"]: r for r in _rows(tmp_path / "all") if r["protocol"] == "majority"}
+    assert set(rows) == {"emerdiff", "nearest", "bilinear"}
+    results = json.loads((tmp_path / "all" / "results.json").read_text())
+    assert set(results["intervals"]) == {"majority"}
+    dataset_level = evaluate_records_of(tmp_path / "all", "dataset_hungarian")
+    for m, row in rows.items():
+        assert row["pixel_accuracy"] >= dataset_level[m]["pixel_accuracy"] - 1e-9
+        assert results["intervals"]["majority"][m]["value"] == pytest.approx(row["miou"])
+
+
+def evaluate_records_of(out: Path, protocol: str) -> dict:
+    from emerdiff.metrics import evaluate_records
+
+    cfg = json.loads((out / "results.json").read_text())["config"]
+    records = [load_record(record_path(out, i), i) for i in cfg["image_ids"]]
+    return evaluate_records(records, protocol, len(cfg["class_names"]))["methods"]
