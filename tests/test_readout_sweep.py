@@ -88,7 +88,7 @@ def test_sweep_end_to_end_on_the_tiny_model(tmp_path, tiny_dir):
     out = tmp_path / "sweep"
     code = main(["--model", f"a={tiny_dir}", "--model", f"b={tiny_dir}", "--out", str(out), "--n", "1",
                  "--test-n", "1", "--grid", "modulation_strength=[5.0]", "--transfer", "1", "--device", "cpu",
-                 "--bootstrap", "100", "--workers", "2"])
+                 "--bootstrap", "100", "--workers", "0"])  # in-process: no interpreter start-ups
     assert code == 0
     report = json.loads((out / "sweep.json").read_text())
     names = {r["name"] for r in report["validation"]}
@@ -124,3 +124,21 @@ def test_sweep_figure_has_a_panel_per_knob_with_the_runs_that_moved_it():
     concept = [line for line in tm.get_lines() if list(line.get_ydata()) == [-2.0, 1.0, 3.0]]
     assert len(concept) == 2  # concept - nearest and concept - bilinear at the three t_m
     assert [t.get_text() for t in panels["num_clusters"].get_xticklabels()] == ["6", "[8]"]
+
+
+def test_sweep_subprocess_runs_resume_and_stop_at_the_deadline(tmp_path, tiny_dir):
+    """--workers N runs each setting in its own process; a finished run's folder is reused, and a run that
+    cannot start before the deadline is reported, not half-written."""
+    out = tmp_path / "sweep"
+    argv = ["--model", f"a={tiny_dir}", "--out", str(out), "--n", "1", "--test-n", "0", "--grid",
+            "num_clusters=[]", "--device", "cpu", "--bootstrap", "100", "--workers", "1"]
+    assert main(argv) == 0
+    first = json.loads((out / "sweep.json").read_text())["validation"]
+    assert len(first) == 1 and first[0].get("summary") and first[0]["returncode"] == 0
+    assert main([*argv, "--budget", "1", "--test-reserve", "0"]) == 0  # no time left: the finished run is reused
+    again = json.loads((out / "sweep.json").read_text())["validation"]
+    assert again[0]["summary"] == first[0]["summary"] and "seconds" not in again[0]
+    assert main([*argv[:3], str(tmp_path / "late"), *argv[4:], "--budget", "1", "--test-reserve", "0"]) == 0
+    late = json.loads((tmp_path / "late" / "sweep.json").read_text())
+    assert late["validation"][0]["skipped"] == "no time left" and late["chosen"] is None
+    assert not (tmp_path / "late" / "validation").exists() or not any((tmp_path / "late" / "validation").iterdir())

@@ -146,6 +146,23 @@ class _Runner:
         self.deadline, self.min_seconds = deadline, min_seconds
         self.results: dict[str, dict[str, Any]] = {}
 
+    def _launch(self, argv: list[str], log: Any, seconds: float) -> int | None:
+        """One heldout run: its return code, or None when stopped after ``seconds``."""
+        argv = [*argv, "--quiet"]
+        if self.workers == 0:  # in this process, one after another (a run is not stopped at the deadline)
+            from contextlib import redirect_stdout
+
+            from .heldout import main as heldout_main
+
+            with redirect_stdout(log):
+                return heldout_main(argv)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        try:
+            return subprocess.run([sys.executable, "-m", "emerdiff.reference.heldout", *argv], stdout=log,
+                                  stderr=subprocess.STDOUT, env=env, timeout=seconds).returncode
+        except subprocess.TimeoutExpired:
+            return None
+
     def _one(self, model: str, path: str, knobs: dict[str, Any]) -> dict[str, Any]:
         name = setting_name(model, knobs)
         out = self.root / name
@@ -159,15 +176,11 @@ class _Runner:
             argv = heldout_argv(path, knobs, out, self.n, self.start, self.device, self.dtype, self.bootstrap)
             out.mkdir(parents=True, exist_ok=True)
             t0 = time.time()
-            env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
             with open(out / "log.txt", "w") as log:
-                try:
-                    proc = subprocess.run([sys.executable, "-m", "emerdiff.reference.heldout", *argv, "--quiet"],
-                                          stdout=log, stderr=subprocess.STDOUT, env=env, timeout=left)
-                    rec["returncode"] = proc.returncode
-                except subprocess.TimeoutExpired:
-                    rec["skipped"] = f"stopped at the deadline after {time.time() - t0:.0f} s"
-                    return rec
+                rec["returncode"] = self._launch(argv, log, left)
+            if rec["returncode"] is None:
+                rec["skipped"] = f"stopped at the deadline after {time.time() - t0:.0f} s"
+                return rec
             rec["seconds"] = round(time.time() - t0, 1)
             if not done.exists():
                 rec["error"] = (out / "log.txt").read_text()[-2000:]
@@ -180,7 +193,7 @@ class _Runner:
 
     def run(self, jobs: Sequence[tuple[str, str, dict[str, Any]]]) -> list[dict[str, Any]]:
         todo = [(m, p, k) for m, p, k in jobs if setting_name(m, k) not in self.results]
-        with ThreadPoolExecutor(self.workers) as pool:
+        with ThreadPoolExecutor(max(1, self.workers)) as pool:
             for rec in pool.map(lambda j: self._one(*j), todo):
                 self.results[rec["name"]] = rec
                 status = (f"margin {rec['summary']['margin']:+.2f}" if rec.get("summary")
@@ -262,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--start", type=int, default=VALIDATION_START,
                    help=f"first validation scene (default {VALIDATION_START}; must not overlap the test scenes)")
     p.add_argument("--test-n", type=int, default=100, help="test scenes 0..N-1 for the chosen setting (0: none)")
-    p.add_argument("--workers", type=int, default=2, help="settings evaluated at a time")
+    p.add_argument("--workers", type=int, default=2,
+                   help="settings evaluated at a time, each in its own process; 0: one after another in this "
+                        "process (no start-up cost; a run is not stopped at the deadline)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default="float32", help="weights dtype of every run (default float32, as on CPU)")
     p.add_argument("--bootstrap", type=int, default=200, help="resamples of the validation runs (test: 1000)")
@@ -312,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
           f"bilinear). Base: {setting_name(first, BASE)}.\n", sweep_table(everything, "Validation")]
     if ranked and args.test_n:
         chosen = ranked[0]
-        test = _Runner(root / "test", 2, args.test_n, 0, args.device, args.dtype, 1000, t0 + args.budget,
+        test = _Runner(root / "test", min(args.workers, 2), args.test_n, 0, args.device, args.dtype, 1000, t0 + args.budget,
                        min_seconds=10)
         jobs = [(chosen["model"], chosen["model_path"], chosen["knobs"])]
         if setting_name(first, BASE) != chosen["name"]:
