@@ -18,15 +18,8 @@ LRS=(${LRS:-5e-4 1e-3})  # learning rates of runs a and b
 BENCH=${BENCH:-1}        # BENCH=0: all the time to training
 R=/tmp/runs
 mkdir -p "$R" "$OUT"
-if ls .gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
+source scripts/gpu_env.sh "$R/env.txt"
 left() { echo $((T0 + BUDGET - $(date +%s))); }
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; nproc
-  python3 -c "import torch, diffusers, transformers; print(torch.__version__, diffusers.__version__, transformers.__version__)"
-} 2>&1 | tee "$R/env.txt"
 python3 -c "import emerdiff.reference.train, diffusers.models" || exit 1
 
 COMMON="--stage unet --preset small --world flat --vae-from emerdiff/reference/weights --caption-dropout 0.5

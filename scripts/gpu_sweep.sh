@@ -14,14 +14,7 @@ BUDGET=${BUDGET:-520}
 SNAPSHOT=${SNAPSHOT:-.gpu/b_step_001400.safetensors}
 R=/tmp/sweep
 mkdir -p "$OUT" "$R"
-if ls .gpu/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1
-{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; nproc
-  python3 -c "import torch, diffusers, sklearn; print(torch.__version__, diffusers.__version__, sklearn.__version__)"
-} 2>&1 | tee "$OUT/env.txt"
+source scripts/gpu_env.sh "$OUT/env.txt"
 MODELS=(--model v2=reference)
 if [ -f "$SNAPSHOT" ]; then
   name=$(basename "$SNAPSHOT" .safetensors)

@@ -1,0 +1,11 @@
+# Sourced by the GPU-lease scripts: install the carried wheels (.gpu/*.whl: the machine has torch,
+# not diffusers) into /tmp/site, and write what the machine is to the file named by $1.
+if ls .gpu/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null; nproc
+  python3 -c "import torch, diffusers, transformers, sklearn
+print(torch.__version__, diffusers.__version__, transformers.__version__, sklearn.__version__)"
+} 2>&1 | tee "$1"
