@@ -71,9 +71,31 @@ def check_difference_maps(difference_maps: torch.Tensor, settings: str = "") -> 
         )
 
 
-def assign_labels(difference_maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Label(p) = argmax_i blur(d_i)(p); (K, H, W) -> (H, W) long."""
-    return gaussian_blur(difference_maps.float(), sigma).argmax(0)
+def nearby_masks(lowres_labels: np.ndarray | torch.Tensor, num_masks: int, radius: int,
+                 size: tuple[int, int]) -> torch.Tensor:
+    """``(K, H, W)`` bool: mask k is found within ``radius`` tokens (a square window) of the token
+    that pixel (y, x) falls in; the token grid is stretched to ``size`` as nearest upsampling does."""
+    low = torch.as_tensor(np.asarray(lowres_labels), dtype=torch.long)
+    onehot = F.one_hot(low, num_masks).permute(2, 0, 1).float()[None]
+    near = F.max_pool2d(onehot, 2 * radius + 1, stride=1, padding=radius) if radius > 0 else onehot
+    return F.interpolate(near, size=size, mode="nearest")[0] > 0
+
+
+def assign_labels(difference_maps: torch.Tensor, sigma: float, lowres_labels: np.ndarray | None = None,
+                  radius: int | None = None) -> torch.Tensor:
+    """Label(p) = argmax_i blur(d_i)(p); (K, H, W) -> (H, W) long.
+
+    ``radius`` (with the token grid's ``lowres_labels``): the argmax runs only over the masks within
+    ``radius`` tokens of p's token (:func:`nearby_masks`), so a response that leaked far from its
+    mask cannot claim p. None: every mask competes (the paper).
+    """
+    maps = gaussian_blur(difference_maps.float(), sigma)
+    if radius is None:
+        return maps.argmax(0)
+    if lowres_labels is None:
+        raise ValueError("assign_labels with a radius needs the token grid's lowres_labels")
+    allowed = nearby_masks(lowres_labels, maps.shape[0], radius, tuple(maps.shape[-2:])).to(maps.device)
+    return maps.masked_fill(~allowed, -torch.inf).argmax(0)
 
 
 def nearest_upsample(lowres_labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -73,6 +73,9 @@ class EmerDiffConfig:
     readout_steps: int | None = None  # None: full schedule after t_m; n: n steps to x_0
     # Step D: assignment
     blur_sigma: float = 4.0  # Gaussian sigma on difference maps, pixels at `resolution`
+    # None: the paper's argmax over every mask; r: each pixel chooses among the masks found within
+    # r tokens of its own token (docs/DEPARTURES.md; r = 0 gives nearest upsampling)
+    assign_radius: int | None = None
     # execution
     seed: int = 0
     max_batch: int = 16  # UNet batch in the modulated denoising (reference included)
@@ -116,6 +119,11 @@ class EmerDiffConfig:
             _check_int(name, getattr(self, name))
         if self.readout_steps is not None:
             _check_int("readout_steps", self.readout_steps)
+        if self.assign_radius is not None:
+            _check_int("assign_radius", self.assign_radius)
+            if self.assign_radius < 0:
+                raise ValueError(f"assign_radius must be None (every mask competes, the paper) or >= 0 tokens, "
+                                 f"got {self.assign_radius}")
         for name in ("modulation_strength", "blur_sigma"):
             _check_number(name, getattr(self, name))
         if self.resolution < 64 or self.resolution % 8:

@@ -434,7 +434,7 @@ class EmerDiff:
         size = prepared.image_size
         segs = prepared.segments
         with clock("assign"):
-            model_res_labels = assign_labels(maps, cfg.blur_sigma)
+            model_res_labels = assign_labels(maps, cfg.blur_sigma, segs.labels, cfg.assign_radius)
             labels = resize_labels(model_res_labels.cpu(), size)
             loc = locality(maps, prepared.masks(maps.device), prepared.grid).cpu().numpy()
             faithfulness = cheap_measures(loc, segs.labels, model_res_labels.cpu().numpy(), sym)

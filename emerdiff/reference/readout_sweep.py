@@ -41,7 +41,7 @@ __all__ = ["BASE", "PHASE1_VALUES", "BAR_PROTOCOLS", "BAR_BASELINES", "BAR_MIOU"
 
 # The shipped readout of the reference model (emerdiff.config's "reference" sizes).
 BASE: dict[str, Any] = dict(modulation_timestep=81, modulation_strength=10.0, readout_steps=None, num_clusters=8,
-                            blur_sigma=1.0, attention_injection=True)
+                            blur_sigma=1.0, attention_injection=True, assign_radius=None)
 # Phase 1: each knob moved alone. t_m must lie on the 50-step schedule (1, 21, 41, ...).
 PHASE1_VALUES: dict[str, list[Any]] = {
     "modulation_timestep": [41, 61, 101, 141, 201, 281],
@@ -50,6 +50,7 @@ PHASE1_VALUES: dict[str, list[Any]] = {
     "num_clusters": [5, 6, 10, 12],
     "blur_sigma": [0.5, 2.0],
     "attention_injection": [False],
+    "assign_radius": [1, 2],
 }
 # Knobs whose two best values enter phase 2's factorial; the others take their best value.
 FACTORIAL_KNOBS = ("modulation_timestep", "modulation_strength", "readout_steps", "num_clusters")
@@ -57,7 +58,7 @@ BAR_PROTOCOLS = ("dataset_hungarian", "concept")
 BAR_BASELINES = ("nearest", "bilinear")
 BAR_MIOU = 2.0
 _SHORT = {"modulation_timestep": "t", "modulation_strength": "l", "readout_steps": "rs", "num_clusters": "k",
-          "blur_sigma": "b", "attention_injection": "inj"}
+          "blur_sigma": "b", "attention_injection": "inj", "assign_radius": "r"}
 
 
 def bar_summary(intervals: Mapping[str, Any]) -> dict[str, Any]:
@@ -79,9 +80,11 @@ def bar_summary(intervals: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def setting_name(model: str, knobs: Mapping[str, Any]) -> str:
-    """A folder name that says what the setting is, e.g. ``v2_t81_l10_rsall_k8_b1_inj1``."""
+    """A folder name that says what the setting is, e.g. ``v2_t81_l10_rsall_k8_b1_inj1_rall``."""
     parts = [model]
     for key, short in _SHORT.items():
+        if key not in knobs:  # a knob added after a run was named (older sweeps)
+            continue
         v = knobs[key]
         v = "all" if v is None else int(v) if isinstance(v, bool) else f"{v:g}" if isinstance(v, float) else v
         parts.append(f"{short}{v}")
@@ -93,7 +96,8 @@ def heldout_argv(model_path: str, knobs: Mapping[str, Any], out: str | Path, n: 
     """Arguments of ``python -m emerdiff.reference.heldout`` for one setting (mask protocols only)."""
     argv = ["--model", model_path, "--n", str(n), "--start", str(start), "--out", str(out),
             "--k", str(knobs["num_clusters"]), "--no-openvocab", "--bootstrap", str(bootstrap)]
-    for key in ("modulation_timestep", "modulation_strength", "readout_steps", "blur_sigma", "attention_injection"):
+    for key in ("modulation_timestep", "modulation_strength", "readout_steps", "blur_sigma", "attention_injection",
+                "assign_radius"):
         argv += ["--set", f"{key}={json.dumps(knobs[key])}"]
     if device:
         argv += ["--device", device]
@@ -239,7 +243,8 @@ def sweep_figure(results: Sequence[Mapping[str, Any]], base: Mapping[str, Any] =
     keys = [f"{p}-{b}" for p in BAR_PROTOCOLS for b in BAR_BASELINES]
     fig, axes = plt.subplots(2, (len(base) + 1) // 2, figsize=(4.2 * ((len(base) + 1) // 2), 7), squeeze=False)
     for ax, knob in zip(axes.flat, base, strict=False):
-        runs = [r for r in done if all(r["knobs"][k] == base[k] for k in base if k != knob)]
+        runs = [r for r in done if knob in r["knobs"]
+                and all(r["knobs"].get(k, base[k]) == base[k] for k in base if k != knob)]
         runs.sort(key=lambda r: (r["knobs"][knob] is None, r["knobs"][knob]))
         xs = range(len(runs))
         for j, key in enumerate(keys):

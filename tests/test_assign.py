@@ -1,0 +1,71 @@
+"""Step D's argmax, with and without the assignment radius (config.assign_radius)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from emerdiff import EmerDiff, EmerDiffConfig
+from emerdiff.assign import assign_labels, gaussian_blur, nearby_masks, nearest_upsample
+
+
+def _maps_and_grid(seed: int = 0, k: int = 5, grid: int = 6, res: int = 48):
+    rng = np.random.default_rng(seed)
+    low = rng.integers(0, k, (grid, grid))
+    low[:k, 0] = np.arange(k)  # every mask present
+    maps = torch.as_tensor(rng.random((k, res, res)), dtype=torch.float32)
+    return maps, low
+
+
+def test_no_radius_is_the_papers_argmax_and_a_wide_radius_changes_nothing():
+    maps, low = _maps_and_grid()
+    plain = gaussian_blur(maps, 1.0).argmax(0)
+    assert torch.equal(assign_labels(maps, 1.0), plain)
+    assert torch.equal(assign_labels(maps, 1.0, low, radius=6), plain)  # the window covers the whole grid
+
+
+def test_radius_zero_is_nearest_upsampling_whatever_the_maps():
+    for seed in range(3):
+        maps, low = _maps_and_grid(seed)
+        got = assign_labels(maps, 1.0, low, radius=0).numpy()
+        assert np.array_equal(got, nearest_upsample(low, (48, 48)))
+
+
+def test_radius_one_never_picks_a_mask_absent_from_the_3x3_tokens():
+    maps, low = _maps_and_grid(seed=4)
+    labels = assign_labels(maps, 0.0, low, radius=1).numpy()
+    cell = 48 // 6
+    for y in range(0, 48, 3):
+        for x in range(0, 48, 3):
+            ty, tx = y // cell, x // cell
+            window = low[max(ty - 1, 0):ty + 2, max(tx - 1, 0):tx + 2]
+            assert labels[y, x] in window
+    # and inside the allowed set it is still the argmax of the maps
+    allowed = nearby_masks(low, 5, 1, (48, 48)).numpy()
+    best = np.where(allowed, maps.numpy(), -np.inf).argmax(0)
+    assert np.array_equal(labels, best)
+    # a mask with the largest response everywhere still only wins near its own tokens
+    boosted = maps.clone()
+    boosted[3] += 10.0
+    won = assign_labels(boosted, 0.0, low, radius=1).numpy() == 3
+    assert won.any() and np.array_equal(won, allowed[3])
+
+
+def test_assign_radius_needs_the_token_grid_and_a_valid_value():
+    maps, _ = _maps_and_grid()
+    with pytest.raises(ValueError, match="lowres_labels"):
+        assign_labels(maps, 1.0, radius=1)
+    for bad in (-1, 1.5, "1"):
+        with pytest.raises(ValueError, match="assign_radius"):
+            EmerDiffConfig(assign_radius=bad).check_values()
+    EmerDiffConfig(assign_radius=2).check_values()
+
+
+def test_segment_with_radius_zero_gives_nearest_upsampling(tiny_model, fast_config, photo):
+    """Through the pipeline: radius 0 leaves each pixel its own token's mask; None is unchanged."""
+    free = EmerDiff(tiny_model, fast_config).segment(photo, progress=False)
+    zero = EmerDiff(tiny_model, fast_config.replace(assign_radius=0)).segment(photo, progress=False)
+    assert np.array_equal(zero.lowres_labels, free.lowres_labels)
+    assert np.array_equal(zero.labels, zero.nearest_labels)
+    assert zero.config["assign_radius"] == 0 and free.config["assign_radius"] is None
