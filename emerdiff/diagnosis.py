@@ -166,14 +166,15 @@ def diagnose(ed: EmerDiff, items: Sequence[ProbeImage]) -> list[dict[str, Any]]:
 
 
 def setting_name(changes: dict[str, Any]) -> str:
-    """'paper' for no change, else 'key=value, ...' with short keys."""
+    """'configured' for no change (the config's own readout: the paper's on SD, t_m 81 on the
+    reference model), else 'key=value, ...' with short keys."""
     short = {"modulation_timestep": "t_m", "modulation_strength": "lambda", "readout_steps": "readout_steps",
              "modulation_layer": "layer"}
-    return ", ".join(f"{short.get(k, k)}={v}" for k, v in changes.items()) or "paper"
+    return ", ".join(f"{short.get(k, k)}={v}" for k, v in changes.items()) or "configured"
 
 
 def default_settings(ed: EmerDiff) -> list[dict[str, Any]]:
-    """The paper's readout and one change at a time: readout_steps 1 and 2, t_m at about 0.3x and
+    """The configured readout and one change at a time: readout_steps 1 and 2, t_m at about 0.3x and
     1.7x the configured one (snapped to the schedule), lambda / 10 and x 10."""
     cfg = ed.config
     sched = list(ed.schedule.timesteps)

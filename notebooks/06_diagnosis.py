@@ -126,6 +126,7 @@ fig = viz.heatmap_grid([list(deletion["maps_before"]), list(deletion["maps_after
                        ["before", f"after ({deletion_fill})"], [f"segment {deletion['mask']}", f"control {deletion['control']}"],
                        MODEL_LABEL, f"(d) deletion test on {items[0].name}: maps before / after deleting the segment",
                        shared_scale=True)
+writer.save(fig, "06_diagnosis_deletion")
 
 # %%
 writer.sidecar("06_diagnosis", {

@@ -131,7 +131,7 @@ def test_settings_sweep_paper_row_is_the_pipeline(tiny_model, fast_config):
     ed = EmerDiff(tiny_model, fast_config)
     items = load_probe_images(["scene:0"])
     rows = diagnosis.settings_sweep(ed, items, [{}, {"readout_steps": 1}, {"modulation_timestep": 401}])
-    assert [r["setting"] for r in rows] == ["paper", "readout_steps=1", "t_m=401"]
+    assert [r["setting"] for r in rows] == ["configured", "readout_steps=1", "t_m=401"]
     seg = ed.segment(items[0].image, progress=False)
     assert rows[0]["locality"] == pytest.approx(float(seg.locality.mean()), abs=1e-5)
     assert all(0 <= r["acc_emerdiff_all"] <= 1 for r in rows)

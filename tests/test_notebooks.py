@@ -44,7 +44,8 @@ FIGURES = {
                          "fig_ablation_layer_timestep_lambda", "fig_failure_cases", "fig_open_vocabulary"],
     "05_inspector": ["05_inspector"],
     "06_diagnosis": ["06_diagnosis_locality_by_stage", "06_diagnosis_stage_maps", "06_diagnosis_label_moves",
-                     "06_diagnosis_settings_locality", "06_diagnosis_settings_accuracy"],
+                     "06_diagnosis_settings_locality", "06_diagnosis_settings_accuracy",
+                     "06_diagnosis_deletion"],
     "07_evaluation": ["07_evaluation_miou", "07_evaluation_per_class", "07_evaluation_examples"],
 }
 
@@ -231,7 +232,7 @@ def test_06_diagnosis(tmp_path):
     assert all(finite_in(v, 0, 1) for v in data["stage_summary"].values())
     (row,) = data["rows"]  # one image with ground truth
     assert finite_in(row["fixed_band"], 0, 1) and finite_in(row["broken_interior"], 0, 1)
-    assert [r["setting"] for r in data["sweep_rows"]] == ["paper", "readout_steps=1", "t_m=101"]
+    assert [r["setting"] for r in data["sweep_rows"]] == ["configured", "readout_steps=1", "t_m=101"]
     # the paper row of the sweep is the pipeline's own readout: the same locality as (a)
     assert math.isclose(data["sweep_rows"][0]["locality"], row["decoded"], rel_tol=1e-4)
 
