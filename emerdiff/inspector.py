@@ -196,7 +196,8 @@ class Inspector:
         try:
             pert = perturb_images(self.ed, self.prepared, modulation_strength=lam, modulation_layer=layer,
                                   modulation_timestep=t)
-            labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma).numpy()
+            labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma, self.prepared.segments.labels,
+                                   self.ed.config.assign_radius).numpy()
         finally:
             self._set_busy(None)
         self._results[key] = (pert, labels)

@@ -182,3 +182,12 @@ def test_inspector_with_readout_steps(tiny_model, fast_config, photo, one_thread
     moved = snapshot(ins)
     assert ins.prepared.inversion.noise_maps == {}  # nothing was inverted
     assert any(not np.array_equal(first[k], moved[k]) for k in first)
+
+
+def test_inspector_follows_the_assignment_radius(tiny_model, fast_config, photo, one_thread):
+    """The live labels use the config's assign_radius as segment does: radius 0 is nearest upsampling."""
+    from emerdiff.assign import nearest_upsample
+
+    ins = Inspector(EmerDiff(tiny_model, fast_config.replace(assign_radius=0)), {"photo": photo}, timesteps=[201])
+    _, labels = ins.result()
+    assert np.array_equal(labels, nearest_upsample(ins.prepared.segments.labels, labels.shape))
