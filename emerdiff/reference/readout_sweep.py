@@ -94,11 +94,11 @@ def setting_name(model: str, knobs: Mapping[str, Any]) -> str:
 def heldout_argv(model_path: str, knobs: Mapping[str, Any], out: str | Path, n: int, start: int,
                  device: str | None, dtype: str | None, bootstrap: int) -> list[str]:
     """Arguments of ``python -m emerdiff.reference.heldout`` for one setting (mask protocols only)."""
+    from ..evaluate import config_argv
+
     argv = ["--model", model_path, "--n", str(n), "--start", str(start), "--out", str(out),
             "--k", str(knobs["num_clusters"]), "--no-openvocab", "--bootstrap", str(bootstrap)]
-    for key in ("modulation_timestep", "modulation_strength", "readout_steps", "blur_sigma", "attention_injection",
-                "assign_radius"):
-        argv += ["--set", f"{key}={json.dumps(knobs[key])}"]
+    argv += config_argv({k: v for k, v in knobs.items() if k != "num_clusters"})  # K goes as --k
     if device:
         argv += ["--device", device]
     if dtype:
