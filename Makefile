@@ -63,7 +63,7 @@ bench: setup
 # notebook depends on the notebook (regenerated from its .py first), the package
 # sources and the parameters, so re-running redoes only what changed; a failing
 # cell fails the target (papermill prints the cell's error). Sizes follow the
-# model inside each notebook (emerdiff.lab.setup -> emerdiff.cli.figure_sizes, the
+# model inside each notebook (emerdiff.notebook.lab.setup -> emerdiff.cli.figure_sizes, the
 # one size rule), so `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda` runs the
 # paper-size settings; FIG_PARAMS='-p K 25' overrides any parameter.
 FIG_DIR    ?= figures

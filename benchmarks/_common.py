@@ -36,11 +36,11 @@ import numpy as np
 import torch
 
 from emerdiff import EmerDiffConfig
-from emerdiff.assign import assign_labels
-from emerdiff.images import resize_labels
-from emerdiff.models import SDPipeline, load_pipeline, resolve_device, resolve_dtype
-from emerdiff.modulation import difference_maps
-from emerdiff.pipeline import EmerDiff, StageClock
+from emerdiff.method.modulation import difference_maps
+from emerdiff.method.pipeline import EmerDiff, StageClock
+from emerdiff.method.readout import assign_labels
+from emerdiff.sd.images import resize_labels
+from emerdiff.sd.loading import SDPipeline, load_pipeline, resolve_device, resolve_dtype
 
 RANDOM_MODELS = {"sd15-random": "sd15", "sd21-random": "sd21-base"}
 # Stages shown in the tables, in pipeline order. "features" includes the k-means.
@@ -55,10 +55,10 @@ def random_sd_model(name: str, device: torch.device, dtype: torch.dtype, seed: i
     cost without a download. No tokenizer or text encoder: the empty-prompt
     embedding is a random (1, 77, cross_attention_dim) tensor.
     """
+    from builders import random_unet
     from diffusers import AutoencoderKL, DDIMScheduler
 
-    from emerdiff.sdconfig import SD_SCHEDULER_CONFIG, SD_VAE_CONFIG
-    from emerdiff.testing import random_unet
+    from emerdiff.sd.components import SD_SCHEDULER_CONFIG, SD_VAE_CONFIG
 
     unet = random_unet(RANDOM_MODELS[name], seed=seed).to(device, dtype)
     torch.manual_seed(seed + 1)

@@ -47,7 +47,7 @@ from _common import (  # noqa: E402
     run_per_mask_loop,
 )
 
-from emerdiff.pipeline import EmerDiff  # noqa: E402
+from emerdiff.method.pipeline import EmerDiff  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 DTYPES = {"fp32": "float32", "float32": "float32", "fp16": "float16", "float16": "float16",
@@ -179,7 +179,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Build the model(s), run every row, return {'machine', 'settings', 'rows'}."""
     if args.threads:
         torch.set_num_threads(args.threads)
-    from emerdiff.models import resolve_device
+    from emerdiff.sd.loading import resolve_device
 
     device = resolve_device(args.device)
     dtypes = [DTYPES[d.strip().lower()] for d in (args.dtype or ("bf16" if device.type == "cuda" else "fp32")).split(",")]
@@ -195,7 +195,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any]:
     if args.image:
         image: Any = args.image
     else:
-        from emerdiff.datasets import voc_sample
+        from emerdiff.evaluation.datasets import voc_sample
 
         image = voc_sample().image
     settings = dict(model=args.model, device=str(device), resolution=resolution, steps=steps, t_m=t_m,

@@ -22,7 +22,7 @@ setting:
   (the k-means segments are the same -- ``same_seg`` checks it -- so no
   matching is needed);
 * mIoU: per-image Hungarian matching of the labels to the ground truth
-  (``emerdiff.metrics.hungarian_miou``), averaged over the images that have
+  (``emerdiff.evaluation.metrics.hungarian_miou``), averaged over the images that have
   ground truth: held-out scenes (``--scenes N`` or ``scene:N`` names), the
   built-in PASCAL VOC photo (``voc_sample``, the default);
 * prep_s / modulation_s: wall seconds of the preparation (encode, inversion or
@@ -56,12 +56,12 @@ from _common import (  # noqa: E402
     pixel_agreement,
 )
 
-from emerdiff.assign import assign_labels  # noqa: E402
-from emerdiff.datasets import load_probe_images  # noqa: E402
-from emerdiff.images import resize_labels  # noqa: E402
-from emerdiff.metrics import hungarian_miou  # noqa: E402
-from emerdiff.modulation import CallCounter  # noqa: E402
-from emerdiff.pipeline import EmerDiff  # noqa: E402
+from emerdiff.evaluation.datasets import load_probe_images  # noqa: E402
+from emerdiff.evaluation.metrics import hungarian_miou  # noqa: E402
+from emerdiff.method.modulation import CallCounter  # noqa: E402
+from emerdiff.method.pipeline import EmerDiff  # noqa: E402
+from emerdiff.method.readout import assign_labels  # noqa: E402
+from emerdiff.sd.images import resize_labels  # noqa: E402
 
 
 def _labels(pipe: EmerDiff, prepared: Any, counter: CallCounter) -> np.ndarray:

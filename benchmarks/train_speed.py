@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from emerdiff.reference.model import build_text_encoder, build_tokenizer, build_unet, encode_prompts, preset
+from training.model import build_text_encoder, build_tokenizer, build_unet, encode_prompts, preset
 
 
 def _setup(preset_name: str, channels_last: bool, compile_unet: bool) -> tuple[Any, Any, Any, Any]:

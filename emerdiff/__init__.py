@@ -4,11 +4,11 @@ Public API: :func:`load_pipeline`, :class:`EmerDiffConfig`, :class:`EmerDiff`,
 :class:`Segmentation`, :func:`load_image`.
 """
 
-from .config import EmerDiffConfig
-from .images import ImageError, load_image
-from .models import ModelLoadError, SDPipeline, load_pipeline
-from .pipeline import EmerDiff, Segmentation
-from .sweep import sweep  # the function; the module: `from emerdiff.sweep import load_map`
+from emerdiff.config import EmerDiffConfig
+from emerdiff.method.pipeline import EmerDiff, Segmentation
+from emerdiff.sd.images import ImageError, load_image
+from emerdiff.sd.loading import ModelLoadError, SDPipeline, load_pipeline
+from emerdiff.studies.sweep import sweep  # the function; the module: `from emerdiff.studies.sweep import load_map`
 
 __all__ = ["EmerDiff", "EmerDiffConfig", "Segmentation", "load_pipeline", "load_image",
            "SDPipeline", "ModelLoadError", "ImageError", "sweep"]

@@ -55,8 +55,8 @@ class EmerDiffConfig:
     # "none": k-means on the raw queries (our reading of the paper); "l2": each token's query scaled to
     # unit length first (cosine geometry; docs/DEPARTURES.md). Centroids live in the clustered space.
     feature_normalization: str = "none"
-    lowres: str = "kmeans"  # Step A source: "kmeans" (the paper) or "diffseg" (emerdiff/diffseg.py)
-    # DiffSeg (Tian et al., CVPR 2024); sources of each value in emerdiff/diffseg.py
+    lowres: str = "kmeans"  # Step A source: "kmeans" (the paper) or "diffseg" (emerdiff/method/diffseg.py)
+    # DiffSeg (Tian et al., CVPR 2024); sources of each value in emerdiff/method/diffseg.py
     diffseg_timestep: int = 300  # the UNet's timestep for its one call
     diffseg_add_noise: bool = False  # official code: the clean latent with t's embedding
     diffseg_kl_threshold: float = 1.1  # tau (COCO-Stuff-27 setting; 0.9 for Cityscapes)
@@ -105,9 +105,9 @@ class EmerDiffConfig:
     @classmethod
     def for_model(cls, model: Any, **changes: Any) -> EmerDiffConfig:
         """The defaults for ``model``'s family, then ``changes``: the paper's for SD; SDXL's native
-        resolution and query/modulation layers (:func:`emerdiff.models.family_defaults`).
+        resolution and query/modulation layers (:func:`emerdiff.sd.loading.family_defaults`).
         ``model``: a loaded SDPipeline, a folder, a hub id, 'tiny' or 'reference'."""
-        from .models import family_defaults
+        from emerdiff.sd.loading import family_defaults
 
         return cls.from_dict({**cls().to_dict(), **family_defaults(model), **changes})
 
@@ -221,8 +221,8 @@ class EmerDiffConfig:
 
         Raises ValueError naming the bad value and listing the valid ones.
         """
-        from .inversion import schedule_timesteps
-        from .models import attention_layers, family_defaults, feature_resolution, unet_downsampling
+        from emerdiff.sd.layers import schedule_timesteps
+        from emerdiff.sd.loading import attention_layers, family_defaults, feature_resolution, unet_downsampling
 
         self.check_values()
         self.check_resolution(model.vae_scale_factor, unet_downsampling(model.unet.config))
@@ -252,7 +252,7 @@ class EmerDiffConfig:
                     f"nearest valid timesteps: {sorted(nearest)}"
                 )
         if self.lowres == "diffseg":
-            from .models import self_attention_layers
+            from emerdiff.sd.loading import self_attention_layers
 
             if not self_attention_layers(model.unet):
                 raise ValueError("lowres='diffseg' needs self-attention layers and this UNet has none; "
@@ -269,7 +269,7 @@ class EmerDiffConfig:
 
 # ------------------------------------------------------------------ size rule
 # The one size rule per model, as notebook parameters: `emerdiff figures`, `segment` and `evaluate`
-# use it, and so does every notebook (emerdiff.lab.setup sizes left None; the Makefile repeats none).
+# use it, and so does every notebook (emerdiff.notebook.lab.setup sizes left None; the Makefile repeats none).
 # max_batch 2K + 1 runs every modulated run and the reference in one UNet batch.
 FIGURE_SIZES: dict[str, dict[str, Any]] = {
     "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0, max_batch=9),
@@ -291,7 +291,7 @@ def diffseg_threshold(source: str, config: EmerDiffConfig) -> float:
     when ``source`` is ``"reference"`` (``SDPipeline.source``), else ``config.diffseg_kl_threshold``."""
     return REFERENCE_DIFFSEG_KL_THRESHOLD if source == "reference" else config.diffseg_kl_threshold
 
-# notebook size parameter -> EmerDiffConfig field (emerdiff.lab.setup takes these names)
+# notebook size parameter -> EmerDiffConfig field (emerdiff.notebook.lab.setup takes these names)
 SIZE_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
                   "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
 
@@ -302,7 +302,7 @@ def figure_sizes(model: str) -> dict[str, Any]:
     sized like the reference model; everything else gets the paper's 512 px settings."""
     if model in FIGURE_SIZES:
         return dict(FIGURE_SIZES[model])
-    from .models import component_configs
+    from emerdiff.sd.loading import component_configs
 
     try:
         unet, vae = component_configs(model)
@@ -317,8 +317,8 @@ def figure_sizes(model: str) -> dict[str, Any]:
 
 def config_sizes(model: str) -> dict[str, Any]:
     """:func:`figure_sizes` as EmerDiffConfig fields, plus the model family's own fields (SDXL's
-    resolution and layers, :func:`emerdiff.models.family_defaults`): the defaults of ``segment``
+    resolution and layers, :func:`emerdiff.sd.loading.family_defaults`): the defaults of ``segment``
     and ``evaluate``."""
-    from .models import family_defaults
+    from emerdiff.sd.loading import family_defaults
 
     return {**{SIZE_FIELDS[k]: v for k, v in figure_sizes(model).items()}, **family_defaults(model)}

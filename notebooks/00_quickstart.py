@@ -36,7 +36,9 @@ torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared 
 diffseg_kl_threshold = None
 
 # %%
-from emerdiff import lab, metrics, viz
+from emerdiff import viz
+from emerdiff.evaluation import metrics
+from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -62,7 +64,7 @@ writer.save(fig, "00_quickstart_segmentation")
 # ## Faithfulness: do the difference maps say what each segment controls?
 #
 # `seg.faithfulness` holds the measures every segmentation gets for free, each beside its chance
-# level (docs/METHOD.md, "Faithfulness measures"; `emerdiff.faithfulness`). *locality* (0 to 1):
+# level (docs/METHOD.md, "Faithfulness measures"; `emerdiff.method.measures`). *locality* (0 to 1):
 # share of a map's energy inside its own mask, averaged over masks; chance = the mean mask area
 # (a map blind to its mask). *agreement* (0 to 1): share of tokens whose pixel label, taken back
 # to the token grid by majority, is still their own low-res segment; chance = the largest
@@ -86,10 +88,10 @@ for measure in ("locality", "agreement", "symmetry"):
 # One tile per mask: its outline | its map (shared colour scale; the title gives its locality).
 # The maps go to `00_quickstart_maps.npz` (float16, with the mask ids, the low-res masks and the
 # config), the file `emerdiff segment IMAGE --save-maps` writes beside the same contact sheet;
-# `emerdiff.sweep` gives such maps over any grid of layers, timesteps and strengths (notebook 03).
+# `emerdiff.studies.sweep` gives such maps over any grid of layers, timesteps and strengths (notebook 03).
 
 # %%
-from emerdiff.sweep import contact_sheet, save_maps_npz
+from emerdiff.studies.sweep import contact_sheet, save_maps_npz
 
 mask_ids = list(range(seg.num_segments))
 save_maps_npz(writer.out_dir / "00_quickstart_maps.npz", seg.difference_maps, mask_ids, seg.lowres_labels,
@@ -111,8 +113,8 @@ writer.save(fig, "00_quickstart_maps")
 # near uniform (the tiny test model) gives DiffSeg a single segment.
 
 # %%
-from emerdiff import diffseg
 from emerdiff.config import diffseg_threshold
+from emerdiff.method import diffseg
 
 tau = diffseg_kl_threshold or diffseg_threshold(sd.source, config)
 found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg", diffseg_kl_threshold=tau))

@@ -13,7 +13,7 @@
 # are clustered with k-means and scored: per-image Hungarian mIoU where ground truth exists,
 # otherwise the label-free *boundary alignment* (mean image gradient on segment boundaries / mean
 # gradient overall; 1 = chance) and the cosine *silhouette* of the clustering (see
-# `emerdiff.probes`).
+# `emerdiff.studies.probes`).
 #
 # (b) Every candidate modulation layer, scored by *locality* (share of the difference-map energy
 # inside the perturbed mask) and the final mIoU.
@@ -44,7 +44,10 @@ max_modulation_layers = 0 # 0: all candidates; n: the n candidates closest to th
 # %%
 import numpy as np
 
-from emerdiff import lab, metrics, probes, viz
+from emerdiff import viz
+from emerdiff.evaluation import metrics
+from emerdiff.notebook import lab
+from emerdiff.studies import probes
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,

@@ -36,7 +36,10 @@ modulation_timesteps = None  # None: the whole schedule (each costs one modulate
 readout_steps = [1, 2, None] # None: full schedule with the stored inversion noise
 
 # %%
-from emerdiff import lab, metrics, probes, viz
+from emerdiff import viz
+from emerdiff.evaluation import metrics
+from emerdiff.notebook import lab
+from emerdiff.studies import probes
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,

@@ -36,10 +36,13 @@ output_dir = None         # None: figures/lab/ of the checkout (ignored by git);
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
 strengths = [-100.0, -10.0, -1.0, 0.0, 1.0, 10.0, 100.0]
 ks = [2, 4, 8]
-sweep_timesteps = None    # t_m grid of the emerdiff.sweep section (on the schedule); None: t_m and ~200 steps noisier
+sweep_timesteps = None    # t_m grid of the emerdiff.studies.sweep section (on the schedule); None: t_m and ~200 steps noisier
 
 # %%
-from emerdiff import lab, metrics, probes, viz
+from emerdiff import viz
+from emerdiff.evaluation import metrics
+from emerdiff.notebook import lab
+from emerdiff.studies import probes
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -65,9 +68,9 @@ fig = viz.sweep_lines([r for r in lambda_rows if r["mode"] == "pair"] , "lambda"
 writer.save(fig, "03_magnitude_probe_failure_modes")
 
 # %% [markdown]
-# ## Response maps as data: `emerdiff.sweep` over lambda x t_m
+# ## Response maps as data: `emerdiff.studies.sweep` over lambda x t_m
 #
-# `emerdiff.sweep` returns one record per (layer, t_m, lambda, mask) of a grid: the difference map
+# `emerdiff.studies.sweep` returns one record per (layer, t_m, lambda, mask) of a grid: the difference map
 # and its scores, a tidy table for pandas. Here the first image, the positive strengths above (the
 # pair readout is the same at -lambda) and two modulation timesteps. Each panel: the mean over the
 # masks vs lambda, one line per t_m, and the chance level (dashed). *locality*: share of a map's
@@ -92,7 +95,7 @@ table.groupby(["modulation_timestep", "modulation_strength"])[measures].mean().r
 
 # %%
 fig = viz.sweep_lines(records, "modulation_strength", ["locality", "symmetry", "setting_agreement"], MODEL_LABEL,
-                      f"emerdiff.sweep on {items[0].name}: mean over masks vs lambda", hue="modulation_timestep")
+                      f"emerdiff.studies.sweep on {items[0].name}: mean over masks vs lambda", hue="modulation_timestep")
 chance = {"locality": table["mask_area"].mean(), "symmetry": 0.0, "setting_agreement": table["agreement_chance"].mean()}
 for ax in fig.axes:  # one panel per metric, titled by it (a metric that is NaN throughout has none)
     ax.axhline(chance[ax.get_title()], color="grey", linestyle="--", linewidth=1)

@@ -40,7 +40,10 @@ vocabulary = "person, sky, grass, water, building, animal"  # open-vocabulary le
 # %%
 import numpy as np
 
-from emerdiff import lab, metrics, probes, viz
+from emerdiff import viz
+from emerdiff.evaluation import metrics
+from emerdiff.notebook import lab
+from emerdiff.studies import probes
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -91,13 +94,14 @@ writer.save(fig, "fig_failure_cases")
 
 # %% [markdown]
 # Open vocabulary: each EmerDiff mask named by the diffusion model's own cross-attention
-# (DAAM-style, no extra model), with its legend. `emerdiff.openvocab.CLIPMaskLabeller` does the
+# (DAAM-style, no extra model), with its legend. `emerdiff.method.vocabulary.CLIPMaskLabeller` does the
 # same with MaskCLIP features. **Caveat:** on the small models (reference, tiny) this labeller is
 # near chance (reference v1, 100 held-out scenes: 2.2 mIoU, `docs/reference/v1_heldout_results.md`);
 # the figure says so, and its names are an illustration of the interface, not a result.
 
 # %%
-from emerdiff.openvocab import CrossAttentionLabeller, legend_figure
+from emerdiff.method.vocabulary import CrossAttentionLabeller
+from emerdiff.viz import legend_figure
 
 labeller = CrossAttentionLabeller(sd, resolution=config.resolution, seed=config.seed)
 named = labeller.label(item.image, seg, vocabulary)

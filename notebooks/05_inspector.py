@@ -39,7 +39,7 @@ slider_timesteps = None  # None: every schedule timestep up to modulation_timest
 # %%
 import numpy as np
 
-from emerdiff import lab
+from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -55,7 +55,7 @@ if mpl_backend == "widget":
     get_ipython().run_line_magic("matplotlib", "widget")
 else:
     matplotlib.use(mpl_backend)
-from emerdiff.inspector import Inspector  # after the backend is chosen
+from emerdiff.notebook.inspector import Inspector  # after the backend is chosen
 
 inspector = Inspector(ed, {i.name: i.image for i in items}, timesteps=slider_timesteps)
 inspector.widget

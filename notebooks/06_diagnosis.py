@@ -18,7 +18,7 @@
 # low-res boundaries and in the interior, and which of the two is right there (each method's
 # segments mapped to their majority ground-truth class). (c) Readout settings compared the same
 # way. The default images are held-out scenes 100+, disjoint from the 100 test scenes of
-# `python -m emerdiff.reference.heldout`: settings are explored here, never on the test scenes.
+# `python -m training.heldout`: settings are explored here, never on the test scenes.
 
 # %% tags=["parameters"]
 # --- parameters (papermill overrides these; `make figures` passes model, device, output_dir) ---
@@ -47,7 +47,9 @@ deletion_fill = "mean"    # what replaces the deleted segment: "mean", "blur", "
 # %%
 import numpy as np
 
-from emerdiff import lab, metrics, viz
+from emerdiff import viz
+from emerdiff.evaluation import metrics
+from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -56,7 +58,7 @@ sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     max_batch=max_batch, seeds=seeds, output_dir=output_dir, torch_threads=torch_threads)
 
 # %%
-from emerdiff import diagnosis
+from emerdiff.studies import diagnosis
 
 rows = diagnosis.diagnose(ed, items)
 stage_rows = [dict(image=r["image"], stage=s, locality=r[s]) for r in rows for s in ("chance", *diagnosis.STAGES)]
@@ -115,7 +117,7 @@ for r in metrics.summarize(sweep_rows, "setting", ["locality", "acc_emerdiff_all
 # `ratio` is well below it. Rows of the figure: before / after; columns: segment / control.
 
 # %%
-from emerdiff import faithfulness
+from emerdiff.method import measures as faithfulness
 
 first = ed.segment(items[0].image, progress=False)
 grid_h, grid_w = first.lowres_labels.shape

@@ -17,7 +17,7 @@
 # embeddings, one matching for the dataset, as EmerDiff reports), plus the paper's *concept*
 # protocol (nearest class concept, no matching). Per-class IoU shows which classes a difference
 # comes from. The default scenes are held-out scenes 100+ (validation), disjoint from the 100
-# test scenes of `python -m emerdiff.reference.heldout`, whose table lives in docs/reference.
+# test scenes of `python -m training.heldout`, whose table lives in docs/reference.
 
 # %% tags=["parameters"]
 # --- parameters (papermill overrides these; `make figures` passes model, device, output_dir) ---
@@ -52,7 +52,7 @@ output_dir = None         # None: figures/lab/ of the checkout (ignored by git);
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
 
 # %%
-from emerdiff import lab
+from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
     model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
@@ -77,7 +77,7 @@ sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
 # {"name": "t_m 281", "changes": {"modulation_timestep": 281}}` asks whether the paper's
 # modulation timestep would beat the reference model's 81 on these scenes.
 #
-# Each run is the `evaluate` command (`emerdiff.evaluate.run_config`, every config field given
+# Each run is the `evaluate` command (`emerdiff.evaluation.runner.run_config`, every config field given
 # as `--set`): it caches one record per scene (resumable, self-verifying), then scores every
 # protocol from the records. The same runs from a shell: `emerdiff evaluate --data DATA --out A`
 # (and `--set lowres=diffseg` for B), then `emerdiff compare A B`.
@@ -86,10 +86,10 @@ sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
 import tempfile
 from pathlib import Path
 
-from emerdiff import evaluate
+from emerdiff.assets import model_world
 from emerdiff.config import diffseg_threshold
-from emerdiff.reference import model_world
-from emerdiff.reference.heldout import write_heldout_folder
+from emerdiff.evaluation import runner as evaluate
+from training.heldout import write_heldout_folder
 
 tau = diffseg_kl_threshold or diffseg_threshold(sd.source, config)
 scratch = tempfile.TemporaryDirectory(prefix="emerdiff-07-") if runs_dir is None else None
@@ -178,7 +178,7 @@ plt.show()
 # arbitrary per map), read back from the runs' per-scene records.
 
 # %%
-from emerdiff.datasets import folder_dataset
+from emerdiff.evaluation.datasets import folder_dataset
 
 scenes = folder_dataset(data)
 shown = min(examples, len(scenes))

@@ -13,27 +13,27 @@ OUT=${OUT:-/tmp/gpu_out}
 BUDGET=${BUDGET:-570}
 POOL=${POOL:-60000}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu BUDGET=150 POOL=300: a smoke run on a CPU
-INIT=${INIT:-}           # INIT=emerdiff/reference/weights: continue the shipped model instead of from scratch
+INIT=${INIT:-}           # INIT=emerdiff/assets/weights: continue the shipped model instead of from scratch
 LRS=(${LRS:-5e-4 1e-3})  # learning rates of runs a and b
 BENCH=${BENCH:-1}        # BENCH=0: all the time to training
 R=/tmp/runs
 mkdir -p "$R" "$OUT"
 source scripts/gpu_env.sh "$R/env.txt"
 left() { echo $((T0 + BUDGET - $(date +%s))); }
-python3 -c "import emerdiff.reference.train, diffusers.models" || exit 1
+python3 -c "import training.train, diffusers.models" || exit 1
 
-COMMON="--stage unet --preset small --world flat --vae-from emerdiff/reference/weights --caption-dropout 0.5
+COMMON="--stage unet --preset small --world flat --vae-from emerdiff/assets/weights --caption-dropout 0.5
   --batch ${BATCH:-256} --latent-pool $POOL --pool-workers 14 --amp --device $DEVICE --warmup ${WARMUP:-500}
-  --ckpt-every 2000 --eval-fn emerdiff.reference.train:keep_snapshot --eval-every ${EVAL_EVERY:-1500}
+  --ckpt-every 2000 --eval-fn training.train:keep_snapshot --eval-every ${EVAL_EVERY:-1500}
   --no-progress --threads 4 ${INIT:+--init-from $INIT}"
 # the latent pool once (same seed, world and VAE: identical for every run), then shared
-python3 -m emerdiff.reference.train $COMMON --out "$R/a" --pool-only || exit 1
+python3 -m training.train $COMMON --out "$R/a" --pool-only || exit 1
 mkdir -p "$R/b/unet" && ln -f "$R/a/unet/latent_pool.pt" "$R/b/unet/latent_pool.pt"
 
 TRAIN=$(( $(left) - (BENCH ? 115 : 35) ))   # leave time for final writes, packing (and the benchmark)
 echo "training budget per run: $TRAIN s (two runs side by side on the one GPU)"
-python3 -m emerdiff.reference.train $COMMON --out "$R/a" --lr ${LRS[0]} --time-budget $((TRAIN - 25)) >"$R/a.log" 2>&1 &
-python3 -m emerdiff.reference.train $COMMON --out "$R/b" --lr ${LRS[1]} --time-budget $((TRAIN - 25)) >"$R/b.log" 2>&1 &
+python3 -m training.train $COMMON --out "$R/a" --lr ${LRS[0]} --time-budget $((TRAIN - 25)) >"$R/a.log" 2>&1 &
+python3 -m training.train $COMMON --out "$R/b" --lr ${LRS[1]} --time-budget $((TRAIN - 25)) >"$R/b.log" 2>&1 &
 END=$(( $(date +%s) + TRAIN + 30 ))
 while [ -n "$(jobs -r)" ] && [ "$(date +%s)" -lt "$END" ]; do
   sleep 20

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lease of the GPU machine (device tool): issue 13's readout sweep on validation scenes, then the
-# chosen setting alone on the test scenes (emerdiff.reference.readout_sweep), in one call.
+# chosen setting alone on the test scenes (training.readout_sweep), in one call.
 #
 #   bash scripts/gpu_sweep.sh                      # BUDGET=520 s, N=150 validation scenes, 12 at a time
 #   DEVICE=cpu N=1 WORKERS=2 EXTRA="--grid modulation_strength=[5.0] --test-n 1" bash scripts/gpu_sweep.sh
@@ -18,11 +18,11 @@ source scripts/gpu_env.sh "$OUT/env.txt"
 MODELS=(--model v2=reference)
 if [ -f "$SNAPSHOT" ]; then
   name=$(basename "$SNAPSHOT" .safetensors)
-  python3 -c "from emerdiff.reference.train import unpack_snapshot as u; u('$SNAPSHOT', 'emerdiff/reference/weights', '/tmp/$name')" || exit 1
+  python3 -c "from training.train import unpack_snapshot as u; u('$SNAPSHOT', 'emerdiff/assets/weights', '/tmp/$name')" || exit 1
   MODELS+=(--model "$name=/tmp/$name")
 fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 15 ))
-python3 -m emerdiff.reference.readout_sweep "${MODELS[@]}" --out "$R" --n "${N:-150}" --workers "${WORKERS:-12}" \
+python3 -m training.readout_sweep "${MODELS[@]}" --out "$R" --n "${N:-150}" --workers "${WORKERS:-12}" \
   --device "${DEVICE:-cuda}" --budget "$LEFT" ${EXTRA:-} 2>&1 | tee "$OUT/sweep.log"
 cp "$R/sweep.md" "$R/sweep.json" "$OUT/" 2>/dev/null
 # every run's results (the scenes and per-image records stay behind, except the test runs' records)

@@ -25,7 +25,7 @@ TORCH_THREADS = 1
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
-    from emerdiff.sdconfig import build_tiny_pipeline
+    from emerdiff.sd.components import build_tiny_pipeline
 
     return build_tiny_pipeline(tmp_path_factory.mktemp("tiny") / "pipe", seed=0)
 

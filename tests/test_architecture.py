@@ -7,21 +7,38 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "emerdiff"
 
-# Every module in one layer; a module may import its own layer and the ones below (lower number).
-LAYERS: dict[str, int] = {
-    # 0 core: the method's stages, the model loader and the shipped reference asset (weights + scene world)
-    **{m: 0 for m in ("config", "images", "files", "models", "sdconfig", "testing", "attention", "inversion", "lowres",
-                      "modulation", "assign", "diffseg", "faithfulness", "pipeline", "reference",
-                      "reference.scenes")},
-    # 1 analysis: probes and sweeps, diagnosis, evaluation protocols and metrics, data, labellers, plots
-    **{m: 1 for m in ("probes", "sweep", "diagnosis", "metrics", "datasets", "openvocab", "viz")},
-    # 2 interfaces: the commands, their shared options, notebook support, the inspector
-    **{m: 2 for m in ("options", "cli", "evaluate", "lab", "inspector")},
-    # 3 the reference model's training and evaluation scripts (may import everything)
-    **{m: 3 for m in ("reference.model", "reference.train", "reference.heldout", "reference.figures",
-                      "reference.readout_sweep")},
-    "": 2,  # the package facade (emerdiff/__init__.py) re-exports the public API
-}
+# The floors of the house (docs/ARCHITECTURE.md), lowest first. A module may import its own floor and
+# the floors below; a package's modules sit on the package's floor unless named on their own.
+FLOORS: list[tuple[str, list[str]]] = [
+    # what everything stands on: output files, the shipped assets, SD component configs and images
+    ("foundation", ["files", "assets", "assets.scenes", "sd.components", "sd.images"]),
+    # loading a Stable Diffusion pipeline and reading its layers and schedule
+    ("sd", ["sd", "sd.layers", "sd.loading"]),
+    # every knob and the one preset table
+    ("config", ["config"]),
+    # the paper's steps A-D and the EmerDiff pipeline
+    ("method", ["method"]),
+    # figures (drawing only: they take arrays and results)
+    ("viz", ["viz"]),
+    # metrics, protocols, datasets and the evaluation runner
+    ("evaluation", ["evaluation"]),
+    # probes, sweeps and diagnosis: studies that call the method's entry points
+    ("studies", ["studies"]),
+    # what users touch: the command line, notebook support and the inspector, the package facade
+    ("interfaces", ["cli", "notebook", ""]),
+]
+
+
+def layer_of(module: str) -> int:
+    """The floor of a module: its own entry, else its package's (longest prefix)."""
+    best, best_len = None, -1
+    for level, (_, names) in enumerate(FLOORS):
+        for name in names:
+            if (module == name or (name and module.startswith(name + "."))) and len(name) > best_len:
+                best, best_len = level, len(name)
+    if best is None:
+        raise KeyError(f"{module!r} is on no floor: add it to FLOORS in tests/test_architecture.py")
+    return best
 
 
 def _modules() -> dict[str, Path]:
@@ -75,14 +92,15 @@ def import_graph() -> dict[str, set[str]]:
     return graph
 
 
-def test_every_module_has_a_layer():
-    assert set(_modules()) == set(LAYERS), "add new modules to LAYERS in tests/test_architecture.py"
+def test_every_module_has_a_floor():
+    for module in _modules():
+        layer_of(module)
 
 
 def test_no_module_imports_a_higher_layer():
     graph = import_graph()
-    upward = sorted(f"{m} (layer {LAYERS[m]}) imports {d} (layer {LAYERS[d]})"
-                    for m, deps in graph.items() for d in deps if LAYERS[d] > LAYERS[m])
+    upward = sorted(f"{m} ({FLOORS[layer_of(m)][0]}) imports {d} ({FLOORS[layer_of(d)][0]})"
+                    for m, deps in graph.items() for d in deps if layer_of(d) > layer_of(m))
     assert not upward, "\n".join(upward)
 
 
@@ -108,12 +126,25 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_lazy_imports():
     graph = import_graph()
-    assert "models" in graph["cli"]  # cli imports models only inside functions
-    assert "pipeline" not in graph["faithfulness"]  # a TYPE_CHECKING import is not a runtime one
+    assert "sd.loading" in graph["cli.main"]  # the CLI imports the loader only inside functions
+    assert "method.pipeline" not in graph["method.measures"]  # a TYPE_CHECKING import is not a runtime one
 
 
-def test_the_test_helpers_are_no_runtime_dependency():
-    """emerdiff.testing builds test-only models; what the runtime needs of it lives in emerdiff.sdconfig."""
-    graph = import_graph()
-    assert not sorted(m for m, deps in graph.items() if "testing" in deps and m != "testing")
-    assert "sdconfig" in graph["models"] and graph["sdconfig"] == set()
+def test_the_checker_catches_an_upward_import():
+    """The floors are real: the floor function puts a known pair the right way round."""
+    assert layer_of("method.readout") < layer_of("studies.probes") < layer_of("cli.options")
+    assert layer_of("sd.images") < layer_of("config") < layer_of("method.pipeline")
+    assert layer_of("evaluation.metrics") > layer_of("viz")
+
+
+def test_training_and_test_builders_stay_outside_the_wheel():
+    """Training code and the test-only model builders live beside the package, not in it; nothing
+    in the package imports them."""
+    root = PACKAGE.parent
+    assert (root / "training" / "train.py").exists() and (root / "tests" / "builders.py").exists()
+    assert not (PACKAGE / "testing.py").exists() and not (PACKAGE / "reference").exists()
+    for name, path in _modules().items():
+        for node in _runtime_imports(ast.parse(path.read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+            bad = [m for m in mods if m.split(".")[0] in ("training", "builders", "tests")]
+            assert not bad, f"emerdiff.{name} imports {bad}: runtime code must not need training or test code"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emerdiff import EmerDiff, EmerDiffConfig
-from emerdiff.assign import assign_labels, gaussian_blur, nearby_masks, nearest_upsample
+from emerdiff.method.readout import assign_labels, gaussian_blur, nearby_masks, nearest_upsample
 
 
 def _maps_and_grid(seed: int = 0, k: int = 5, grid: int = 6, res: int = 48):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emerdiff.attention import AttentionController, EmerDiffAttnProcessor, controlled_attention
-from emerdiff.modulation import unet_forward
+from emerdiff.method.attention import AttentionController, EmerDiffAttnProcessor, controlled_attention
+from emerdiff.method.modulation import unet_forward
 
 MOD = "up_blocks.1.attentions.2.transformer_blocks.0.attn2"
 QUERY = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"

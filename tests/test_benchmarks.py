@@ -57,7 +57,7 @@ def test_batched_runner_matches_segment(tiny_model, photo):
     from _common import config_for, run_batched
 
     from emerdiff import EmerDiffConfig
-    from emerdiff.pipeline import EmerDiff
+    from emerdiff.method.pipeline import EmerDiff
 
     cfg = config_for(tiny_model, EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10,
                                                 modulation_timestep=201, kmeans_n_init=1, max_batch=5))
@@ -93,7 +93,7 @@ def test_batched_readout_rows_run_no_inversion(tiny_model, photo):
     from _common import config_for, pixel_agreement, run_batched, run_per_mask_loop
 
     from emerdiff import EmerDiffConfig
-    from emerdiff.pipeline import EmerDiff
+    from emerdiff.method.pipeline import EmerDiff
 
     base = EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10, modulation_timestep=201,
                           kmeans_n_init=1, max_batch=7)

@@ -62,7 +62,7 @@ def lab(tmp_path_factory) -> Iterator[dict]:
     """JupyterLab on a free port over a temporary workspace holding the parameterised inspector notebook."""
     import nbformat
 
-    from emerdiff.cli import jupyter_kernel
+    from emerdiff.cli.main import jupyter_kernel
 
     assert jupyter_kernel("emerdiff") == "emerdiff", "the 'emerdiff' kernel is missing: run `make setup`"
     work = tmp_path_factory.mktemp("lab")
@@ -279,7 +279,7 @@ def test_inspector_in_jupyterlab(lab, browser):
     js(d, "window.jupyterapp.commands.execute('docmanager:save');")
     import nbformat
 
-    from emerdiff.lab import LAB_COPIES, has_outputs
+    from emerdiff.notebook.lab import LAB_COPIES, has_outputs
 
     kept = wait_for("the saved copy with outputs", lambda: (lab["work"] / LAB_COPIES / "05_inspector.ipynb").exists(), 30)
     assert kept

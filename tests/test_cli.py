@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.cli import main
+from emerdiff.cli.main import main
 
 FAST = ["--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201", "--quiet"]
 
@@ -65,7 +65,7 @@ def test_segment_bad_config(tiny_dir, tmp_path, capsys):
 def test_segment_with_vocabulary(tiny_dir, tmp_path, labeller):
     import json
 
-    from emerdiff.openvocab import build_tiny_clip
+    from builders import build_tiny_clip
 
     img = tmp_path / "img.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (90, 90, 3), dtype=np.uint8)).save(img)
@@ -106,8 +106,8 @@ def test_figures_no_notebooks(tmp_path, capsys):
 def test_figure_sizes_follow_the_model_folder(tmp_path):
     import json as _json
 
-    from emerdiff.cli import FIGURE_SIZES, figure_sizes
-    from emerdiff.reference import WEIGHTS
+    from emerdiff.assets import WEIGHTS
+    from emerdiff.cli.main import FIGURE_SIZES, figure_sizes
 
     assert figure_sizes("tiny") == FIGURE_SIZES["tiny"]
     # a copy of the reference model in any folder is a 128 px model, not a 512 px one
@@ -123,7 +123,7 @@ def test_figure_sizes_follow_the_model_folder(tmp_path):
 
 
 def _subcommands():
-    from emerdiff.cli import build_parser
+    from emerdiff.cli.main import build_parser
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
@@ -161,7 +161,7 @@ def test_figures_kernel_matches_the_makefile():
 
 def _sized(argv):
     """The EmerDiffConfig fields that segment and evaluate would use for these arguments."""
-    from emerdiff.cli import build_parser, config_from_args
+    from emerdiff.cli.main import build_parser, config_from_args
 
     parser = build_parser()
     seg = config_from_args(parser.parse_args(["segment", "x.png", *argv]))
@@ -218,7 +218,7 @@ def test_quiet_silences_weight_loading(tiny_dir, tmp_path, capfd):
 
 
 def test_clip_labeller_without_network_fails_at_once(tiny_dir, tmp_path, monkeypatch, capsys):
-    import emerdiff.openvocab as ov
+    import emerdiff.method.vocabulary as ov
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setattr(ov, "hub_reachable", lambda timeout=3.0: False)
@@ -301,7 +301,7 @@ def test_refine_refuses_bad_label_files_before_loading_a_model(tmp_path, capsys)
 
 
 def test_read_label_map_modes(tmp_path):
-    from emerdiff.cli import check_label_aspect, read_label_map
+    from emerdiff.cli.main import check_label_aspect, read_label_map
     from emerdiff.viz import label_png
 
     ids = np.array([[0, 3, 3], [5, 5, 0]])
@@ -331,7 +331,7 @@ def test_segment_save_maps_writes_maps_and_contact_sheet(tiny_dir, tmp_path):
 
     import torch
 
-    from emerdiff.assign import assign_labels, locality
+    from emerdiff.method.readout import assign_labels, locality
 
     img = _photo(tmp_path / "good.png", seed=4)
     out = tmp_path / "o"
@@ -349,7 +349,7 @@ def test_segment_save_maps_writes_maps_and_contact_sheet(tiny_dir, tmp_path):
     np.testing.assert_allclose(locality(maps, masks, seg["lowres_labels"].shape).numpy(), seg["locality"], atol=2e-3)
     sigma = json.loads(str(z["config"]))["blur_sigma"]
     labels_r = assign_labels(maps, sigma).numpy()  # the maps give (nearly) the labels the PNG holds
-    from emerdiff.images import resize_labels
+    from emerdiff.sd.images import resize_labels
 
     assert (resize_labels(labels_r, (96, 140)) == seg["labels"]).mean() > 0.98
     sheet = Image.open(out / "good_maps.png")
@@ -363,7 +363,7 @@ def test_save_maps_failure_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(sys.modules["emerdiff.sweep"], "contact_sheet", broken)
+    monkeypatch.setattr(sys.modules["emerdiff.studies.sweep"], "contact_sheet", broken)
     img = _photo(tmp_path / "good.png", seed=5)
     out = tmp_path / "o"
     with pytest.raises(RuntimeError, match="disk on fire"):
@@ -389,7 +389,7 @@ def test_set_reaches_every_config_field_in_segment_refine_and_evaluate():
     and segment, refine and evaluate build the same config from the same arguments."""
     import dataclasses
 
-    from emerdiff.cli import build_parser, config_from_args
+    from emerdiff.cli.main import build_parser, config_from_args
     from emerdiff.config import EmerDiffConfig
 
     parser = build_parser()

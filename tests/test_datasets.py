@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.datasets import (
+from emerdiff.evaluation.datasets import (
     LAYOUTS,
     Sample,
     load_probe_images,
@@ -129,7 +129,7 @@ def test_cocostuff_layout(tmp_path, layout):
     # a curated image list restricts and orders the images
     lst = tmp_path / "list.txt"
     lst.write_text("000000000285\n")
-    from emerdiff.datasets import cocostuff
+    from emerdiff.evaluation.datasets import cocostuff
 
     sub = cocostuff(tmp_path, int(layout[9:]), "train2017", image_list=lst)
     assert sub.image_ids == ["000000000285"]
@@ -206,7 +206,7 @@ def test_voc_sample_has_ground_truth():
 
 
 def test_scene_probe_images_have_ground_truth():
-    from emerdiff.reference.scenes import CLASSES
+    from emerdiff.assets.scenes import CLASSES
 
     (item,) = load_probe_images(["scene:3"])
     assert item.name == "scene_3" and item.has_gt and item.num_classes == len(CLASSES)
@@ -214,8 +214,8 @@ def test_scene_probe_images_have_ground_truth():
 
 
 def test_scene_probe_images_follow_the_reference_world_unless_named():
-    from emerdiff.reference import model_world
-    from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
+    from emerdiff.assets import model_world
+    from emerdiff.assets.scenes import heldout_scene_seeds, make_scene
 
     seed = heldout_scene_seeds(1, start=3)[0]
     default, flat, textured = load_probe_images(["scene:3", "scene:3:flat", "scene:3:textured"])

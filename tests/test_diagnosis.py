@@ -1,4 +1,4 @@
-"""emerdiff.diagnosis: locality by stage and where labels move."""
+"""emerdiff.studies.diagnosis: locality by stage and where labels move."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from emerdiff import diagnosis
-from emerdiff.datasets import ProbeImage
+from emerdiff.evaluation.datasets import ProbeImage
+from emerdiff.studies import diagnosis
 
 
 def _fake(lowres: np.ndarray, size: tuple[int, int], sigma: float = 0.0):
@@ -39,7 +39,7 @@ def test_label_moves_nothing_moves_when_maps_agree_with_nearest():
     gt = np.zeros((32, 32), dtype=np.int64)
     gt[:, 14:] = 1  # the true boundary is 2 px left of the token boundary
     ed, prepared = _fake(lowres, (32, 32))
-    from emerdiff.assign import nearest_upsample
+    from emerdiff.method.readout import nearest_upsample
 
     maps = _one_hot_maps(nearest_upsample(lowres, (32, 32)), 2)
     r = diagnosis.label_moves(ed, prepared, maps, ProbeImage("x", np.zeros((32, 32, 3), np.uint8), gt, 2))
@@ -115,7 +115,7 @@ def test_lambda_zero_changes_no_stage(tiny_model, fast_config, photo):
 
 def test_diagnose_rows(tiny_model, fast_config):
     from emerdiff import EmerDiff
-    from emerdiff.datasets import load_probe_images
+    from emerdiff.evaluation.datasets import load_probe_images
 
     ed = EmerDiff(tiny_model, fast_config)
     rows = diagnosis.diagnose(ed, load_probe_images(["scene:0"]))
@@ -126,7 +126,7 @@ def test_diagnose_rows(tiny_model, fast_config):
 
 def test_settings_sweep_paper_row_is_the_pipeline(tiny_model, fast_config):
     from emerdiff import EmerDiff
-    from emerdiff.datasets import load_probe_images
+    from emerdiff.evaluation.datasets import load_probe_images
 
     ed = EmerDiff(tiny_model, fast_config)
     items = load_probe_images(["scene:0"])
@@ -162,7 +162,7 @@ def test_majority_correct_maps_each_segment_to_its_majority_class():
 
 
 def test_training_probe_reports_locality_and_accuracy_on_validation_scenes(tiny_dir):
-    from emerdiff.reference.heldout import VALIDATION_START, locality_probe
+    from training.heldout import VALIDATION_START, locality_probe
 
     assert VALIDATION_START >= 100  # the 100 test scenes are 0-99
     r = locality_probe(tiny_dir, step=0, n=1, num_clusters=3)

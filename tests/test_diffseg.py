@@ -1,4 +1,4 @@
-"""DiffSeg (emerdiff/diffseg.py): aggregation, KL merging, labels, and lowres="diffseg" in Step A."""
+"""DiffSeg (emerdiff/method/diffseg.py): aggregation, KL merging, labels, and lowres="diffseg" in Step A."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emerdiff import EmerDiff, EmerDiffConfig
-from emerdiff.diffseg import (
+from emerdiff.method.diffseg import (
     DiffSegResult,
     aggregate_attention,
     anchor_grid,
@@ -21,7 +21,7 @@ from emerdiff.diffseg import (
     self_attention_layers,
     symmetric_kl,
 )
-from emerdiff.lowres import project_labels
+from emerdiff.method.features import project_labels
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -279,7 +279,7 @@ def test_label_map_covers_the_grid(tiny_model, fast_config, photo):
 
 
 def test_thresholds_come_from_the_config(tiny_model, fast_config, photo, monkeypatch):
-    import emerdiff.diffseg as ds
+    import emerdiff.method.diffseg as ds
 
     seen = {}
     original = ds.merge_attention
@@ -364,10 +364,10 @@ def test_reference_model_diffseg():
     """The project's trained model: 16x16 self-attention grid = its query grid (so nothing is lost
     in the projection); its near-uniform self-attention merges everything at DiffSeg's tau = 1.1."""
     from emerdiff import load_pipeline
+    from emerdiff.assets import model_world, weights_dir
+    from emerdiff.assets.scenes import heldout_scene_seeds, make_scene
     from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
-    from emerdiff.reference import model_world, weights_dir
-    from emerdiff.reference.heldout import REFERENCE_CONFIG, VALIDATION_START
-    from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
+    from training.heldout import REFERENCE_CONFIG, VALIDATION_START
 
     model = load_pipeline("reference", device="cpu")
     scene = make_scene(heldout_scene_seeds(1, start=VALIDATION_START)[0], 128, world=model_world(weights_dir()))
@@ -391,8 +391,9 @@ def test_full_size_sd15_unet_diffseg():
     aggregated to (4096, 4096) on 64x64, merged from 256 anchors, projected to the 16x16 query grid."""
     from types import SimpleNamespace
 
-    from emerdiff.models import feature_resolution
-    from emerdiff.testing import random_unet
+    from builders import random_unet
+
+    from emerdiff.sd.loading import feature_resolution
 
     unet = random_unet("sd15")
     model = SimpleNamespace(unet=unet, empty_embedding=torch.randn(1, 77, 768))

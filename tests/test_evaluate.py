@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.evaluate import build_parser, load_record, record_path, run
+from emerdiff.evaluation.runner import build_parser, load_record, record_path, run
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 230, 50]], dtype=np.float64)
@@ -53,7 +53,7 @@ def fake_segment(image) -> SimpleNamespace:
 @pytest.fixture
 def fake_model(monkeypatch):
     """`emerdiff evaluate` (any entry point in this process) segments with ``fake_segment``."""
-    from emerdiff import evaluate as evaluate_command
+    from emerdiff.evaluation import runner as evaluate_command
 
     monkeypatch.setattr(evaluate_command, "_default_segmenter",
                         lambda args, device: (fake_segment, {"fake": True}, None))
@@ -170,7 +170,7 @@ def test_limit_and_changed_settings_are_refused(tmp_path):
 
 
 def test_cli_evaluate_subcommand(tmp_path, fake_model):
-    cli = pytest.importorskip("emerdiff.cli")
+    cli = pytest.importorskip("emerdiff.cli.main")
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
     rc = cli.main(["evaluate", "--data", str(data), "--out", str(out), "--protocol", "concept",
@@ -189,7 +189,7 @@ def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: b
     ``fake``: with the fake segmenter (through the test launcher script). A free port, not
     accelerate's fixed default: two launches at once (the xdist workers of `make test`) would clash."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluate"]
+    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluation.runner"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
@@ -256,9 +256,9 @@ def test_run_config_is_the_command_line(tmp_path):
     rows, settings and per-image records (flags off the model's sizes, so a dropped field shows)."""
     import torch
 
-    from emerdiff.cli import main
+    from emerdiff.cli.main import main
     from emerdiff.config import EmerDiffConfig
-    from emerdiff.evaluate import run_config
+    from emerdiff.evaluation.runner import run_config
 
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=1)
@@ -286,7 +286,7 @@ def test_run_config_with_a_dict_of_fields_and_options(tmp_path, fake_model):
     """A dict names some fields (the rest sized for the model, as on the command line); other
     options go by their Python names; bad names are a ValueError naming them, before anything is written."""
     from emerdiff.config import config_sizes
-    from emerdiff.evaluate import run_config
+    from emerdiff.evaluation.runner import run_config
 
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
@@ -382,7 +382,7 @@ def _worse_segment(image) -> SimpleNamespace:
 
 
 def test_compare_prints_a_paired_table(tmp_path, capsys):
-    from emerdiff.cli import main
+    from emerdiff.cli.main import main
 
     data = make_folder(tmp_path / "data", n=6)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -408,7 +408,7 @@ def test_compare_prints_a_paired_table(tmp_path, capsys):
 
 
 def test_compare_refuses_runs_that_cannot_be_paired(tmp_path, capsys):
-    from emerdiff.cli import main
+    from emerdiff.cli.main import main
 
     data = make_folder(tmp_path / "data", n=2)
     a = tmp_path / "a"
@@ -461,7 +461,7 @@ def test_majority_oracle_protocol_on_request_only(tmp_path):
 
 
 def evaluate_records_of(out: Path, protocol: str) -> dict:
-    from emerdiff.metrics import evaluate_records
+    from emerdiff.evaluation.metrics import evaluate_records
 
     cfg = json.loads((out / "results.json").read_text())["config"]
     records = [load_record(record_path(out, i), i) for i in cfg["image_ids"]]

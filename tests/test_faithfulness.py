@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from emerdiff.faithfulness import (
+from emerdiff.method.measures import (
     agreement_chance,
     cheap_measures,
     delete_segment,
@@ -139,7 +139,7 @@ def test_delete_segment_fills_only_the_segment():
 # --------------------------------------------------------------------------- tiny model
 def test_segmentation_carries_the_cheap_measures(tiny_model, fast_config, photo):
     from emerdiff import EmerDiff
-    from emerdiff.assign import assign_labels
+    from emerdiff.method.readout import assign_labels
 
     seg = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
     f = seg.faithfulness
@@ -185,11 +185,11 @@ def test_reference_model_scores_above_chance_and_is_linear_at_small_lambda():
     mirror each other at lambda = 1 (measured on scene 0: locality 0.38 vs 0.125, agreement 0.73 vs
     0.17, symmetry 0.99 at lambda 1 and 0.82 at lambda 10)."""
     from emerdiff import EmerDiff, EmerDiffConfig, load_pipeline, sweep
-    from emerdiff.reference import WEIGHTS, model_world
-    from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
+    from emerdiff.assets import WEIGHTS, model_world
+    from emerdiff.assets.scenes import heldout_scene_seeds, make_scene
 
     if not (WEIGHTS / "model_index.json").exists():
-        pytest.fail("the reference weights are missing (emerdiff/reference/weights/)")
+        pytest.fail("the reference weights are missing (emerdiff/assets/weights/)")
     scene = make_scene(heldout_scene_seeds(1, start=0)[0], 128, world=model_world("reference"))
     ed = EmerDiff(load_pipeline("reference", device="cpu"),
                   EmerDiffConfig(resolution=128, num_clusters=8, blur_sigma=1.0, kmeans_n_init=2, max_batch=17))

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.datasets import open_dataset
-from emerdiff.reference.heldout import learning_curve_probe, main, model_world, write_heldout_folder
-from emerdiff.reference.scenes import CLASSES, heldout_scene_seeds, make_scene
+from emerdiff.assets.scenes import CLASSES, heldout_scene_seeds, make_scene
+from emerdiff.evaluation.datasets import open_dataset
+from training.heldout import learning_curve_probe, main, model_world, write_heldout_folder
 
 
 def test_heldout_folder_matches_generator(tmp_path):
@@ -46,7 +46,7 @@ def test_heldout_main_end_to_end(tmp_path, tiny_dir):
 
 def test_heldout_folder_of_validation_scenes_never_holds_test_scenes(tmp_path):
     """--start 100 (validation, for choosing a model or readout) renders other scenes than the test set."""
-    from emerdiff.reference.heldout import VALIDATION_START
+    from training.heldout import VALIDATION_START
 
     test = write_heldout_folder(tmp_path / "t", n=2)
     val = write_heldout_folder(tmp_path / "v", n=2, start=VALIDATION_START)

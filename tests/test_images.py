@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from emerdiff import ImageError, load_image
-from emerdiff.images import resize_labels, to_model_input
+from emerdiff.sd.images import resize_labels, to_model_input
 
 
 def _rgb(h=80, w=120, seed=0):

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("ipywidgets")
 
 from emerdiff import EmerDiff  # noqa: E402
-from emerdiff.inspector import Inspector  # noqa: E402
+from emerdiff.notebook.inspector import Inspector  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_callback_errors_are_shown_not_lost(inspector, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("boom in the UNet")
 
-    monkeypatch.setattr("emerdiff.inspector.perturb_images", broken)
+    monkeypatch.setattr("emerdiff.notebook.inspector.perturb_images", broken)
     ins.lambda_slider.value = 3.0  # uncached setting -> perturbation -> error
     assert ins.errors and "boom in the UNet" in ins.errors[-1]
     assert any("boom in the UNet" in o.get("text", "") for o in ins.log.outputs)
@@ -143,7 +143,7 @@ def test_fits_1000_px_in_two_rows(inspector):
 
 
 def test_busy_label_during_recompute(inspector, monkeypatch):
-    import emerdiff.inspector as mod
+    import emerdiff.notebook.inspector as mod
 
     ins = inspector
     seen = []
@@ -186,7 +186,7 @@ def test_inspector_with_readout_steps(tiny_model, fast_config, photo, one_thread
 
 def test_inspector_follows_the_assignment_radius(tiny_model, fast_config, photo, one_thread):
     """The live labels use the config's assign_radius as segment does: radius 0 is nearest upsampling."""
-    from emerdiff.assign import nearest_upsample
+    from emerdiff.method.readout import nearest_upsample
 
     ins = Inspector(EmerDiff(tiny_model, fast_config.replace(assign_radius=0)), {"photo": photo}, timesteps=[201])
     _, labels = ins.result()

@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from emerdiff.inversion import Schedule, invert, replay
-from emerdiff.modulation import unet_forward
-from emerdiff.sdconfig import SD_SCHEDULER_CONFIG
+from emerdiff.method.inversion import Schedule, invert, replay
+from emerdiff.method.modulation import unet_forward
+from emerdiff.sd.components import SD_SCHEDULER_CONFIG
 
 
 def _setup(model, ptype="epsilon", steps=50):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from emerdiff.config import FEATURE_NORMALIZATIONS, EmerDiffConfig
-from emerdiff.lowres import cluster_features, normalize_features, segments_from_labels
+from emerdiff.method.features import cluster_features, normalize_features, segments_from_labels
 
 
 def _unit_rows(n: int, c: int, seed: int) -> np.ndarray:
@@ -83,8 +83,8 @@ def test_bad_normalization_fails_naming_the_allowed_values():
 
 
 def test_set_feature_normalization_reaches_the_config():
-    from emerdiff.cli import build_parser
-    from emerdiff.options import config_from_args
+    from emerdiff.cli.main import build_parser
+    from emerdiff.cli.options import config_from_args
 
     parser = build_parser()
     for command in (["segment", "x.png"], ["refine", "x.png", "--masks", "m.png"]):
@@ -102,7 +102,7 @@ def test_l2_segmentation_on_the_tiny_model(tiny_model, fast_config, photo):
     normalised queries; on this photo its segments differ from the raw k-means ones; bad values
     stop EmerDiff before any work."""
     from emerdiff import EmerDiff
-    from emerdiff.assign import bilinear_upsample
+    from emerdiff.method.readout import bilinear_upsample
 
     raw_ed = EmerDiff(tiny_model, fast_config)
     ed = EmerDiff(tiny_model, fast_config.replace(feature_normalization="l2"))
@@ -128,9 +128,9 @@ def test_l2_segmentation_on_the_tiny_model(tiny_model, fast_config, photo):
 
 def test_probes_that_recluster_queries_follow_the_config(tiny_model, fast_config, monkeypatch):
     """The layer probe and the feature-timestep sweep cluster fresh queries: with "l2" they normalise too."""
-    import emerdiff.probes as probes
+    import emerdiff.studies.probes as probes
     from emerdiff import EmerDiff
-    from emerdiff.datasets import load_probe_images
+    from emerdiff.evaluation.datasets import load_probe_images
 
     seen = []
 

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from emerdiff.metrics import (
+from emerdiff.evaluation.metrics import (
     PROTOCOLS,
     ImageRecord,
     assign_to_concepts,
@@ -133,7 +133,7 @@ def test_hungarian_with_more_or_fewer_clusters_than_classes():
 
 
 def test_resize_and_counts():
-    from emerdiff.images import resize_labels
+    from emerdiff.sd.images import resize_labels
 
     low = np.array([[0, 1], [2, 3]])
     up = resize_labels(low, (4, 6))
@@ -492,7 +492,7 @@ def test_boundary_alignment_rewards_edges():
 
 
 def test_score_labels_with_and_without_ground_truth():
-    from emerdiff.datasets import ProbeImage
+    from emerdiff.evaluation.datasets import ProbeImage
 
     img = np.zeros((32, 32, 3), np.uint8)
     img[:, 16:] = 255
@@ -524,7 +524,7 @@ def test_summarize_and_best():
 def test_majority_protocol_is_the_pixel_accuracy_ceiling_of_every_mask_labelling():
     """Each mask takes its majority GT class: no protocol's labelling of the same masks gets more pixels right,
     and a label map equal to the GT scores 100."""
-    from emerdiff.metrics import KNOWN_PROTOCOLS, bootstrap_protocols, evaluate_records
+    from emerdiff.evaluation.metrics import KNOWN_PROTOCOLS, bootstrap_protocols, evaluate_records
 
     recs = _noisy_records(n_images=8, seed=3)
     num_classes = recs[0].counts["emerdiff"].shape[1]
@@ -542,7 +542,7 @@ def test_majority_protocol_is_the_pixel_accuracy_ceiling_of_every_mask_labelling
 
 
 def test_majority_protocol_of_a_perfect_label_map_is_100():
-    from emerdiff.metrics import ImageRecord, evaluate_records
+    from emerdiff.evaluation.metrics import ImageRecord, evaluate_records
 
     counts = np.array([[50, 0, 0], [0, 30, 0], [0, 0, 20], [0, 10, 0]])  # mask 3 also lies in class 1
     rec = ImageRecord("a", {"emerdiff": counts}, np.eye(4), np.zeros((4, 4)), np.zeros((2, 2), dtype=int),

@@ -6,10 +6,10 @@ import shutil
 
 import pytest
 import torch
+from builders import meta_unet
 
 from emerdiff import ModelLoadError, load_pipeline
-from emerdiff.models import attention_layers, check_architecture, feature_resolution, layer_table
-from emerdiff.testing import meta_unet
+from emerdiff.sd.loading import attention_layers, check_architecture, feature_resolution, layer_table
 
 QUERY = "up_blocks.1.attentions.0.transformer_blocks.0.attn2"
 
@@ -108,7 +108,7 @@ def test_default_layers_are_the_papers_on_sd(name):
     """The family rule (first and last cross-attention of the lowest-resolution decoder block)
     gives exactly the paper's pair on every SD-shaped UNet."""
     from emerdiff.config import MODULATION_LAYER, QUERY_LAYER
-    from emerdiff.models import default_layers, family_defaults, low_resolution_block
+    from emerdiff.sd.loading import default_layers, family_defaults, low_resolution_block
 
     unet = meta_unet(name)
     assert low_resolution_block(unet) == "up_blocks.1"
@@ -117,9 +117,9 @@ def test_default_layers_are_the_papers_on_sd(name):
 
 
 def test_default_layers_of_the_reference_model():
+    from emerdiff.assets import weights_dir
     from emerdiff.config import MODULATION_LAYER, QUERY_LAYER
-    from emerdiff.models import _meta_unet_from_config, component_configs, default_layers, family_defaults
-    from emerdiff.reference import weights_dir
+    from emerdiff.sd.loading import _meta_unet_from_config, component_configs, default_layers, family_defaults
 
     unet_config, _ = component_configs(weights_dir())
     assert default_layers(_meta_unet_from_config(unet_config)) == (QUERY_LAYER, MODULATION_LAYER)
@@ -127,7 +127,7 @@ def test_default_layers_of_the_reference_model():
 
 
 def test_model_family_from_the_unet_config(tiny_model):
-    from emerdiff.models import unet_family
+    from emerdiff.sd.loading import unet_family
 
     assert tiny_model.family == "sd" and unet_family(tiny_model.unet.config) == "sd"
     assert unet_family({"addition_embed_type": "text_time"}) == "sdxl"
@@ -140,7 +140,7 @@ def test_model_geometry_reads_the_configs_without_weights(tiny_dir, tmp_path):
     """(VAE factor, UNet downsampling) from the config files of a name or folder; None when unreadable."""
     import json
 
-    from emerdiff.models import model_geometry
+    from emerdiff.sd.loading import model_geometry
 
     assert model_geometry("tiny") == model_geometry(tiny_dir) == (8, 8)
     assert model_geometry("reference") == (4, 4)  # 3 VAE levels, 3 UNet levels

@@ -1,7 +1,7 @@
 """The study notebooks' source is notebooks/NN_name.py (jupytext percent format); the committed
 NN_name.ipynb must hold the same cells (sources and tags; outputs and metadata are noise), the
 parameters cell stays tagged for papermill, ruff lints the sources, and the notebooks' setup is
-one library call (emerdiff.lab.setup) sized by the one size rule (emerdiff.cli.figure_sizes)."""
+one library call (emerdiff.notebook.lab.setup) sized by the one size rule (emerdiff.cli.figure_sizes)."""
 
 from __future__ import annotations
 
@@ -128,12 +128,12 @@ def test_saving_in_jupyterlab_keeps_the_pair_in_step(tmp_path):
     from jupyter_server.services.contents.largefilemanager import AsyncLargeFileManager
     from jupytext.async_contentsmanager import build_async_jupytext_contents_manager_class
 
-    from emerdiff.lab import LAB_COPIES
+    from emerdiff.notebook.lab import LAB_COPIES
 
     for name in ("jupytext.toml", SOURCES[0].name, SOURCES[0].with_suffix(".ipynb").name):
         shutil.copy(NOTEBOOKS / name, tmp_path / name)
     manager = build_async_jupytext_contents_manager_class(AsyncLargeFileManager)(
-        root_dir=str(tmp_path), pre_save_hook="emerdiff.lab.pre_save")
+        root_dir=str(tmp_path), pre_save_hook="emerdiff.notebook.lab.pre_save")
     ipynb_name = SOURCES[0].with_suffix(".ipynb").name
 
     async def edit_and_save():
@@ -181,8 +181,8 @@ def test_makefile_leaves_sizes_to_the_size_rule():
 
 
 def test_config_fields_follow_the_model_unless_given():
-    from emerdiff.cli import FIGURE_SIZES, config_sizes
-    from emerdiff.lab import SIZE_FIELDS, config_fields
+    from emerdiff.cli.main import FIGURE_SIZES, config_sizes
+    from emerdiff.notebook.lab import SIZE_FIELDS, config_fields
 
     for model in ("reference", "tiny"):
         assert config_fields(model) == config_sizes(model)
@@ -196,7 +196,7 @@ def test_config_fields_follow_the_model_unless_given():
 
 
 def test_setup_refuses_bad_parameters_before_loading():
-    from emerdiff.lab import setup
+    from emerdiff.notebook.lab import setup
 
     with pytest.raises(TypeError, match=r"images = \['voc_sample'\]"):
         setup("tiny", images="voc_sample")
@@ -211,8 +211,8 @@ def test_setup_refuses_bad_parameters_before_loading():
 def test_setup_builds_what_the_notebooks_use(tmp_path, capsys):
     import torch
 
-    from emerdiff.cli import FIGURE_SIZES
-    from emerdiff.lab import setup
+    from emerdiff.cli.main import FIGURE_SIZES
+    from emerdiff.notebook.lab import setup
 
     threads = torch.get_num_threads()
     try:

@@ -52,7 +52,7 @@ FIGURES = {
 
 def kernel_name() -> str:
     """The project's kernel (registered by `make setup`), else the venv's default python3."""
-    from emerdiff.cli import jupyter_kernel
+    from emerdiff.cli.main import jupyter_kernel
 
     return jupyter_kernel("emerdiff")
 
@@ -87,7 +87,7 @@ def test_committed_notebooks_have_no_outputs():
     """The tracked notebooks stay output-free (JupyterLab's save hook keeps outputs in executed/lab/)."""
     import nbformat
 
-    from emerdiff.lab import has_outputs
+    from emerdiff.notebook.lab import has_outputs
 
     for path in sorted(NOTEBOOKS.glob("*.ipynb")):
         assert not has_outputs(nbformat.read(path, as_version=4)), f"{path.name} has outputs: clear them"
@@ -100,7 +100,7 @@ def test_hand_run_notebooks_write_to_ignored_places(tmp_path):
 
     import nbformat
 
-    from emerdiff.lab import LAB_COPIES, default_figure_dir, pre_save
+    from emerdiff.notebook.lab import LAB_COPIES, default_figure_dir, pre_save
 
     places = [default_figure_dir() / "x.png", NOTEBOOKS / LAB_COPIES / "05_inspector.ipynb"]
     for place in places:
@@ -120,7 +120,7 @@ def test_hand_run_notebooks_write_to_ignored_places(tmp_path):
     kept = nbformat.read(tmp_path / "sub" / LAB_COPIES / "a.ipynb", as_version=4)
     assert kept.cells[0].outputs[0]["data"]["text/plain"] == "2"
     lab_config = (NOTEBOOKS / "jupyter_server_config.py").read_text()
-    assert "emerdiff.lab.pre_save" in lab_config
+    assert "emerdiff.notebook.lab.pre_save" in lab_config
 
 
 def test_parameters_cell_is_tagged():
@@ -160,7 +160,7 @@ def test_00_quickstart(tmp_path):
 def test_00_quickstart_sdxl(tmp_path):
     """The quickstart on an SDXL-layout folder (two text encoders, added time/text conditioning):
     the notebooks take SDXL through the same load_pipeline path as SD."""
-    from emerdiff.testing import build_tiny_sdxl_pipeline
+    from builders import build_tiny_sdxl_pipeline
 
     folder = build_tiny_sdxl_pipeline(tmp_path / "tiny-sdxl")
     (tmp_path / "run").mkdir()

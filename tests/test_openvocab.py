@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from builders import build_tiny_clip
 
-from emerdiff.openvocab import (
+from emerdiff.method.vocabulary import (
     CLIPMaskLabeller,
     CrossAttentionLabeller,
-    build_tiny_clip,
     check_vocabulary,
     pool_in_masks,
     scores_to_result,

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from emerdiff import EmerDiff, EmerDiffConfig, Segmentation
-from emerdiff.modulation import CallCounter, difference_maps, expected_unet_calls
+from emerdiff.method.modulation import CallCounter, difference_maps, expected_unet_calls
 
 
 @pytest.fixture
@@ -140,10 +140,11 @@ def test_full_size_sd15_unet_one_modulated_step():
     """Real SD 1.5 layer paths and shapes: 64x64 latent, 16x16 query grid, one modulated step."""
     from types import SimpleNamespace
 
-    from emerdiff.attention import AttentionController, controlled_attention
-    from emerdiff.lowres import cluster_features
-    from emerdiff.modulation import signed_coefficients, unet_forward
-    from emerdiff.testing import random_unet
+    from builders import random_unet
+
+    from emerdiff.method.attention import AttentionController, controlled_attention
+    from emerdiff.method.features import cluster_features
+    from emerdiff.method.modulation import signed_coefficients, unet_forward
 
     unet = random_unet("sd15")
     model = SimpleNamespace(unet=unet, empty_embedding=torch.randn(1, 77, 768))
@@ -187,7 +188,7 @@ def test_float16_rejected_on_cpu(tiny_dir):
 
 def test_out_of_memory_is_retried_in_smaller_chunks(prepared, monkeypatch):
     """A CUDA OOM in a big chunk halves the chunk and retries; results equal the unchunked run."""
-    import emerdiff.modulation as modulation
+    import emerdiff.method.modulation as modulation
 
     seg, prep = prepared
     masks = prep.masks()
@@ -209,7 +210,7 @@ def test_out_of_memory_is_retried_in_smaller_chunks(prepared, monkeypatch):
 
 
 def test_other_errors_are_not_swallowed(prepared, monkeypatch):
-    import emerdiff.modulation as modulation
+    import emerdiff.method.modulation as modulation
 
     seg, prep = prepared
 
@@ -249,7 +250,7 @@ def test_refine_a_hand_drawn_two_region_map(tiny_model, fast_config, photo):
 
 
 def test_project_labels_majority_and_errors():
-    from emerdiff.lowres import project_labels
+    from emerdiff.method.features import project_labels
 
     labels = np.zeros((8, 8), dtype=np.int64)
     labels[:3, :4] = 5  # 12 of the 16 pixels of token (0, 0) at a 2x2 grid

@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 
-from emerdiff import EmerDiff, probes
-from emerdiff.datasets import load_probe_images
-from emerdiff.models import layer_table
+from emerdiff import EmerDiff
+from emerdiff.evaluation.datasets import load_probe_images
+from emerdiff.sd.loading import layer_table
+from emerdiff.studies import probes
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from emerdiff.reference.readout_sweep import (
+from training.readout_sweep import (
     BASE,
     bar_summary,
     heldout_argv,
@@ -108,7 +108,7 @@ def test_sweep_figure_has_a_panel_per_knob_with_the_runs_that_moved_it():
     import matplotlib
 
     matplotlib.use("Agg")
-    from emerdiff.reference.readout_sweep import sweep_figure
+    from training.readout_sweep import sweep_figure
 
     def rec(lead, **moved):
         return {"model": "m", "knobs": {**BASE, **moved}, "summary": bar_summary(_intervals({}, -1.0) | {

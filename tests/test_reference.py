@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from emerdiff.reference.scenes import (
+from emerdiff.assets.scenes import (
     CAPTION_WORDS,
     CLASSES,
     NUMBERS,
@@ -96,7 +96,7 @@ def test_heldout_seeds_never_meet_training_seeds():
 
 
 def test_tokenizer_makes_each_caption_word_one_token():
-    from emerdiff.reference.model import build_tokenizer
+    from training.model import build_tokenizer
 
     tok = build_tokenizer()
     for word in CAPTION_WORDS:
@@ -108,8 +108,8 @@ def test_tokenizer_makes_each_caption_word_one_token():
 def test_small_preset_has_16x16_cross_attention_decoder_block():
     from diffusers import UNet2DConditionModel
 
-    from emerdiff.models import feature_resolution, layer_table
-    from emerdiff.reference.model import preset
+    from emerdiff.sd.loading import feature_resolution, layer_table
+    from training.model import preset
 
     for name in ("small", "base"):
         cfg = preset(name)
@@ -160,7 +160,7 @@ def test_unknown_world_is_refused():
 
 # ------------------------------------------------------------------ training
 def _run(out: Path, *extra: str):
-    from emerdiff.reference.train import main
+    from training.train import main
 
     return main(["--out", str(out), "--preset", "tiny", "--batch", "2", "--threads", "1",
                  "--no-progress", "--seed", "3", *extra])
@@ -200,7 +200,7 @@ def test_training_writes_a_loadable_pipeline(trained):
 
 
 def test_training_output_loads_through_load_pipeline(trained):
-    from emerdiff.models import load_pipeline
+    from emerdiff.sd.loading import load_pipeline
 
     _, pipe = trained
     sd = load_pipeline(pipe, device="cpu")
@@ -236,7 +236,7 @@ def test_resume_refuses_changed_settings(trained, tmp_path):
     shutil.copytree(out / "vae", other / "vae")
     shutil.copytree(out / "unet", other / "unet")
     with pytest.raises(SystemExit, match="batch"):
-        from emerdiff.reference.train import main
+        from training.train import main
 
         main(["--out", str(other), "--preset", "tiny", "--batch", "3", "--seed", "3", "--stage", "unet",
               "--steps", "6", "--resume", "--no-progress"])
@@ -253,7 +253,7 @@ def test_eval_hook_gets_a_pipeline_folder(trained, tmp_path):
         calls.append(step)
         return {"locality": 0.5}
 
-    from emerdiff.reference.train import main
+    from training.train import main
 
     main(["--out", str(other), "--preset", "tiny", "--batch", "2", "--seed", "3", "--stage", "unet",
           "--steps", "3", "--eval-every", "2", "--no-progress"], eval_fn=eval_fn)
@@ -265,8 +265,8 @@ def test_eval_hook_gets_a_pipeline_folder(trained, tmp_path):
 def test_fine_tuning_on_the_flat_world_from_a_pipeline_folder(trained, tmp_path):
     """--init-from starts from a pipeline's UNet/text weights, --vae-from borrows its VAE, --world
     flat trains on flat scenes; the pipeline records its world for evaluation."""
-    from emerdiff.reference.heldout import model_world
-    from emerdiff.reference.train import main
+    from training.heldout import model_world
+    from training.train import main
 
     _, pipe = trained
     other = tmp_path / "ft"
@@ -287,7 +287,7 @@ def test_fine_tuning_on_the_flat_world_from_a_pipeline_folder(trained, tmp_path)
 
 
 def test_small_preset_fits_the_package_budget():
-    from emerdiff.reference.model import (
+    from training.model import (
         build_text_encoder,
         build_tokenizer,
         build_unet,
@@ -304,12 +304,12 @@ def test_small_preset_fits_the_package_budget():
 
 
 def test_shipped_reference_weights_load_and_denoise():
-    from emerdiff.reference import WEIGHTS
+    from emerdiff.assets import WEIGHTS
 
     if not (WEIGHTS / "model_index.json").exists():
         pytest.skip("no reference weights shipped yet")
-    from emerdiff.models import load_pipeline
-    from emerdiff.reference.model import folder_size_mb
+    from emerdiff.sd.loading import load_pipeline
+    from training.model import folder_size_mb
 
     assert folder_size_mb(WEIGHTS) <= 50
     sd = load_pipeline("reference", device="cpu")
@@ -321,8 +321,8 @@ def test_shipped_reference_weights_load_and_denoise():
 
 
 def test_pool_workers_build_the_same_latent_pool(trained, tmp_path):
-    from emerdiff.reference.model import preset
-    from emerdiff.reference.train import _latent_pool, load_stage_vae, main, parse_args
+    from training.model import preset
+    from training.train import _latent_pool, load_stage_vae, main, parse_args
 
     out, _ = trained
     pools = []
@@ -344,8 +344,8 @@ def test_pool_workers_build_the_same_latent_pool(trained, tmp_path):
 
 
 def test_token_cache_gives_the_tokenizers_ids():
-    from emerdiff.reference.model import build_tokenizer
-    from emerdiff.reference.train import TokenCache
+    from training.model import build_tokenizer
+    from training.train import TokenCache
 
     tok = build_tokenizer()
     captions = ["a ball on grass", "", "two cars and a tree on sand", "a ball on grass", ""]
@@ -385,8 +385,8 @@ def test_time_budget_plans_steps_that_a_rerun_reproduces(trained, tmp_path):
 
 
 def test_kept_snapshots_unpack_into_a_loadable_pipeline(trained, tmp_path):
-    from emerdiff.models import load_pipeline
-    from emerdiff.reference.train import keep_snapshot, unpack_snapshot
+    from emerdiff.sd.loading import load_pipeline
+    from training.train import keep_snapshot, unpack_snapshot
 
     _, pipe = trained
     work = tmp_path / "run" / "snapshot"

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from emerdiff.reference.figures import loss_figure, sample
+from training.figures import loss_figure, sample
 
 
 def test_sample_shapes(tiny_model):

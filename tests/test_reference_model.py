@@ -1,6 +1,6 @@
 """The shipped reference model: it denoises held-out scenes and its EmerDiff readout localises.
 
-Skipped only while no weights are shipped (emerdiff/reference/weights/).
+Skipped only while no weights are shipped (emerdiff/assets/weights/).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from emerdiff.reference import WEIGHTS
+from emerdiff.assets import WEIGHTS
 
 pytestmark = pytest.mark.skipif(not (WEIGHTS / "model_index.json").exists(),
                                 reason="no reference weights shipped yet")
@@ -24,14 +24,14 @@ def reference():
 
 @pytest.fixture(scope="module")
 def scene():
-    from emerdiff.reference import model_world
-    from emerdiff.reference.scenes import heldout_scene_seeds, make_scene
+    from emerdiff.assets import model_world
+    from emerdiff.assets.scenes import heldout_scene_seeds, make_scene
 
     return make_scene(heldout_scene_seeds(1, start=500)[0], 128, world=model_world("reference"))
 
 
 def test_predicts_the_noise_of_held_out_scenes(reference, scene):
-    from emerdiff.images import load_image, to_model_input
+    from emerdiff.sd.images import load_image, to_model_input
 
     x = to_model_input(load_image(scene.image), 128)
     with torch.no_grad():

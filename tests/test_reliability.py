@@ -23,8 +23,8 @@ from PIL import Image
 from test_evaluate import fake_segment, make_folder  # noqa: E402  (same tests folder)
 
 from emerdiff import EmerDiff, EmerDiffConfig
-from emerdiff.cli import main
-from emerdiff.evaluate import build_parser, load_record, record_path, run
+from emerdiff.cli.main import main
+from emerdiff.evaluation.runner import build_parser, load_record, record_path, run
 
 S = ["--model", "tiny", "--resolution", "128", "--k", "4", "--steps", "10", "--modulation-timestep", "201",
      "--quiet"]
@@ -33,18 +33,18 @@ S = ["--model", "tiny", "--resolution", "128", "--k", "4", "--steps", "10", "--m
 @pytest.fixture
 def no_model_load(monkeypatch):
     """Any attempt to load a diffusion model fails the test."""
-    import emerdiff.models
+    import emerdiff.sd.loading
 
     def refuse(*args, **kwargs):
         raise AssertionError("a model was loaded although the settings are invalid")
 
-    monkeypatch.setattr(emerdiff.models, "load_pipeline", refuse)
+    monkeypatch.setattr(emerdiff.sd.loading, "load_pipeline", refuse)
 
 
 @pytest.fixture
 def fake_model(monkeypatch):
     """`emerdiff evaluate` segments with the fake segmenter (settings are still checked for real)."""
-    from emerdiff import evaluate as evaluate_command
+    from emerdiff.evaluation import runner as evaluate_command
 
     monkeypatch.setattr(evaluate_command, "_default_segmenter",
                         lambda args, device: (fake_segment, {"fake": True}, None))
@@ -180,7 +180,7 @@ def test_missing_dataset_folder_or_classes_file(tmp_path, capsys, no_model_load)
 @pytest.mark.parametrize("damage", ["truncated", "empty"])
 def test_corrupt_text_encoder_weights_give_a_clean_message(tiny_dir, tmp_path, damage):
     from emerdiff import load_pipeline
-    from emerdiff.models import ModelLoadError
+    from emerdiff.sd.loading import ModelLoadError
 
     model = tmp_path / "model"
     shutil.copytree(tiny_dir, model)
@@ -193,7 +193,7 @@ def test_corrupt_text_encoder_weights_give_a_clean_message(tiny_dir, tmp_path, d
 
 # --------------------------------------------------------------------------- no silent wrong result
 def test_difference_map_checks():
-    from emerdiff.assign import DegenerateResult, check_difference_maps
+    from emerdiff.method.readout import DegenerateResult, check_difference_maps
 
     maps = torch.rand(3, 8, 8)
     check_difference_maps(maps)
@@ -206,7 +206,7 @@ def test_difference_map_checks():
 
 def test_segment_refuses_nan_difference_maps(tiny_model, fast_config, photo, monkeypatch):
     """Maps that overflowed must not become an all-zero labelling with a normal summary."""
-    import emerdiff.pipeline as pipeline
+    import emerdiff.method.pipeline as pipeline
 
     real = pipeline.difference_maps
 
@@ -227,7 +227,7 @@ def test_api_segment_refuses_zero_strength(tiny_model, fast_config, photo):
 @pytest.mark.parametrize("values,expect", [([0.0, 2.5], "must lie in \\[0, 1\\]"),
                                            ([0.0, float("nan")], "NaN or infinite")])
 def test_float_tiff_outside_unit_range_or_nan_is_rejected(tmp_path, values, expect):
-    from emerdiff.images import ImageError, load_image
+    from emerdiff.sd.images import ImageError, load_image
 
     arr = np.full((64, 64), 0.5, np.float32)
     arr[0, 0], arr[5, 5] = values
@@ -253,7 +253,7 @@ def _png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 def test_pixel_limit_refuses_before_decoding(tmp_path, monkeypatch):
-    from emerdiff.images import MAX_PIXELS, ImageError, load_image
+    from emerdiff.sd.images import MAX_PIXELS, ImageError, load_image
 
     big = _png_header_only(tmp_path / "big.png", 12000, 12000)
     with pytest.raises(ImageError, match="12000x12000 = 144.0 megapixels, above the limit of 50.0 MP"):
@@ -408,7 +408,7 @@ def test_records_of_other_settings_are_recomputed(tmp_path, capsys, fake_model):
 
 
 def test_image_ids_do_not_collide(tmp_path, capsys):
-    from emerdiff.evaluate import _safe_id
+    from emerdiff.evaluation.runner import _safe_id
 
     data = make_folder(tmp_path / "data", n=2)
     for kind in ("images", "labels"):

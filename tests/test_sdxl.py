@@ -15,10 +15,12 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from builders import build_tiny_sdxl_pipeline, meta_unet
 
 from emerdiff import EmerDiff, EmerDiffConfig, ModelLoadError, load_pipeline
-from emerdiff.attention import AttentionController, controlled_attention
-from emerdiff.models import (
+from emerdiff.method.attention import AttentionController, controlled_attention
+from emerdiff.method.modulation import unet_forward
+from emerdiff.sd.loading import (
     Float32VAE,
     check_architecture,
     default_layers,
@@ -27,8 +29,6 @@ from emerdiff.models import (
     layer_table,
     low_resolution_block,
 )
-from emerdiff.modulation import unet_forward
-from emerdiff.testing import build_tiny_sdxl_pipeline, meta_unet
 
 # the tiny SDXL's up_blocks.0 has 3 attentions x 3 transformer blocks; SDXL base's has 3 x 10
 TINY_QUERY = "up_blocks.0.attentions.0.transformer_blocks.0.attn2"
@@ -129,7 +129,7 @@ def test_mismatched_text_encoder_is_refused(sdxl_dir, tmp_path):
 def test_other_added_conditioning_is_refused():
     from diffusers import UNet2DConditionModel
 
-    from emerdiff.models import unet_family
+    from emerdiff.sd.loading import unet_family
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -258,7 +258,7 @@ def test_segment_end_to_end_and_deterministic(sdxl, small_config, photo):
 
 # --------------------------------------------------------------------- CLI
 def test_layers_command_lists_sdxl(sdxl_dir, capsys):
-    from emerdiff.cli import main
+    from emerdiff.cli.main import main
 
     assert main(["layers", str(sdxl_dir)]) == 0
     out = capsys.readouterr().out
@@ -269,7 +269,7 @@ def test_layers_command_lists_sdxl(sdxl_dir, capsys):
 
 
 def test_cli_settings_follow_the_sdxl_folder(sdxl_dir):
-    from emerdiff.cli import build_parser, config_from_args, figure_sizes
+    from emerdiff.cli.main import build_parser, config_from_args, figure_sizes
 
     parser = build_parser()
     assert figure_sizes(str(sdxl_dir))["resolution"] == 256

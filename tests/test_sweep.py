@@ -1,4 +1,4 @@
-"""emerdiff.sweep: a tidy table of maps and scores over a grid of Step C settings, streamed and resumable."""
+"""emerdiff.studies.sweep: a tidy table of maps and scores over a grid of Step C settings, streamed and resumable."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 import emerdiff
 from emerdiff import EmerDiff
-from emerdiff.sweep import RECORDS, load_map
+from emerdiff.studies.sweep import RECORDS, load_map
 
 LAYER2 = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
 
@@ -29,9 +29,9 @@ def prepared_ed(tiny_model):
 
 
 def test_sweep_is_the_package_function():
-    from emerdiff.sweep import sweep
+    from emerdiff.studies.sweep import sweep
 
-    assert emerdiff.sweep is sweep and "sweep" in emerdiff.__all__
+    assert emerdiff.studies.sweep is sweep and "sweep" in emerdiff.__all__
 
 
 def test_one_row_per_setting_and_mask_and_maps_equal_perturb(prepared_ed):
@@ -58,15 +58,15 @@ def test_one_row_per_setting_and_mask_and_maps_equal_perturb(prepared_ed):
 
 
 def test_symmetry_and_agreement_match_the_measures(prepared_ed):
-    from emerdiff.faithfulness import symmetry, token_agreement
-    from emerdiff.probes import perturb_images
+    from emerdiff.method.measures import symmetry, token_agreement
+    from emerdiff.studies.probes import perturb_images
 
     ed, prepared = prepared_ed
     records = emerdiff.sweep(prepared, ed=ed, progress=False)  # the config's one setting, every mask
     pert = perturb_images(ed, prepared)
     np.testing.assert_allclose([r["symmetry"] for r in records], symmetry(pert.plus, pert.minus, pert.reference),
                                atol=1e-6)
-    from emerdiff.assign import assign_labels
+    from emerdiff.method.readout import assign_labels
 
     labels = assign_labels(pert.difference("pair"), ed.config.blur_sigma).numpy()
     low = prepared.segments.labels
@@ -75,7 +75,7 @@ def test_symmetry_and_agreement_match_the_measures(prepared_ed):
 
 
 def test_streaming_then_resuming_recomputes_nothing(prepared_ed, tmp_path, monkeypatch):
-    import emerdiff.probes as probes
+    import emerdiff.studies.probes as probes
 
     ed, prepared = prepared_ed
     out = tmp_path / "sweep"
@@ -134,7 +134,7 @@ def test_resume_without_preparing_and_refusing_another_image(tiny_model, prepare
 def test_readout_steps_needs_no_inversion(prepared_ed, monkeypatch):
     from skimage import data
 
-    import emerdiff.pipeline as pipeline
+    import emerdiff.method.pipeline as pipeline
 
     ed, _ = prepared_ed
     seen = []
@@ -173,7 +173,7 @@ def test_bad_requests_fail_before_any_work(prepared_ed):
 
 
 def test_contact_sheet_and_maps_npz(tmp_path):
-    from emerdiff.sweep import contact_sheet, save_maps_npz
+    from emerdiff.studies.sweep import contact_sheet, save_maps_npz
 
     low = np.array([[0, 1], [2, 1]])
     maps = torch.rand(3, 32, 32)

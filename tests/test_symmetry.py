@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from emerdiff.faithfulness import SYMMETRY_CHANCE, cheap_measures, symmetry
+from emerdiff.method.measures import SYMMETRY_CHANCE, cheap_measures, symmetry
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_every_segmentation_carries_symmetry_in_range(segmented):
 
 def test_symmetry_equals_the_measure_on_images_decoded_here(segmented):
     """Independent path: modulate, decode I0, I+ and I- in one batch, faithfulness.symmetry."""
-    from emerdiff.modulation import decode
+    from emerdiff.method.modulation import decode
 
     ed, image, seg = segmented
     latents, reference = ed.modulate(ed.prepare(image))
@@ -54,7 +54,7 @@ def test_symmetry_equals_the_sweeps(segmented):
 def test_symmetry_is_scored_chunk_by_chunk(segmented, monkeypatch):
     """Memory stays bounded: each call sees at most decode_batch / 2 pairs, and the chunking does not
     change the scores (decode_batch 2: one pair at a time)."""
-    import emerdiff.pipeline as pipeline
+    import emerdiff.method.pipeline as pipeline
 
     ed, image, seg = segmented
     seen = []

@@ -1,0 +1,465 @@
+"""`emerdiff` command line: segment images, list layers, evaluate, make figures."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emerdiff.cli.options import (  # noqa: F401
+    DEFAULT_LABELLER,
+    add_config_args,
+    add_labeller_args,
+    config_from_args,
+    settings_line,
+)
+from emerdiff.config import FIGURE_SIZES, config_sizes, figure_sizes  # noqa: F401  (the size rule, importable from here)
+from emerdiff.files import FileSet, write_atomic  # noqa: F401  (write_atomic: kept importable from here)
+
+EPILOG = """examples:
+  emerdiff segment photo.jpg                 # the reference model, sized for it (128 px, K 8)
+  emerdiff segment photo.jpg --model ./stable-diffusion-v1-5 --out results/   # 512 px, K 25
+  emerdiff segment a.png b.png --model tiny --k 8 --resolution 256 --out results/
+  emerdiff segment photo.jpg --save-maps     # + every mask's difference map (npz) and a contact sheet
+  emerdiff refine photo.jpg --masks sam_labels.png   # your segments (any source) at pixel level
+  emerdiff layers reference
+models: 'reference' (the project's own small trained model, the default), a local
+diffusers folder, a hub id (needs network or the HF cache; HF_HUB_OFFLINE=1 forbids
+the network) or 'tiny' (random weights, for tests). Sizes (resolution, K, schedule,
+blur, batch) follow the model unless given: see `emerdiff segment --help`."""
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="reference",
+                   help="'reference' (the project's small trained model), a diffusers folder, a hub id or "
+                   "'tiny' (random weights) (default: reference)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--offline", action="store_true",
+                   help="never contact the hub, same as HF_HUB_OFFLINE=1 (default: off)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads; 1 is much faster on a CPU busy with other work "
+                   "(default: torch's, one per core)")
+
+
+def _add_output_args(p: argparse.ArgumentParser) -> None:
+    """--out, --quiet, --vocab and --save-maps: one definition for `segment` and `refine`."""
+    p.add_argument("--out", default="emerdiff_out", help="output folder (default: emerdiff_out)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no settings line, no per-image line, no progress or weight-loading bars (default: off)")
+    p.add_argument("--vocab", default=None,
+                   help="comma-separated class names: also write a class map + legend (open vocabulary) "
+                   "(default: none)")
+    p.add_argument("--save-maps", action="store_true",
+                   help="also write NAME_maps.npz (every mask's difference map, float16, with the mask ids, "
+                   "low-res masks and config) and NAME_maps.png (one tile per mask: outline + map) "
+                   "(default: off)")
+
+
+def load_model_from_args(args: argparse.Namespace) -> Any:
+    from emerdiff.sd.loading import load_pipeline
+
+    return load_pipeline(args.model, device=args.device, dtype=args.dtype,
+                         local_files_only=True if args.offline else None)
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from emerdiff.sd.loading import default_layers, layer_table
+
+    model = load_model_from_args(args)
+    latent = args.resolution // model.vae_scale_factor if args.resolution else None
+    rows = layer_table(model.unet, latent)
+    print(f"{'layer':58s} {'kind':5s} {'block':13s} {'grid':>7s} {'channels':>8s} {'heads':>5s}")
+    for r in rows:
+        print(f"{r['layer']:58s} {r['kind']:5s} {r['block']:13s} {r['resolution']:>7s} {r['channels']:8d} {r['heads']:5d}")
+    query, modulation = default_layers(model.unet)
+    print(f"{model.family} defaults (first and last cross-attention of the lowest-resolution decoder block): "
+          f"query_layer {query}, modulation_layer {modulation}")
+    return 0
+
+
+def _output_set(out_dir: Path, stem: str) -> FileSet:
+    """The outputs of one image; ``STEM.npz`` is renamed into place last, so it marks a complete set."""
+    return FileSet(out_dir / f"{stem}.npz")
+
+
+def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str, files: FileSet | None = None) -> list[Path]:
+    """Label PNG (indexed palette), overlay PNG and .npz, written atomically as one set.
+
+    With ``files`` the outputs are only staged there (the caller adds more and commits).
+    """
+    from PIL import Image
+
+    from emerdiff.viz import label_png, overlay
+
+    own = files is None
+    files = _output_set(out_dir, stem) if files is None else files
+    rgb = image.permute(1, 2, 0).numpy()
+    paths = [files.add(out_dir / f"{stem}_labels.png", lambda p: label_png(seg.labels).save(p, format="PNG"))]
+    over = (overlay(rgb, seg.labels) * 255).astype(np.uint8)
+    paths.append(files.add(out_dir / f"{stem}_overlay.png", lambda p: Image.fromarray(over).save(p, format="PNG")))
+
+    def write_npz(p: str) -> None:
+        import dataclasses
+
+        with open(p, "wb") as f:  # the maps, if any, go to STEM_maps.npz (--save-maps)
+            dataclasses.replace(seg, difference_maps=None).save_npz(f)
+
+    paths.append(files.add(out_dir / f"{stem}.npz", write_npz))
+    if own:
+        files.commit()
+    return paths
+
+
+def save_openvocab(labeller: Any, seg: Any, image: Any, vocabulary: list[str], out_dir: Path, stem: str,
+                   model_name: str, files: FileSet | None = None) -> list[Path]:
+    """Class map (indexed PNG), class names (JSON) and a legend figure, written atomically.
+
+    With ``files`` they join that image's output set (committed by the caller).
+    """
+    from emerdiff.viz import label_png
+
+    own = files is None
+    files = FileSet(out_dir / f"{stem}_classes.json") if files is None else files
+    result = labeller.label(image, seg, vocabulary)
+    paths = [files.add(out_dir / f"{stem}_classes.png", lambda p: label_png(result.class_map).save(p, format="PNG"))]
+    info = dict(vocabulary=vocabulary, mask_classes=result.mask_classes.tolist(),
+                mask_scores=result.mask_scores.round(4).tolist(), labeller=type(labeller).__name__)
+    paths.append(files.add(out_dir / f"{stem}_classes.json", lambda p: Path(p).write_text(json.dumps(info, indent=1))))
+    from emerdiff.viz import legend_figure
+
+    fig = legend_figure(image, result, title=f"{type(labeller).__name__} on {model_name}")
+    import matplotlib.pyplot as plt
+
+    try:
+        paths.append(files.add(out_dir / f"{stem}_legend.png", lambda p: fig.savefig(p, format="png", dpi=100)))
+    finally:
+        plt.close(fig)
+    if own:
+        files.commit()
+    return paths
+
+
+# Label maps with more distinct values than this are photos or anti-aliased drawings, not segments.
+MAX_LABELS = 1024
+_GREY_MODES = ("1", "L", "I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def read_label_map(path: str | Path, option: str = "--masks") -> np.ndarray:
+    """A label PNG (or any image file) -> (h, w) int64 segment ids, at the file's own size.
+
+    Indexed-palette PNGs (what ``segment`` writes) and 8/16-bit greyscale give their pixel
+    values; an RGB(A) image is colour-coded: each distinct colour is one segment (ids in
+    increasing colour order; a grey RGB image keeps its grey values). Raises ValueError
+    for a missing, empty, corrupt or non-label file, naming the fix.
+    """
+    from PIL import Image, UnidentifiedImageError
+
+    p = Path(path)
+    if not p.exists():
+        raise ValueError(f"{option} {p} does not exist; pass a label PNG (pixel value or colour = segment)")
+    if p.is_dir():
+        raise ValueError(f"{option} {p} is a folder; pass a label PNG file")
+    if p.stat().st_size == 0:
+        raise ValueError(f"{option} {p} is empty (0 bytes); re-export the label map")
+    try:
+        with Image.open(p) as img:
+            img.load()
+            mode = img.mode
+            if mode == "P" or mode in _GREY_MODES:
+                arr = np.asarray(img).astype(np.int64)
+            elif mode == "LA":
+                arr = np.asarray(img.getchannel("L")).astype(np.int64)
+            elif mode == "F":
+                arr = np.asarray(img, np.float64)
+                if not (np.isfinite(arr).all() and (arr == np.round(arr)).all()):
+                    raise ValueError(f"{option} {p}: a float label map must hold whole numbers (segment ids)")
+                arr = arr.astype(np.int64)
+            else:  # colour-coded: one segment per colour; alpha is not a segment
+                rgb = np.asarray(img.convert("RGB")).astype(np.int64)
+                if (rgb[..., 0] == rgb[..., 1]).all() and (rgb[..., 1] == rgb[..., 2]).all():
+                    arr = rgb[..., 0]
+                else:
+                    arr = np.unique((rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2], return_inverse=True)[1]
+                    arr = arr.reshape(rgb.shape[:2])
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"cannot read {option} {p} as an image ({type(err).__name__}: {err}); the file is corrupt, "
+                         "truncated or not an image; a label PNG is expected") from err
+    n = len(np.unique(arr))
+    if n > MAX_LABELS:
+        raise ValueError(f"{option} {p} has {n} distinct values, more than {MAX_LABELS}: it looks like a photo or "
+                         "an anti-aliased drawing, not a label map; save one value (or one flat colour) per segment")
+    return arr
+
+
+def check_label_aspect(labels_shape: tuple[int, int], image_size: tuple[int, int], name: str = "--masks") -> None:
+    """Refuse a label map whose aspect ratio is not the image's (within one label pixel), unless it is
+    square: the model's own square view, like ``segment``'s low-resolution labels (any size)."""
+    h, w = labels_shape
+    H, W = image_size
+    if h == w or abs(w - h * W / H) <= max(1.0, 0.01 * w) or abs(h - w * H / W) <= max(1.0, 0.01 * h):
+        return
+    raise ValueError(f"{name} is {w}x{h} (aspect {w / h:.3g}) but the image is {W}x{H} (aspect {W / H:.3g}); "
+                     "a label map must cover the image with its aspect ratio at any resolution (e.g. "
+                     f"{W}x{H} or {max(1, round(16 * W / H))}x16), or be square (the model's view)")
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    return _segment_images(args, [(item, None) for item in args.images])
+
+
+def cmd_refine(args: argparse.Namespace) -> int:
+    """`emerdiff refine IMAGE --masks LABELS.png`: EmerDiff.refine with segments from a file."""
+    from emerdiff.sd.images import ImageError, load_image
+
+    try:  # both files checked before the (slow) model load
+        labels = read_label_map(args.masks)
+        check_label_aspect(labels.shape, tuple(load_image(args.image).shape[1:]))
+    except (ImageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return _segment_images(args, [(args.image, labels)], refine_segments=len(np.unique(labels)))
+
+
+def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray | None]],
+                    refine_segments: int | None = None) -> int:
+    """segment (labels None: k-means) or refine (given low-res labels) each image; write its outputs.
+
+    ``refine_segments``: the number of segments in the given labels, recorded as the config's K
+    (up to the query grid's token count; K is not used when the segments are given).
+    """
+    from emerdiff.files import check_output_dir, clean_stale_temps, unique_stems
+    from emerdiff.method.pipeline import EmerDiff
+    from emerdiff.sd.images import ImageError, load_image
+    from emerdiff.sd.loading import model_geometry
+
+    config = config_from_args(args)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    if not args.quiet:
+        print(settings_line(args, config), file=sys.stderr)
+    try:
+        # everything checkable without the model, before the (slow) load and before any write
+        config.check_for_segmentation()
+        geometry = model_geometry(args.model)
+        if geometry is not None:
+            config.check_resolution(*geometry)
+        check_output_dir(Path(args.out))
+        model = load_model_from_args(args)
+        if refine_segments is not None:
+            from emerdiff.sd.loading import feature_resolution
+
+            h, w = feature_resolution(model.unet, config.query_layer, config.resolution // model.vae_scale_factor)
+            config = config.replace(num_clusters=max(2, min(refine_segments, h * w)))
+        segmenter = EmerDiff(model, config)
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    labeller, vocabulary = None, None
+    if args.vocab:
+        from emerdiff.method.vocabulary import CLIPMaskLabeller, CrossAttentionLabeller, check_vocabulary
+
+        try:
+            vocabulary = check_vocabulary(args.vocab)
+            if args.labeller == "clip":
+                labeller = CLIPMaskLabeller(args.clip_model, device=args.device,
+                                            local_files_only=True if args.offline else None)
+            else:
+                labeller = CrossAttentionLabeller(model, resolution=config.resolution, seed=config.seed)
+        except (ValueError, RuntimeError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    out = Path(args.out)
+    for leftover in clean_stale_temps([out]):
+        print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
+    items = [item for item, _ in jobs]
+    stems = unique_stems(items)
+    failed = 0
+    for i, ((item, lowres), stem) in enumerate(zip(jobs, stems), 1):
+        if not args.quiet:
+            print(f"[{i}/{len(items)}] {item}", file=sys.stderr)
+        if stem != Path(item).stem:
+            print(f"{item}: another input is also named {Path(item).stem}; writing {stem}_* for this one",
+                  file=sys.stderr)
+        try:
+            image = load_image(item)
+            seg = segmenter.segment(image, progress=not args.quiet, lowres_labels=lowres,
+                                    return_difference_maps=args.save_maps)
+        except (ImageError, ValueError) as err:
+            failed += 1
+            print(f"skipped {item}: {err}", file=sys.stderr)
+            continue
+        files = _output_set(out, stem)
+        try:
+            paths = save_outputs(seg, image, out, stem, files)
+            if labeller is not None:
+                paths += save_openvocab(labeller, seg, image, vocabulary, out, stem, model.source, files)
+            if args.save_maps:
+                from emerdiff.studies.sweep import stage_segmentation_maps
+
+                paths += stage_segmentation_maps(files, out, stem, seg, image, model.source)
+            files.commit()
+        except BaseException:
+            files.abort()
+            raise
+        print(f"{item}: {seg.num_segments} segments, {seg.timings['total']:.1f} s -> {', '.join(map(str, paths))}")
+    if failed:
+        print(f"{failed} of {len(items)} image(s) failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_figures(args: argparse.Namespace) -> int:
+    """Run the study notebooks with papermill; each writes its figures into --out."""
+    import papermill
+
+    folder = Path(args.notebooks)
+    notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if args.only:
+        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in args.only)]
+    if not notebooks:
+        print(f"error: no study notebooks (NN_name.ipynb) in {folder}", file=sys.stderr)
+        return 2
+    params: dict[str, Any] = figure_sizes(args.model)
+    params.update(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
+    for key, value in args.param or []:
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    executed = Path(args.executed)
+    executed.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    kernel = jupyter_kernel(args.kernel)
+    for i, nb in enumerate(notebooks, 1):
+        print(f"[{i}/{len(notebooks)}] running {nb.name} ...", file=sys.stderr)
+        # the kernel's log level: silences ipykernel's per-kernel "running over TCP" warning
+        papermill.execute_notebook(str(nb), str(executed / nb.name), parameters=params, kernel_name=kernel,
+                                   log_output=False, progress_bar=False,
+                                   extra_arguments=["--IPKernelApp.log_level=ERROR"])
+    print(f"{len(notebooks)} notebook(s) ran; {len(list(out.glob('*.png')))} figure(s) (PNG + PDF, JSON numbers) in {out}; "
+          f"executed notebooks in {executed.resolve()}", file=sys.stderr)
+    return 0
+
+
+def jupyter_kernel(preferred: str = "emerdiff") -> str:
+    """``preferred`` if that Jupyter kernel is registered, else python3 (a venv without `make setup`)."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return preferred if preferred in KernelSpecManager().find_kernel_specs() else "python3"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emerdiff",
+        description="Training-free pixel-level segmentation from a frozen Stable Diffusion (EmerDiff, ICLR 2024).",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("segment", help="segment images: label PNG, overlay PNG and .npz per image",
+                       description="Segment each IMAGE and write IMAGE_labels.png (indexed palette), "
+                       "IMAGE_overlay.png and IMAGE.npz into --out (with --save-maps also IMAGE_maps.npz and "
+                       "IMAGE_maps.png). A bad image is reported and skipped; the exit code is 1 if any image failed.")
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files (PNG, JPEG, ...; greyscale, RGBA, 16-bit and EXIF-rotated are handled)")
+    _add_output_args(p)
+    add_labeller_args(p)
+    _add_model_args(p)
+    add_config_args(p)
+    p.set_defaults(func=cmd_segment)
+
+    p = sub.add_parser("refine", help="pixel-level labels for your own segments (a label PNG from any source)",
+                       description="Read IMAGE's segments from --masks (a label map at any resolution: SAM, "
+                       "DINO k-means, a drawing, segment's own low-res labels ...), put them on the modulation "
+                       "grid by majority vote and read them out at pixel level like `segment` (same outputs, "
+                       "same settings; given segment's own low-res labels it reproduces segment).")
+    p.add_argument("image", metavar="IMAGE", help="the image file")
+    p.add_argument("--masks", required=True, metavar="LABELS.png",
+                   help="required: label map of IMAGE at any resolution with its aspect ratio (or square): an "
+                   "indexed or 8/16-bit greyscale PNG (value = segment) or an RGB PNG (one flat colour per "
+                   "segment)")
+    _add_output_args(p)
+    add_labeller_args(p)
+    _add_model_args(p)
+    add_config_args(p, kmeans=False)
+    p.set_defaults(func=cmd_refine)
+
+    p = sub.add_parser("layers", help="list every attention layer with kind, block and token grid",
+                       description="List the attention layers of MODEL's UNet, to pick probe layers.")
+    p.add_argument("model", help="'reference', a diffusers folder, a hub id or 'tiny'")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image size for the grid column (default: the UNet's sample size x the VAE factor)")
+    p.add_argument("--device", default="cpu", help="where to load the model (default: cpu)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--offline", action="store_true",
+                   help="never contact the hub, same as HF_HUB_OFFLINE=1 (default: off)")
+    p.set_defaults(func=cmd_layers)
+
+    p = sub.add_parser("figures", help="run the study notebooks (papermill) and write every figure",
+                       description="Run notebooks/NN_*.ipynb top to bottom with papermill (what `make "
+                       "figures` does, without the Make dependency tracking). A failing cell stops "
+                       "with that cell's error.")
+    p.add_argument("--model", default="reference",
+                   help="model for every notebook; sizes follow it as in `segment` (default: reference)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--out", default="figures", help="figure folder (default: figures)")
+    p.add_argument("--notebooks", default="notebooks", help="folder of the study notebooks (default: notebooks)")
+    p.add_argument("--executed", default="notebooks/executed",
+                   help="where executed copies go (default: notebooks/executed)")
+    p.add_argument("--only", nargs="*", help="notebook name prefixes to run, e.g. 00 04 (default: all)")
+    p.add_argument("--kernel", default="emerdiff",
+                   help="Jupyter kernel; 'emerdiff' is the one `make setup` registers and `make figures` "
+                   "uses, python3 is taken if it is missing (default: emerdiff)")
+    p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
+                   help="override a notebook parameter (JSON value), repeatable (default: none)")
+    p.set_defaults(func=cmd_figures)
+
+    from emerdiff.evaluation.runner import add_compare_parser
+    from emerdiff.evaluation.runner import add_parser as add_evaluate_parser
+
+    add_evaluate_parser(sub)
+    add_compare_parser(sub)
+    return parser
+
+
+def quiet_libraries() -> None:
+    """Silence transformers' and diffusers' progress bars ("Loading weights") and info logs (--quiet)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (transformers_logging, diffusers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `emerdiff` command; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "quiet", False):
+        quiet_libraries()
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as err:  # a clear one-line error for known failures
+        from emerdiff.sd.images import ImageError
+        from emerdiff.sd.loading import ModelLoadError
+
+        if isinstance(err, (ModelLoadError, ImageError, ValueError)):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,362 @@
+"""Response maps as data: a tidy table of difference maps and scores over any grid of Step C settings.
+
+    from emerdiff import sweep
+    records = sweep("photo.png", layers=[...], timesteps=[201, 401], strengths=[1, 10, 100], model="reference")
+    pd.DataFrame(records)      # one row per (layer, modulation_timestep, modulation_strength, mask)
+
+The image is prepared once (inverted up to the largest timestep; with ``readout_steps`` set no
+inversion is needed) and every setting is one call of :func:`emerdiff.studies.probes.perturb_images`
+(:meth:`EmerDiff.modulate` + decoding, which keeps I+, I- and the unmodulated I0 of the same
+batch). ``out=DIR`` streams: each setting's maps go to ``DIR/<setting>.npz`` and its rows are
+appended to ``DIR/records.jsonl`` as it finishes; a rerun into the same folder skips the
+settings already written, so a big grid survives interruptions and can be extended.
+
+Also here: the files of ``emerdiff segment --save-maps`` (:func:`save_maps_npz`,
+:func:`contact_sheet`, :func:`stage_segmentation_maps`).
+
+Note: ``emerdiff.studies.sweep`` is the function (the package re-exports it); import this module's
+other names with ``from emerdiff.studies.sweep import load_map``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from emerdiff.files import FileSet, check_output_dir, clean_stale_temps, write_atomic, write_atomic_bytes
+from emerdiff.method.measures import locality_scores, symmetry, token_labels
+from emerdiff.method.readout import assign_labels
+from emerdiff.sd.images import ImageInput, load_image
+
+if TYPE_CHECKING:
+    from emerdiff.method.pipeline import EmerDiff, PreparedImage
+    from emerdiff.sd.loading import SDPipeline
+
+RECORDS = "records.jsonl"
+META = "sweep.json"
+SWEPT = ("modulation_layer", "modulation_timestep", "modulation_strength")
+FORMAT_VERSION = 1
+
+
+# --------------------------------------------------------------------------- map files
+def save_maps_npz(path: str | os.PathLike, maps: Any, mask_ids: Sequence[int], lowres_labels: np.ndarray,
+                  config: dict[str, Any], **extra: Any) -> None:
+    """Write difference maps as float16: ``maps`` (K, R, R), ``mask_ids`` (K,), ``lowres_masks``
+    (K, h, w) bool, ``lowres_labels`` (h, w), ``config`` (JSON string) and any ``extra`` arrays
+    or JSON-able values (not atomic; callers go through :mod:`emerdiff.files`)."""
+    m = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
+    if not np.isfinite(m).all() or np.abs(m).max(initial=0) > np.finfo(np.float16).max:
+        raise ValueError("difference maps are not finite or too large for float16; lower the modulation strength")
+    ids = np.asarray(list(mask_ids), np.int64)
+    low = np.asarray(lowres_labels).astype(np.int64)
+    arrays = {k: (v if isinstance(v, np.ndarray) else np.array(json.dumps(v))) for k, v in extra.items()}
+    with open(path, "wb") as f:
+        np.savez_compressed(f, maps=m.astype(np.float16), mask_ids=ids, lowres_masks=low[None] == ids[:, None, None],
+                            lowres_labels=low, config=np.array(json.dumps(config)), **arrays)
+
+
+def load_map(record: dict[str, Any]) -> np.ndarray:
+    """The (R, R) float32 map of one :func:`sweep` record: in memory (``map``) or streamed (``map_file``)."""
+    if "map" in record:
+        return np.asarray(record["map"], np.float32)
+    with np.load(record["map_file"]) as z:
+        return z["maps"][int(record["map_index"])].astype(np.float32)
+
+
+def contact_sheet(image: Any, maps: Any, lowres_labels: np.ndarray, mask_ids: Sequence[int] | None = None,
+                  scores: Sequence[float] | None = None, model: str = "", title: str | None = None,
+                  per_row: int = 4) -> Any:
+    """One tile per mask: the mask outlined over the image | its difference map (shared colour scale).
+
+    ``image`` any form :func:`emerdiff.viz.to_uint8` takes (shown at the maps' size); ``scores``:
+    one number per mask shown in its title (e.g. locality). Returns the matplotlib Figure.
+    """
+    from emerdiff.viz import HEATMAP_CMAP, _axes_grid, _finish, highlight_mask, resize_image, show
+
+    m = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
+    ids = list(range(len(m))) if mask_ids is None else list(mask_ids)
+    size = m.shape[-2:]
+    img = resize_image(image, size)
+    tiles = min(per_row, len(m))
+    rows = -(-len(m) // tiles)
+    fig, axes = _axes_grid(rows, 2 * tiles, cell=1.7, title=title)
+    vmax = float(m.max(initial=0)) or 1.0
+    im = None
+    for n, (i, d) in enumerate(zip(ids, m)):
+        r, c = divmod(n, tiles)
+        show(axes[r, 2 * c], highlight_mask(img, np.asarray(lowres_labels) == i), f"mask {i}")
+        label = f"map {i}" + (f" · loc {scores[n]:.2f}" if scores is not None else "")
+        im = show(axes[r, 2 * c + 1], d, label, cmap=HEATMAP_CMAP, vmin=0, vmax=vmax)
+    for ax in axes.flat[2 * len(m):]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.6, label="||I- - I+||")
+    return _finish(fig, model, "shared colour scale")
+
+
+def stage_segmentation_maps(files: FileSet, out_dir: Path, stem: str, seg: Any, image: Any, model: str) -> list[Path]:
+    """``--save-maps``: stage ``STEM_maps.npz`` (every mask's map, float16, with the mask ids, the
+    low-res masks and the config) and ``STEM_maps.png`` (contact sheet) into an output set."""
+    import matplotlib.pyplot as plt
+
+    if seg.difference_maps is None:
+        raise ValueError("the segmentation has no difference maps; segment with return_difference_maps=True")
+    ids = list(range(seg.num_segments))
+    paths = [files.add(out_dir / f"{stem}_maps.npz", lambda p: save_maps_npz(
+        p, seg.difference_maps, ids, seg.lowres_labels, seg.config, locality=seg.locality.astype(np.float32),
+        model=model, image_size=list(seg.image_size)))]
+    fig = contact_sheet(image, seg.difference_maps, seg.lowres_labels, ids, seg.locality, model,
+                        title=f"{stem}: difference map of each mask")
+    try:
+        paths.append(files.add(out_dir / f"{stem}_maps.png", lambda p: fig.savefig(p, format="png", dpi=100)))
+    finally:
+        plt.close(fig)
+    return paths
+
+
+# --------------------------------------------------------------------------- the sweep
+def _as_list(values: Any, default: Any) -> list[Any]:
+    if values is None:
+        return [default]
+    if isinstance(values, (str, int, float)):
+        return [values]
+    out = list(values)
+    if not out:
+        raise ValueError("an empty list of settings sweeps nothing; give at least one value (or None: the config's)")
+    return out
+
+
+def _setting_name(layer: str, t: int, strength: float) -> str:
+    return f"{layer}__t{int(t)}__lambda{float(strength)!r}"
+
+
+def _fingerprint(array: Any) -> str:
+    a = np.ascontiguousarray(array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array))
+    return hashlib.sha256(str((a.shape, str(a.dtype))).encode() + a.tobytes()).hexdigest()
+
+
+def _resolve(ed: EmerDiff | None, model: Any, config: Any) -> EmerDiff:
+    from emerdiff.method.pipeline import EmerDiff
+
+    if ed is not None:
+        if model is not None or config is not None:
+            raise ValueError("give ed=EmerDiff(...) or model= (and config=), not both")
+        return ed
+    if model is None:
+        raise ValueError("sweep needs a model: model='reference' (a name, folder or loaded SDPipeline) or ed=EmerDiff(...)")
+    if isinstance(model, (str, os.PathLike)):
+        from emerdiff.sd.loading import load_pipeline
+
+        model = load_pipeline(model)
+    if config is None:
+        from emerdiff.config import EmerDiffConfig, config_sizes
+
+        config = EmerDiffConfig.from_dict({**EmerDiffConfig().to_dict(), **config_sizes(model.source)})
+    return EmerDiff(model, config)
+
+
+def _read_records(out: Path) -> list[dict[str, Any]]:
+    """The complete lines of records.jsonl (a line cut by a kill is dropped; the file is rewritten
+    without it, so the next append starts on a line of its own)."""
+    path = out / RECORDS
+    if not path.exists():
+        return []
+    good, bad = [], 0
+    text = path.read_text()
+    for line in text.splitlines():
+        try:
+            good.append(json.loads(line))
+        except json.JSONDecodeError:
+            bad += 1
+    if bad or (text and not text.endswith("\n")):
+        write_atomic_bytes(path, "".join(json.dumps(r) + "\n" for r in good).encode())
+    return good
+
+
+def _append_records(out: Path, rows: list[dict[str, Any]]) -> None:
+    with open(out / RECORDS, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _scores(pert: Any, maps: torch.Tensor, labels: np.ndarray, ids: list[int], blur_sigma: float) -> dict[str, Any]:
+    """Per-mask scores of one setting: locality, energy, symmetry, agreement (the mask's token recall)
+    and, repeated on each row, the setting's token agreement and its chance level."""
+    loc = locality_scores(maps, labels, ids)
+    energy = maps.float().pow(2).flatten(1).mean(1).cpu().numpy()
+    sym = symmetry(pert.plus, pert.minus, pert.reference)
+    ids_arr = np.asarray(ids)
+    pixel = ids_arr[assign_labels(maps, blur_sigma).cpu().numpy()]  # argmax among the swept masks, as mask ids
+    tok = token_labels(pixel, labels.shape, int(labels.max()) + 1)
+    covered = np.isin(labels, ids_arr)
+    recall = np.array([float((tok[labels == i] == i).mean()) for i in ids])
+    counts = np.array([(labels == i).sum() for i in ids])
+    return dict(locality=loc, energy=energy, symmetry=sym, agreement=recall,
+                setting_agreement=float((tok[covered] == labels[covered]).mean()),
+                agreement_chance=float(counts.max() / counts.sum()))
+
+
+def sweep(
+    image: ImageInput | PreparedImage,
+    layers: str | Sequence[str] | None = None,
+    timesteps: int | Sequence[int] | None = None,
+    strengths: float | Sequence[float] | None = None,
+    masks: Sequence[int] | None = None,
+    *,
+    ed: EmerDiff | None = None,
+    model: SDPipeline | str | os.PathLike | None = None,
+    config: Any = None,
+    lowres_labels: np.ndarray | None = None,
+    out: str | os.PathLike | None = None,
+    progress: bool = True,
+    **overrides: Any,
+) -> list[dict[str, Any]]:
+    """Difference maps and scores for every (layer, t_m, lambda) of a grid: a tidy table.
+
+    Args:
+        image: any image :func:`emerdiff.load_image` takes, or a :class:`PreparedImage` (used as is).
+        layers, timesteps, strengths: modulation layers, modulation timesteps (on the schedule)
+            and strengths lambda to sweep; each a value or a list; None: the config's one value.
+        masks: which low-resolution segments to perturb (ids; default all).
+        ed: the :class:`EmerDiff` to run; or ``model`` (an SDPipeline, 'reference', 'tiny', a folder or
+            hub id) and optionally ``config`` (default: the model's size rule, as ``segment``).
+        lowres_labels: segments from any source instead of k-means (as :meth:`EmerDiff.refine`).
+        out: a folder to stream into (``DIR/<layer>__t<t>__lambda<lambda>.npz`` per setting and
+            ``DIR/records.jsonl``); a rerun with the same image and settings skips what is there.
+        overrides: other fields of :data:`emerdiff.method.pipeline.MODULATION_FIELDS` fixed for the whole
+            sweep (``readout_steps=1``, ``attention_injection=False``, ``max_batch``, ...).
+    Returns:
+        One dict per (layer, modulation_timestep, modulation_strength, mask), in grid order, with
+        ``layer``, ``modulation_timestep``, ``modulation_strength``, ``readout_steps``,
+        ``attention_injection``, ``mask``, ``mask_area`` (the locality's chance level), ``locality``,
+        ``energy`` (mean d^2), ``symmetry`` (1 antisymmetric, 0 chance), ``agreement`` (share of
+        the mask's tokens that keep its label in the argmax over the swept masks),
+        ``setting_agreement`` and ``agreement_chance`` (the setting's token agreement and its chance
+        level), and the map: ``map`` ((R, R) float32) in memory, or ``map_file`` + ``map_index``
+        when streaming (:func:`load_map` reads either). ``pandas.DataFrame(records)`` is the table.
+    """
+    from emerdiff.method.pipeline import MODULATION_FIELDS, EmerDiff, PreparedImage
+    from emerdiff.studies.probes import perturb_images, short_layer
+
+    ed = _resolve(ed, model, config)
+    cfg = ed.config
+    swept = sorted(set(overrides) & set(SWEPT))
+    if swept:
+        raise ValueError(f"{swept} are swept: give them as layers= / timesteps= / strengths=")
+    bad = sorted(set(overrides) - set(MODULATION_FIELDS))
+    if bad:
+        raise ValueError(f"cannot fix {bad} for a sweep; allowed: {[f for f in MODULATION_FIELDS if f not in SWEPT]}")
+    grid = [(layer, int(t), float(s)) for layer in _as_list(layers, cfg.modulation_layer)
+            for t in _as_list(timesteps, cfg.modulation_timestep)
+            for s in _as_list(strengths, cfg.modulation_strength)]
+    if len(set(grid)) != len(grid):
+        raise ValueError("a setting is repeated in the grid; give each layer, timestep and strength once")
+    settings = {}
+    for layer, t, s in grid:  # every setting checked against the model before any work
+        settings[(layer, t, s)] = ed.modulation_config(modulation_layer=layer, modulation_timestep=t,
+                                                       modulation_strength=s, **overrides)
+    readout_steps = overrides.get("readout_steps", cfg.readout_steps)
+    injection = overrides.get("attention_injection", cfg.attention_injection)
+    prepared = image if isinstance(image, PreparedImage) else None
+    img = prepared.image if prepared is not None else load_image(image)
+    request = dict(format=FORMAT_VERSION, image=_fingerprint(img), model=ed.model.source, config=cfg.to_dict(),
+                   masks=None if masks is None else [int(i) for i in masks],
+                   lowres_labels=None if lowres_labels is None else _fingerprint(lowres_labels),
+                   prepared_segments=None if prepared is None else _fingerprint(prepared.segments.labels),
+                   overrides={k: overrides[k] for k in sorted(overrides)})
+    request = json.loads(json.dumps(request))  # compare in the form the file holds
+
+    folder = None if out is None else Path(out)
+    stored: dict[str, Any] | None = None
+    done: dict[str, list[dict[str, Any]]] = {}
+    if folder is not None:
+        check_output_dir(folder, "out")
+        folder.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps([folder])
+        if (folder / META).exists():
+            stored = json.loads((folder / META).read_text())
+            diff = sorted(k for k in set(request) | set(stored["request"]) if request.get(k) != stored["request"].get(k))
+            if diff:
+                raise ValueError(f"{folder} holds a sweep of another image or other settings (differs in {diff}); "
+                                 "pass another out= folder or delete this one")
+            by_setting: dict[str, dict[int, dict[str, Any]]] = {}
+            for row in _read_records(folder):
+                by_setting.setdefault(row["setting"], {})[row["mask"]] = row  # a repeated row: the last wins
+            for name, rows in by_setting.items():
+                if set(rows) == set(stored["mask_ids"]) and (folder / f"{name}.npz").exists():
+                    done[name] = [rows[i] for i in stored["mask_ids"]]
+    pending = [key for key in grid if _setting_name(*key) not in done]
+
+    ids: list[int] = [] if stored is None else list(stored["mask_ids"])
+    if pending:
+        if prepared is None:
+            # the full-schedule readout replays the inversion up to the largest t_m; a reduced one needs none
+            prep_ed = ed if cfg.readout_steps == readout_steps else EmerDiff(ed.model, cfg.replace(
+                readout_steps=readout_steps))
+            prepared = prep_ed.prepare(img, t_stop=max(t for _, t, _ in pending), progress=progress,
+                                       lowres_labels=lowres_labels)
+        elif lowres_labels is not None:
+            raise ValueError("lowres_labels cannot change a PreparedImage; prepare(image, lowres_labels=...) instead")
+        for _, t, _ in pending:
+            prepared.check_start(t, readout_steps)
+        k = prepared.segments.num_segments
+        resolved = list(range(k)) if masks is None else [int(i) for i in masks]
+        out_of_range = [i for i in resolved if not 0 <= i < k]
+        if out_of_range or len(set(resolved)) != len(resolved) or not resolved:
+            raise ValueError(f"masks must be distinct ids of the {k} segments (0..{k - 1}), got {masks}")
+        if stored is not None and resolved != ids:
+            raise ValueError(f"{folder}: the segments differ from the stored sweep's; pass another out= folder")
+        ids = resolved
+        if folder is not None and stored is None:
+            stored = dict(request=request, mask_ids=ids, lowres_labels=prepared.segments.labels.tolist())
+            write_atomic_bytes(folder / META, json.dumps(stored, indent=1).encode())
+    labels = None if prepared is None else prepared.segments.labels
+
+    results: dict[str, list[dict[str, Any]]] = dict(done)
+    bar = tqdm(total=len(grid), initial=len(grid) - len(pending), desc="sweep (settings)", disable=not progress)
+    for layer, t, s in pending:
+        name = _setting_name(layer, t, s)
+        run = settings[(layer, t, s)]
+        pert = perturb_images(ed, prepared, ids, modulation_layer=layer, modulation_timestep=t,
+                              modulation_strength=s, **overrides)
+        maps = pert.difference("pair")
+        sc = _scores(pert, maps, labels, ids, run.blur_sigma)
+        area = [float((labels == i).mean()) for i in ids]
+        rows = []
+        for n, i in enumerate(ids):
+            rows.append(dict(setting=name, layer=layer, short=short_layer(layer), modulation_timestep=t,
+                             modulation_strength=s, readout_steps=readout_steps, attention_injection=injection,
+                             mask=i, mask_area=area[n], **{key: float(v[n]) for key, v in sc.items()
+                                                           if isinstance(v, np.ndarray)},
+                             setting_agreement=sc["setting_agreement"], agreement_chance=sc["agreement_chance"]))
+        if folder is not None:
+            write_atomic(folder / f"{name}.npz", lambda p: save_maps_npz(
+                p, maps, ids, labels, run.to_dict(), setting=dict(layer=layer, modulation_timestep=t,
+                                                                   modulation_strength=s)))
+            for n, row in enumerate(rows):
+                row.update(map_file=f"{name}.npz", map_index=n)
+            _append_records(folder, rows)  # after the maps: a row always has its file
+        else:
+            maps_np = maps.float().cpu().numpy()
+            for n, row in enumerate(rows):
+                row["map"] = maps_np[n]
+        results[name] = rows
+        bar.update(1)
+    bar.close()
+    records = []
+    for key in grid:
+        for row in results[_setting_name(*key)]:
+            row = dict(row)
+            if folder is not None:
+                row["map_file"] = str(folder / Path(row["map_file"]).name)
+            records.append(row)
+    return records

@@ -1,0 +1,253 @@
+"""Held-out evaluation of a model on the scene world, and the locality probe for training.
+
+    # 100 held-out scenes (seeds never used in training), both protocols + open vocabulary
+    python -m training.heldout --model reference --n 100 --out runs/reference-eval
+
+writes ``OUT/data`` (images/, labels/, classes.txt), the ordinary
+``emerdiff evaluate`` outputs, and ``OUT/results.md``: one table with mIoU of
+EmerDiff, bilinear and nearest upsampling under both protocols, the open-
+vocabulary rows of the cross-attention labeller, the mean locality, and the
+settings used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emerdiff.assets import model_world
+from emerdiff.assets.scenes import CLASSES, heldout_scene_seeds, make_scene
+
+__all__ = ["model_world", "write_heldout_folder", "locality_probe", "learning_curve_probe", "results_table", "main"]
+
+# Settings for the reference model: 128 px scenes, 16x16 query grid.
+# K = 8 with max_batch 17 puts all 2K modulated runs and the reference in one UNet batch.
+REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=8, blur_sigma=1.0, max_batch=17)
+# Held-out scenes 0-99 are the test set (this module's table); 100 and up are for validation:
+# training monitoring (locality_probe) and the diagnosis notebook explore settings there.
+VALIDATION_START = 100
+
+
+def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0,
+                         world: str = "textured") -> Path:
+    """Render ``n`` held-out scenes of ``world`` into the generic folder layout (idempotent)."""
+    from PIL import Image
+
+    root = Path(root)
+    marker = root / "world.txt"
+    if marker.exists() and marker.read_text().strip() != world:
+        raise SystemExit(f"{root} holds scenes of the {marker.read_text().strip()!r} world, not {world!r}; "
+                         "use another folder")
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    marker.write_text(world + "\n")
+    for seed in heldout_scene_seeds(n, start):
+        name = f"scene_{seed[1]:05d}.png"
+        if (root / "images" / name).exists() and (root / "labels" / name).exists():
+            continue
+        scene = make_scene(seed, size, world=world)
+        Image.fromarray(scene.image).save(root / "images" / name)
+        Image.fromarray(scene.labels.astype(np.uint8), mode="L").save(root / "labels" / name)
+    return root
+
+
+def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clusters: int = 6,
+                   start: int = VALIDATION_START) -> dict[str, float]:
+    """Training eval hook on ``n`` validation scenes: mean locality, per-image Hungarian mIoU and
+    pixel accuracy (each segment mapped to its majority class) of EmerDiff and nearest upsampling.
+
+    Locality = share of each difference map's energy inside its perturbed
+    mask; a readout that ignores the mask scores about the mask's area (~1/K).
+    Watch the accuracies more than the mIoU: one-to-one matching with more
+    segments than classes rewards segments that vanish from a noisy argmax
+    (docs/reference/diagnosis.md). v0 was monitored on test scenes 0-3 (start=0).
+    """
+    import torch
+
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.evaluation.metrics import hungarian_miou
+    from emerdiff.method.pipeline import EmerDiff
+    from emerdiff.sd.loading import load_pipeline
+    from emerdiff.studies.diagnosis import majority_correct
+
+    torch.manual_seed(0)
+    world = model_world(pipeline_folder)
+    model = load_pipeline(pipeline_folder, device="cpu")
+    cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2,
+                            "max_batch": 2 * num_clusters + 1})
+    seg = EmerDiff(model, cfg)
+    loc, scores, acc = [], {"emerdiff": [], "nearest": []}, {"emerdiff": [], "nearest": []}
+    for seed in heldout_scene_seeds(n, start=start):
+        scene = make_scene(seed, 128, world=world)
+        s = seg.segment(scene.image, progress=False)
+        loc.append(float(np.mean(s.locality)))
+        for name, pred in (("emerdiff", s.labels), ("nearest", s.nearest_labels)):
+            scores[name].append(hungarian_miou(pred, scene.labels, len(CLASSES)))
+            acc[name].append(float(majority_correct(pred, scene.labels).mean()))
+    return {"locality": float(np.mean(loc)), "chance_locality": 1.0 / num_clusters,
+            **{f"miou_{k}": float(np.mean(v)) for k, v in scores.items()},
+            **{f"acc_{k}": float(np.mean(v)) for k, v in acc.items()}}
+
+
+# Readouts the learning curve follows beside the paper's (t_m 281, 15 steps after it):
+# a shorter path after the perturbation kept more locality on v0/v1 (docs/reference/diagnosis.md).
+CURVE_READOUTS: dict[str, dict[str, Any]] = {"t_m=81": {"modulation_timestep": 81}, "readout_steps=1": {"readout_steps": 1}}
+
+
+def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, start: int = VALIDATION_START,
+                         config: dict[str, Any] | None = None,
+                         readouts: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Training eval hook for reference v2, on ``n`` validation scenes of the model's world.
+
+    Logs locality at each stage of the paper readout (after the modulated call, after
+    the later denoising steps, decoded; chance = mean mask area) and majority-mapped pixel
+    accuracy of EmerDiff (paper readout and :data:`CURVE_READOUTS`), nearest and bilinear
+    upsampling of the same K = 8 segments. Majority-mapped accuracy, not per-image
+    Hungarian mIoU, is what says whether EmerDiff beats upsampling here
+    (docs/reference/diagnosis.md). ``config`` overrides :data:`REFERENCE_CONFIG` fields and
+    ``readouts`` replaces :data:`CURVE_READOUTS` (tests use both on the tiny model).
+    """
+    import torch
+
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.evaluation.datasets import ProbeImage
+    from emerdiff.method.pipeline import EmerDiff
+    from emerdiff.method.readout import bilinear_upsample
+    from emerdiff.sd.loading import load_pipeline
+    from emerdiff.studies.diagnosis import label_moves, locality_by_stage, majority_correct
+    from emerdiff.studies.probes import with_config
+
+    torch.manual_seed(0)
+    world = model_world(pipeline_folder)
+    ed = EmerDiff(load_pipeline(pipeline_folder, device="cpu"), EmerDiffConfig(**{**REFERENCE_CONFIG, **(config or {})}))
+    readouts = CURVE_READOUTS if readouts is None else readouts
+    variants = {name: with_config(ed, **changes) for name, changes in readouts.items()}
+    t_stop = max([ed.config.modulation_timestep, *(v.config.modulation_timestep for v in variants.values())])
+    rows: dict[str, list[float]] = {}
+
+    def add(key: str, value: float) -> None:
+        rows.setdefault(key, []).append(float(value))
+
+    for seed in heldout_scene_seeds(n, start=start):
+        scene = make_scene(seed, 128, world=world)
+        item = ProbeImage(f"scene_{seed[1]}", scene.image, scene.labels, len(CLASSES))
+        prepared = ed.prepare(scene.image, t_stop=t_stop)
+        stages = locality_by_stage(ed, prepared)
+        for stage in ("modulated_call", "denoised_latent", "decoded", "chance"):
+            add(f"locality_{stage}", stages[stage])
+        moves = label_moves(ed, prepared, stages["maps"]["decoded"], item)
+        add("acc_emerdiff", moves["acc_emerdiff_all"])
+        add("acc_nearest", moves["acc_nearest_all"])
+        segs = prepared.segments
+        bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, prepared.image_size)
+        add("acc_bilinear", majority_correct(bilinear, scene.labels).mean())
+        for name, variant in variants.items():
+            maps, _ = variant.perturb(prepared)
+            add(f"acc_emerdiff_{name}", label_moves(variant, prepared, maps, item)["acc_emerdiff_all"])
+    return {"world": world, "scenes": n, **{k: float(np.mean(v)) for k, v in rows.items()}}
+
+
+def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
+                  intervals: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
+    """Markdown table of evaluation rows (from results.json files); with ``intervals``
+    (:func:`emerdiff.evaluation.metrics.bootstrap_protocols`) a 95 % interval column and a second table
+    of EmerDiff's differences to each baseline."""
+    intervals = intervals or {}
+    lines = ["| protocol | method | mIoU | 95 % interval | pixel acc. | locality |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        loc = "" if row.get("locality") is None else f"{row['locality']:.3f}"
+        ci = intervals.get(row["protocol"], {}).get(row["method"])
+        span = f"[{ci['lo']:.1f}, {ci['hi']:.1f}]" if ci else ""
+        lines.append(f"| {row['protocol']} | {row['method']} | {row['miou']:.1f} | {span} | "
+                     f"{row['pixel_accuracy']:.1f} | {loc} |")
+    listed = {row["protocol"] for row in rows}
+    for protocol, per in intervals.items():  # protocols scored by the bootstrap alone (the oracle "majority")
+        if protocol not in listed:
+            lines += [f"| {protocol} | {m} | {v['value']:.1f} | [{v['lo']:.1f}, {v['hi']:.1f}] |  |  |"
+                      for m, v in per.items() if "-" not in m]
+    diffs = [(p, name, v) for p, per in intervals.items() for name, v in per.items() if "-" in name]
+    if diffs:
+        lines += ["", "| protocol | difference (mIoU) | value | 95 % interval | excludes 0 |", "|---|---|---|---|---|"]
+        for protocol, name, v in diffs:
+            excludes = "yes" if v["lo"] > 0 or v["hi"] < 0 else "no"
+            lines.append(f"| {protocol} | {name.replace('-', ' - ')} | {v['value']:+.1f} | "
+                         f"[{v['lo']:+.1f}, {v['hi']:+.1f}] | {excludes} |")
+    lines.append("")
+    lines.append("settings: " + json.dumps(settings, sort_keys=True))
+    return "\n".join(lines) + "\n"
+
+
+def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0) -> dict[str, Any]:
+    """Bootstrap intervals over the ``n`` held-out scenes (from index ``start``) of an ``evaluate`` output folder."""
+    from emerdiff.evaluation.metrics import KNOWN_PROTOCOLS, bootstrap_protocols
+    from emerdiff.evaluation.runner import load_record, record_path
+
+    ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n, start)]
+    records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]
+    # the oracle "majority" protocol too: the readout's label map apart from any mask labelling
+    return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot, protocols=KNOWN_PROTOCOLS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from emerdiff.evaluation.runner import build_parser, run
+
+    p = argparse.ArgumentParser(prog="python -m training.heldout", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="reference", help="model to evaluate (default: reference)")
+    p.add_argument("--n", type=int, default=100, help="held-out scenes (default 100)")
+    p.add_argument("--start", type=int, default=0,
+                   help=f"first scene index: 0 = the test scenes (default); {VALIDATION_START} = validation "
+                        "scenes, for choosing a model or readout without looking at the test scenes")
+    p.add_argument("--out", required=True)
+    p.add_argument("--world", default=None, choices=["textured", "flat"],
+                   help="scene world (default: the one the model was trained on, from its reference.json)")
+    p.add_argument("--k", type=int, default=REFERENCE_CONFIG["num_clusters"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
+                   help="weights dtype (default: float16 on CUDA, float32 on CPU)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="other config fields")
+    p.add_argument("--no-openvocab", action="store_true", help="skip the open-vocabulary rows")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="resamples of the 95 %% interval over scenes of each mIoU (default 1000)")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    data = write_heldout_folder(out / "data", args.n, start=args.start, world=args.world or model_world(args.model))
+    if args.bootstrap < 100:
+        p.error(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 1000)")
+    sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", f"max_batch={REFERENCE_CONFIG['max_batch']}", *args.set]
+    common = ["--data", str(data), "--model", args.model, "--k", str(args.k),
+              "--resolution", str(REFERENCE_CONFIG["resolution"]), *sum([["--set", s] for s in sets], [])]
+    if args.device:
+        common += ["--device", args.device]
+    if args.dtype:
+        common += ["--dtype", args.dtype]
+    if args.quiet:
+        common += ["--quiet"]
+    # One per-image cache for both runs, filled by the first (open vocabulary needs the
+    # segmentation too, so it goes first and the mask protocols then only merge). Each run
+    # rewrites results.json, so rows are collected in between.
+    rows = []
+    protocols = ([] if args.no_openvocab else ["openvocab"]) + ["all"]
+    for protocol in protocols:
+        run(build_parser().parse_args([*common, "--protocol", protocol, "--labeller", "unet",
+                                       "--bootstrap", str(args.bootstrap), "--out", str(out / "evaluate")]))
+        rows += json.loads((out / "evaluate" / "results.json").read_text())["rows"]
+    world = args.world or model_world(args.model)
+    settings = {"model": args.model, "world": world, "scenes": args.n, "first_scene": args.start, "k": args.k, **REFERENCE_CONFIG,
+                "set": args.set, "device": args.device, "dtype": args.dtype}
+    intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap, start=args.start)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
+                                                 indent=2))
+    table = results_table(rows, settings, intervals)
+    (out / "results.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
