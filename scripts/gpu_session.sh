@@ -3,20 +3,26 @@
 # flat world, keep float16 snapshots for a learning curve evaluated on the CPU afterwards, then the
 # SD-size benchmark rows. Everything the session needs comes back through $OUT (8 files at most).
 #
-#   bash scripts/gpu_session.sh            # BUDGET=570 seconds by default
+#   bash scripts/gpu_session.sh            # from the repository root
+#
+# Settings (environment variables; defaults in brackets):
+#   OUT     where the files that come back are written [$OUT of the device tool, else runs/gpu_out]
+#   RUNS    the runs folder, relative to the repository root or absolute [runs]; runs a and b go in it
+#   BUDGET  seconds the whole script may take [570: a 600 s device call less a margin]
+#   POOL, DEVICE, INIT, LRS, BENCH, BATCH, WARMUP, EVAL_EVERY: see below
 #
 # Needs the carried folder .gpu/ with the diffusers wheel (the machine has torch and transformers,
 # not diffusers) and a photo for the benchmark (.gpu/voc.jpg).
 set -u
 T0=$(date +%s)
-OUT=${OUT:-/tmp/gpu_out}
+OUT=${OUT:-runs/gpu_out}
 BUDGET=${BUDGET:-570}
 POOL=${POOL:-60000}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu BUDGET=150 POOL=300: a smoke run on a CPU
 INIT=${INIT:-}           # INIT=emerdiff/assets/weights: continue the shipped model instead of from scratch
 LRS=(${LRS:-5e-4 1e-3})  # learning rates of runs a and b
 BENCH=${BENCH:-1}        # BENCH=0: all the time to training
-R=/tmp/runs
+R=${RUNS:-runs}
 mkdir -p "$R" "$OUT"
 source scripts/gpu_env.sh "$R/env.txt"
 left() { echo $((T0 + BUDGET - $(date +%s))); }

@@ -7,19 +7,27 @@
 #
 # Needs the carried folder .gpu/ with the diffusers wheel (the machine has torch, not diffusers) and,
 # for a second model, SNAPSHOT=.gpu/NAME.safetensors (a keep_snapshot file; unpacked on v2's VAE).
+#
+# Settings (environment variables; defaults in brackets), run from the repository root:
+#   OUT     where the files that come back are written [$OUT of the device tool, else runs/gpu_out]
+#   RUNS    the runs folder, relative to the repository root or absolute [runs]; the sweep goes in
+#           $RUNS/sweep and an unpacked snapshot in $RUNS/NAME
+#   BUDGET  seconds the whole script may take [520: a 600 s device call less the start and a margin]
+#   SNAPSHOT, N, WORKERS, DEVICE, EXTRA: see the examples above
 set -u
 T0=$(date +%s)
-OUT=${OUT:-/tmp/gpu_out}
+OUT=${OUT:-runs/gpu_out}
 BUDGET=${BUDGET:-520}
 SNAPSHOT=${SNAPSHOT:-.gpu/b_step_001400.safetensors}
-R=/tmp/sweep
+RUNS=${RUNS:-runs}
+R=$RUNS/sweep
 mkdir -p "$OUT" "$R"
 source scripts/gpu_env.sh "$OUT/env.txt"
 MODELS=(--model v2=reference)
 if [ -f "$SNAPSHOT" ]; then
   name=$(basename "$SNAPSHOT" .safetensors)
-  python3 -c "from training.train import unpack_snapshot as u; u('$SNAPSHOT', 'emerdiff/assets/weights', '/tmp/$name')" || exit 1
-  MODELS+=(--model "$name=/tmp/$name")
+  python3 -c "from training.train import unpack_snapshot as u; u('$SNAPSHOT', 'emerdiff/assets/weights', '$RUNS/$name')" || exit 1
+  MODELS+=(--model "$name=$RUNS/$name")
 fi
 LEFT=$(( BUDGET - ($(date +%s) - T0) - 15 ))
 python3 -m training.readout_sweep "${MODELS[@]}" --out "$R" --n "${N:-150}" --workers "${WORKERS:-12}" \
