@@ -31,7 +31,7 @@ def prepared_ed(tiny_model):
 def test_sweep_is_the_package_function():
     from emerdiff.studies.sweep import sweep
 
-    assert emerdiff.studies.sweep is sweep and "sweep" in emerdiff.__all__
+    assert emerdiff.sweep is sweep and "sweep" in emerdiff.__all__
 
 
 def test_one_row_per_setting_and_mask_and_maps_equal_perturb(prepared_ed):
