@@ -16,7 +16,7 @@ $(PY):
 $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH)"
-	$(PIP) install -e ".[dev]"
+	$(PIP) install -e ".[dev,notebooks]"
 	$(PY) -m ipykernel install --sys-prefix --name emerdiff --display-name "Python (emerdiff)"
 	touch $@
 

@@ -317,7 +317,12 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
 
 def cmd_figures(args: argparse.Namespace) -> int:
     """Run the study notebooks with papermill; each writes its figures into --out."""
-    import papermill
+    try:
+        import papermill
+    except ImportError:  # papermill is in the notebooks extra, not the core install
+        print("error: `emerdiff figures` runs the notebooks with papermill, which is not installed: "
+              "pip install 'emerdiff[notebooks]'", file=sys.stderr)
+        return 2
 
     folder = Path(args.notebooks)
     notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
@@ -351,8 +356,10 @@ def cmd_figures(args: argparse.Namespace) -> int:
 
 def jupyter_kernel(preferred: str = "emerdiff") -> str:
     """``preferred`` if that Jupyter kernel is registered, else python3 (a venv without `make setup`)."""
-    from jupyter_client.kernelspec import KernelSpecManager
-
+    try:
+        from jupyter_client.kernelspec import KernelSpecManager
+    except ImportError as e:  # comes with the notebooks extra (papermill, ipykernel)
+        raise ImportError("finding the Jupyter kernel needs jupyter_client: pip install 'emerdiff[notebooks]'") from e
     return preferred if preferred in KernelSpecManager().find_kernel_specs() else "python3"
 
 

@@ -291,12 +291,23 @@ def failure_cases(entries: Sequence[Mapping[str, Any]], model: str) -> Any:
 
 
 # ------------------------------------------------------------------ probe plots
+def _seaborn() -> tuple[Any, Any]:
+    """pandas and seaborn, which the probe plots need and the core install lacks (the notebooks extra)."""
+    try:
+        import pandas as pd
+        import seaborn as sns
+    except ImportError as e:
+        raise ImportError(f"the probe plots need seaborn and pandas ({e.name} is missing): "
+                          "pip install 'emerdiff[notebooks]'") from e
+    return pd, sns
+
+
 def probe_heatmap(rows: Sequence[Mapping[str, Any]], index: str, columns: str, value: str, model: str,
                   title: str, fmt: str = ".2f", ax: Any = None) -> Any:
     """Seaborn heat map of ``value`` averaged over rows sharing (index, columns)."""
     import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
+
+    pd, sns = _seaborn()
 
     df = pd.DataFrame(list(rows))
     table = df.pivot_table(index=index, columns=columns, values=value, aggfunc="mean", sort=False)
@@ -313,8 +324,8 @@ def probe_bars(rows: Sequence[Mapping[str, Any]], x: str, y: str, model: str, ti
                hue: str | None = None, rotate: bool = True) -> Any:
     """Seaborn bar plot of ``y`` per ``x`` (mean and spread over the rows sharing x)."""
     import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
+
+    pd, sns = _seaborn()
 
     df = pd.DataFrame(list(rows))
     n = df[x].nunique()
@@ -330,8 +341,8 @@ def sweep_lines(rows: Sequence[Mapping[str, Any]], x: str, ys: Sequence[str], mo
                 hue: str | None = None) -> Any:
     """One panel per metric in ``ys``: line of the mean over images/seeds vs ``x`` with a sd band."""
     import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
+
+    pd, sns = _seaborn()
 
     df = pd.DataFrame(list(rows))
     ys = [y for y in ys if y in df and df[y].notna().any()]
