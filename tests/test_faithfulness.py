@@ -163,8 +163,9 @@ def test_deletion_test_on_the_tiny_model(tiny_model, fast_config, photo):
     out = deletion_test(ed, photo, seg, mask, fill="mean")
     assert out["mask"] == mask and out["control"] == int(np.delete(np.arange(len(areas)), mask)[
         np.delete(areas, mask).argmax()])
-    # "before" is the segmentation's own run (refine reproduces segment given its segments)
-    np.testing.assert_allclose(out["maps_before"][0], seg.difference_maps[mask], atol=1e-6)
+    # "before" is the segmentation's own run (refine reproduces segment given its segments), up to fp32
+    # noise: the deletion test batches one mask's runs, the segmentation all of them (max 2e-4 relative here)
+    np.testing.assert_allclose(out["maps_before"][0], seg.difference_maps[mask], rtol=2e-3, atol=1e-5)
     assert out["response_before"] > 0 and out["response_after"] >= 0
     assert out["ratio"] == pytest.approx(out["response_after"] / out["response_before"])
     assert np.isfinite(out["control_ratio"]) and 0 <= out["locality_after"] <= 1
