@@ -1,8 +1,10 @@
 """Shared pieces of the benchmark scripts: models, memory probes, the measured runs.
 
 Everything here is built from emerdiff's public pieces (``EmerDiff.prepare`` /
-``modulate`` / ``perturb``, ``difference_maps``, ``assign_labels``),
+``modulate`` / ``perturb``, ``difference_maps``, ``EmerDiff.readout``),
 so what is timed is the package's own code path, not a re-implementation.
+The labels are Step D as ``EmerDiff.segment`` runs it (every field of
+``emerdiff.method.readout.READOUT_FIELDS``, the assignment radius included).
 
 Two runners produce a :class:`Run` each:
 
@@ -38,8 +40,6 @@ import torch
 from emerdiff import EmerDiffConfig
 from emerdiff.method.modulation import difference_maps
 from emerdiff.method.pipeline import EmerDiff, StageClock
-from emerdiff.method.readout import assign_labels
-from emerdiff.sd.images import resize_labels
 from emerdiff.sd.loading import SDPipeline, load_pipeline, resolve_device, resolve_dtype
 
 RANDOM_MODELS = {"sd15-random": "sd15", "sd21-random": "sd21-base"}
@@ -168,14 +168,15 @@ class Run:
         return int(sum(self.unet_samples.values()))
 
 
-def _assign(pipe: EmerDiff, maps: torch.Tensor, size: tuple[int, int], clock: StageClock) -> np.ndarray:
+def _assign(pipe: EmerDiff, maps: torch.Tensor, prepared: Any, clock: StageClock) -> np.ndarray:
+    """Step D through ``EmerDiff.readout`` (what ``segment`` runs), timed as the 'assign' stage."""
     with clock.stage("assign"):
-        model_res = assign_labels(maps, pipe.config.blur_sigma)
-        return resize_labels(model_res.cpu(), size)
+        return pipe.readout(maps, prepared, prepared.image_size)
 
 
 def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa") -> Run:
-    """Our pipeline, stage by stage as ``EmerDiff.segment`` runs it (labels are identical).
+    """Our pipeline, stage by stage as ``EmerDiff.segment`` runs it (the same labels: the same
+    preparation, maps and ``EmerDiff.readout``).
 
     attention: "sdpa" (the fused kernel, as shipped) or "explicit" (hand-computed
     probabilities: the non-fused comparison). Preparation is ``pipe.prepare``, so
@@ -198,7 +199,7 @@ def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa") -> Run:
                 maps, _ = difference_maps(pipe.model, latents, cfg.decode_batch)
         else:
             raise ValueError(f"attention must be 'sdpa' or 'explicit', got {attention!r}")
-        labels = _assign(pipe, maps, prepared.image_size, clock)
+        labels = _assign(pipe, maps, prepared, clock)
         total = time.perf_counter() - t0
     timings = stage_view(clock.timings)
     timings["total"] = total
@@ -247,7 +248,7 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
                 latents, _ = pipe.modulate(prepared, [i], max_batch=3, counter=counter)
             with clock.stage("decode"):
                 maps.append(difference_maps(pipe.model, latents, decode_batch=2)[0])
-        labels = _assign(pipe, torch.cat(maps), prepared.image_size, clock)
+        labels = _assign(pipe, torch.cat(maps), prepared, clock)
         total = time.perf_counter() - t0
     timings = stage_view(clock.timings)
     timings["total"] = total

@@ -60,13 +60,11 @@ from emerdiff.evaluation.datasets import load_probe_images  # noqa: E402
 from emerdiff.evaluation.metrics import hungarian_miou  # noqa: E402
 from emerdiff.method.modulation import CallCounter  # noqa: E402
 from emerdiff.method.pipeline import EmerDiff  # noqa: E402
-from emerdiff.method.readout import assign_labels  # noqa: E402
-from emerdiff.sd.images import resize_labels  # noqa: E402
 
 
 def _labels(pipe: EmerDiff, prepared: Any, counter: CallCounter) -> np.ndarray:
     maps, _ = pipe.perturb(prepared, counter=counter)
-    return resize_labels(assign_labels(maps, pipe.config.blur_sigma).cpu(), prepared.image_size)
+    return pipe.readout(maps, prepared, prepared.image_size)  # Step D as segment runs it
 
 
 def readout_study(model: Any, images: Sequence[Any], config: EmerDiffConfig,

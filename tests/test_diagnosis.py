@@ -13,7 +13,10 @@ from emerdiff.studies import diagnosis
 
 
 def _fake(lowres: np.ndarray, size: tuple[int, int], sigma: float = 0.0):
-    ed = SimpleNamespace(config=SimpleNamespace(blur_sigma=sigma))
+    from emerdiff import EmerDiffConfig
+
+    # a real config: the readout reads every Step D field from it (READOUT_FIELDS)
+    ed = SimpleNamespace(config=EmerDiffConfig(blur_sigma=sigma))
     prepared = SimpleNamespace(image_size=size, segments=SimpleNamespace(labels=lowres))
     return ed, prepared
 

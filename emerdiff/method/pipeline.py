@@ -32,7 +32,13 @@ from emerdiff.method.modulation import (
     modulated_latents,
     unet_forward,
 )
-from emerdiff.method.readout import assign_labels, bilinear_upsample, check_difference_maps, locality, nearest_upsample
+from emerdiff.method.readout import (
+    bilinear_upsample,
+    check_difference_maps,
+    locality,
+    nearest_upsample,
+    readout_labels,
+)
 from emerdiff.sd.images import ImageInput, load_image, resize_labels
 from emerdiff.sd.loading import SDPipeline, feature_resolution
 
@@ -403,6 +409,12 @@ class EmerDiff:
         bar.close()
         return maps, images, (np.concatenate(scores) if with_symmetry else None)
 
+    def readout(self, difference_maps: torch.Tensor, prepared: PreparedImage,
+                size: tuple[int, int] | None = None) -> np.ndarray:
+        """Step D with this config: (K', R, R) maps of ``prepared``'s segments -> (R, R) labels, or
+        resized to ``size`` (:func:`emerdiff.method.readout.readout_labels`, which every caller uses)."""
+        return readout_labels(difference_maps, prepared.segments.labels, self.config, size)
+
     def reconstruct(self, prepared: PreparedImage) -> torch.Tensor:
         """The unmodulated reconstruction decoded, (3, R, R) in [0, 1]."""
         return ((decode(self.model, prepared.inversion.x0)[0].float() + 1) / 2).clamp(0, 1)
@@ -434,10 +446,10 @@ class EmerDiff:
         size = prepared.image_size
         segs = prepared.segments
         with clock("assign"):
-            model_res_labels = assign_labels(maps, cfg.blur_sigma, segs.labels, cfg.assign_radius)
-            labels = resize_labels(model_res_labels.cpu(), size)
+            model_res_labels = self.readout(maps, prepared)
+            labels = resize_labels(model_res_labels, size)
             loc = locality(maps, prepared.masks(maps.device), prepared.grid).cpu().numpy()
-            faithfulness = cheap_measures(loc, segs.labels, model_res_labels.cpu().numpy(), sym)
+            faithfulness = cheap_measures(loc, segs.labels, model_res_labels, sym)
         with clock("baselines"):
             nearest = nearest_upsample(segs.labels, size)
             bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, size)

@@ -1,12 +1,25 @@
-"""Step D: difference maps -> pixel labels; the upsampling baselines; locality."""
+"""Step D: difference maps -> pixel labels; the upsampling baselines; locality.
+
+:func:`readout_labels` is Step D, the one entry every caller uses (``EmerDiff.segment`` and
+``EmerDiff.readout``, the inspector, the probes, the diagnosis, the sweep, the benchmarks): it reads
+every Step D setting (:data:`READOUT_FIELDS`) from the config, so no caller can drop one.
+:func:`assign_labels` is its kernel, kept for the unit tests of the argmax.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from emerdiff.sd.images import resize_labels
+
+# The EmerDiffConfig fields Step D reads; every one reaches every entry point through readout_labels
+# (tests/test_readout_entry_points.py changes each and compares the entry points' labels).
+READOUT_FIELDS = ("blur_sigma", "assign_radius")
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -74,9 +87,10 @@ def check_difference_maps(difference_maps: torch.Tensor, settings: str = "") -> 
 def nearby_masks(lowres_labels: np.ndarray | torch.Tensor, num_masks: int, radius: int,
                  size: tuple[int, int]) -> torch.Tensor:
     """``(K, H, W)`` bool: mask k is found within ``radius`` tokens (a square window) of the token
-    that pixel (y, x) falls in; the token grid is stretched to ``size`` as nearest upsampling does."""
+    that pixel (y, x) falls in; the token grid is stretched to ``size`` as nearest upsampling does.
+    A token labelled -1 (a segment with no map, see :func:`readout_labels`'s ``mask_ids``) offers no mask."""
     low = torch.as_tensor(np.asarray(lowres_labels), dtype=torch.long)
-    onehot = F.one_hot(low, num_masks).permute(2, 0, 1).float()[None]
+    onehot = (F.one_hot(low.clamp_min(0), num_masks) * (low >= 0)[..., None]).permute(2, 0, 1).float()[None]
     near = F.max_pool2d(onehot, 2 * radius + 1, stride=1, padding=radius) if radius > 0 else onehot
     return F.interpolate(near, size=size, mode="nearest")[0] > 0
 
@@ -95,7 +109,49 @@ def assign_labels(difference_maps: torch.Tensor, sigma: float, lowres_labels: np
     if lowres_labels is None:
         raise ValueError("assign_labels with a radius needs the token grid's lowres_labels")
     allowed = nearby_masks(lowres_labels, maps.shape[0], radius, tuple(maps.shape[-2:])).to(maps.device)
+    # a pixel with no map's mask nearby (only when the maps cover some of the masks, as a sweep over
+    # chosen masks does) lets every map compete: with all masks its own token's mask is always allowed
+    allowed |= ~allowed.any(0, keepdim=True)
     return maps.masked_fill(~allowed, -torch.inf).argmax(0)
+
+
+def readout_labels(difference_maps: torch.Tensor, lowres_labels: np.ndarray | torch.Tensor, config: Any,
+                   size: tuple[int, int] | None = None, mask_ids: Sequence[int] | None = None) -> np.ndarray:
+    """Step D: difference maps + the low-res segments + the config -> (H, W) int64 pixel labels.
+
+    Args:
+        difference_maps: (K, R, R) maps, map k the response to perturbing mask k (or ``mask_ids[k]``).
+        lowres_labels: (h, w) the segments on the query token grid (``prepared.segments.labels``).
+        config: an :class:`~emerdiff.config.EmerDiffConfig`; every field of :data:`READOUT_FIELDS` is read.
+        size: resize the labels to (H, W) (nearest, :func:`emerdiff.sd.images.resize_labels`);
+            None: the maps' (model) resolution.
+        mask_ids: the segment id each map belongs to when the maps cover only some segments (a sweep
+            over chosen masks); the labels are then these ids. None: map k is segment k.
+    Returns:
+        (H, W) numpy int64 labels in segment ids.
+    """
+    missing = [name for name in READOUT_FIELDS if not hasattr(config, name)]
+    if missing:
+        raise TypeError(f"readout_labels needs a config with the Step D fields {list(READOUT_FIELDS)}; "
+                        f"{type(config).__name__} lacks {missing}: pass the EmerDiffConfig the maps were made with")
+    low = np.asarray(lowres_labels.cpu() if isinstance(lowres_labels, torch.Tensor) else lowres_labels)
+    k = difference_maps.shape[0]
+    if mask_ids is not None:
+        ids = np.asarray(list(mask_ids), dtype=np.int64)
+        if ids.shape != (k,):
+            raise ValueError(f"mask_ids names {ids.size} segments for {k} difference maps; give one id per map")
+        # the grid in map indices; segments without a map become -1 and offer no mask
+        lut = np.full(max(int(low.max()), int(ids.max())) + 1, -1, dtype=np.int64)
+        lut[ids] = np.arange(k)
+        low = lut[low]
+    elif low.size and int(low.max()) >= k:
+        raise ValueError(f"the low-res labels name segment {int(low.max())} but there are only {k} difference "
+                         "maps; pass mask_ids when the maps cover only some segments")
+    labels = assign_labels(difference_maps, config.blur_sigma, low, config.assign_radius).cpu().numpy()
+    labels = labels.astype(np.int64)
+    if mask_ids is not None:
+        labels = ids[labels]
+    return labels if size is None else resize_labels(labels, size)
 
 
 def nearest_upsample(lowres_labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -36,7 +36,6 @@ from typing import Any
 import numpy as np
 
 from emerdiff.method.pipeline import EmerDiff, PreparedImage
-from emerdiff.method.readout import assign_labels
 from emerdiff.sd.images import resize_labels
 from emerdiff.studies.probes import Perturbation, candidate_layers, perturb_images, short_layer
 from emerdiff.viz import HEATMAP_CMAP, colorize, highlight_mask, overlay, resize_image, stamp_model
@@ -196,8 +195,7 @@ class Inspector:
         try:
             pert = perturb_images(self.ed, self.prepared, modulation_strength=lam, modulation_layer=layer,
                                   modulation_timestep=t)
-            labels = assign_labels(pert.difference("pair"), self.ed.config.blur_sigma, self.prepared.segments.labels,
-                                   self.ed.config.assign_radius).numpy()
+            labels = self.ed.readout(pert.difference("pair"), self.prepared)
         finally:
             self._set_busy(None)
         self._results[key] = (pert, labels)

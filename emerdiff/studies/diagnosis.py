@@ -32,8 +32,7 @@ from emerdiff.evaluation.datasets import ProbeImage
 from emerdiff.evaluation.metrics import hungarian_miou
 from emerdiff.method.modulation import difference_maps
 from emerdiff.method.pipeline import EmerDiff, PreparedImage
-from emerdiff.method.readout import assign_labels, locality, nearest_upsample
-from emerdiff.sd.images import resize_labels
+from emerdiff.method.readout import locality, nearest_upsample, readout_labels
 
 STAGES = ("modulated_call", "denoised_latent", "decoded", "decoder_alone")
 
@@ -124,9 +123,10 @@ def label_moves(
     gt = item.label
     lowres = prepared.segments.labels
     nearest = nearest_upsample(lowres, size)
-    emerdiff = resize_labels(assign_labels(maps, ed.config.blur_sigma).cpu().numpy(), size)
+    emerdiff = readout_labels(maps, lowres, ed.config, size)
+    # the same Step D on other maps: each divided by its peak
     peak = maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    normalised = resize_labels(assign_labels(maps / peak, ed.config.blur_sigma).cpu().numpy(), size)
+    normalised = readout_labels(maps / peak, lowres, ed.config, size)
     band = boundary_band(lowres, size, band_width)
     valid = gt != item.ignore_index
     ok_near = majority_correct(nearest, gt, item.ignore_index)

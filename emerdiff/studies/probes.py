@@ -51,7 +51,7 @@ from emerdiff.evaluation.metrics import score_labels, silhouette
 from emerdiff.method.features import cluster_features
 from emerdiff.method.modulation import decode
 from emerdiff.method.pipeline import EmerDiff, PreparedImage
-from emerdiff.method.readout import assign_labels, locality, nearest_upsample
+from emerdiff.method.readout import locality, nearest_upsample
 from emerdiff.sd.images import resize_labels
 from emerdiff.sd.loading import feature_resolution, layer_table
 
@@ -84,7 +84,7 @@ def readout(ed: EmerDiff, prepared: PreparedImage, maps: torch.Tensor, item: Pro
     loc = locality(maps, masks, prepared.grid).cpu().numpy()
     if degenerate:  # the ratio 0/0 is meaningless: nothing moved, nothing localised
         loc = np.zeros_like(loc)
-    labels_r = assign_labels(maps, ed.config.blur_sigma).cpu().numpy()
+    labels_r = ed.readout(maps, prepared)  # Step D as segment runs it (every READOUT_FIELDS setting)
     labels = resize_labels(labels_r, prepared.image_size)
     k = maps.shape[0]
     vanished = 1.0 - len(np.unique(labels_r)) / k

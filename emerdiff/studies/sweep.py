@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from emerdiff.files import FileSet, check_output_dir, clean_stale_temps, write_atomic, write_atomic_bytes
 from emerdiff.method.measures import locality_scores, symmetry, token_labels
-from emerdiff.method.readout import assign_labels
+from emerdiff.method.readout import readout_labels
 from emerdiff.sd.images import ImageInput, load_image
 
 if TYPE_CHECKING:
@@ -188,14 +188,14 @@ def _append_records(out: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def _scores(pert: Any, maps: torch.Tensor, labels: np.ndarray, ids: list[int], blur_sigma: float) -> dict[str, Any]:
+def _scores(pert: Any, maps: torch.Tensor, labels: np.ndarray, ids: list[int], config: Any) -> dict[str, Any]:
     """Per-mask scores of one setting: locality, energy, symmetry, agreement (the mask's token recall)
     and, repeated on each row, the setting's token agreement and its chance level."""
     loc = locality_scores(maps, labels, ids)
     energy = maps.float().pow(2).flatten(1).mean(1).cpu().numpy()
     sym = symmetry(pert.plus, pert.minus, pert.reference)
     ids_arr = np.asarray(ids)
-    pixel = ids_arr[assign_labels(maps, blur_sigma).cpu().numpy()]  # argmax among the swept masks, as mask ids
+    pixel = readout_labels(maps, labels, config, mask_ids=ids)  # Step D among the swept masks, as mask ids
     tok = token_labels(pixel, labels.shape, int(labels.max()) + 1)
     covered = np.isin(labels, ids_arr)
     recall = np.array([float((tok[labels == i] == i).mean()) for i in ids])
@@ -329,7 +329,7 @@ def sweep(
         pert = perturb_images(ed, prepared, ids, modulation_layer=layer, modulation_timestep=t,
                               modulation_strength=s, **overrides)
         maps = pert.difference("pair")
-        sc = _scores(pert, maps, labels, ids, run.blur_sigma)
+        sc = _scores(pert, maps, labels, ids, run)
         area = [float((labels == i).mean()) for i in ids]
         rows = []
         for n, i in enumerate(ids):
