@@ -25,7 +25,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     # probes, sweeps and diagnosis: studies that call the method's entry points
     ("studies", ["studies"]),
     # what users touch: the command line, notebook support and the inspector, the package facade
-    ("interfaces", ["cli", "notebook", ""]),
+    ("interfaces", ["cli", "notebook", "", "_aliases"]),
 ]
 
 
