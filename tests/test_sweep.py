@@ -66,12 +66,22 @@ def test_symmetry_and_agreement_match_the_measures(prepared_ed):
     pert = perturb_images(ed, prepared)
     np.testing.assert_allclose([r["symmetry"] for r in records], symmetry(pert.plus, pert.minus, pert.reference),
                                atol=1e-6)
-    from emerdiff.method.readout import assign_labels
-
-    labels = assign_labels(pert.difference("pair"), ed.config.blur_sigma).numpy()
+    labels = ed.readout(pert.difference("pair"), prepared)  # Step D as segment runs it
     low = prepared.segments.labels
     assert records[0]["setting_agreement"] == pytest.approx(token_agreement(labels, low))
     np.testing.assert_allclose([r["agreement"] for r in records], token_agreement(labels, low, per_mask=True))
+
+
+def test_sweep_agreement_follows_the_assignment_radius(prepared_ed):
+    """The sweep reads out with the config's assign_radius, also over chosen masks: with radius 0 each
+    swept mask keeps all its tokens (nearest upsampling); without it the tiny model's maps lose some."""
+    ed, prepared = prepared_ed
+    masks = [0, 1]
+    free = emerdiff.sweep(prepared, masks=masks, ed=ed, progress=False)
+    near = emerdiff.sweep(prepared, masks=masks, ed=EmerDiff(ed.model, ed.config.replace(assign_radius=0)),
+                          progress=False)
+    assert [r["agreement"] for r in near] == [1.0] * len(masks)
+    assert min(r["agreement"] for r in free) < 1.0  # else the radius would not be seen
 
 
 def test_streaming_then_resuming_recomputes_nothing(prepared_ed, tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""Step D's argmax, with and without the assignment radius (config.assign_radius)."""
+"""Step D: readout_labels (the one readout every caller uses) and its argmax kernel, with and without
+the assignment radius (config.assign_radius). That every entry point reads out alike is
+tests/test_readout_entry_points.py."""
 
 from __future__ import annotations
 
@@ -7,7 +9,14 @@ import pytest
 import torch
 
 from emerdiff import EmerDiff, EmerDiffConfig
-from emerdiff.method.readout import assign_labels, gaussian_blur, nearby_masks, nearest_upsample
+from emerdiff.method.readout import (
+    READOUT_FIELDS,
+    assign_labels,
+    gaussian_blur,
+    nearby_masks,
+    nearest_upsample,
+    readout_labels,
+)
 
 
 def _maps_and_grid(seed: int = 0, k: int = 5, grid: int = 6, res: int = 48):
@@ -69,3 +78,47 @@ def test_segment_with_radius_zero_gives_nearest_upsampling(tiny_model, fast_conf
     assert np.array_equal(zero.lowres_labels, free.lowres_labels)
     assert np.array_equal(zero.labels, zero.nearest_labels)
     assert zero.config["assign_radius"] == 0 and free.config["assign_radius"] is None
+
+
+def test_readout_labels_reads_every_step_d_field_from_the_config():
+    maps, low = _maps_and_grid(seed=1)
+    base = EmerDiffConfig(resolution=64, blur_sigma=1.0)
+    assert set(READOUT_FIELDS) <= set(base.to_dict())  # each a real config field
+    plain = readout_labels(maps, low, base)
+    assert plain.dtype == np.int64 and plain.shape == (48, 48)
+    assert np.array_equal(plain, gaussian_blur(maps, 1.0).argmax(0).numpy())  # the paper's readout by default
+    # each field, changed alone, moves the labels
+    for name, value in (("blur_sigma", 4.0), ("assign_radius", 0)):
+        assert not np.array_equal(readout_labels(maps, low, base.replace(**{name: value})), plain), name
+    assert np.array_equal(readout_labels(maps, low, base.replace(assign_radius=0)), nearest_upsample(low, (48, 48)))
+    # size: the model-resolution labels resized, nothing else
+    big = readout_labels(maps, low, base, size=(96, 96))
+    assert big.shape == (96, 96) and np.array_equal(big[::2, ::2], plain)  # 2x: each label a 2x2 block
+
+
+def test_readout_labels_over_chosen_masks_gives_their_ids():
+    """Maps of some segments only (a sweep over chosen masks): labels are those segments' ids, and
+    with a radius a pixel with none of them nearby lets them all compete instead of failing."""
+    maps, low = _maps_and_grid(seed=2)
+    ids = [1, 3]
+    sub = maps[ids]
+    cfg = EmerDiffConfig(resolution=64, blur_sigma=0.0)
+    free = readout_labels(sub, low, cfg, mask_ids=ids)
+    assert np.array_equal(free, np.asarray(ids)[sub.argmax(0).numpy()])
+    near = readout_labels(sub, low, cfg.replace(assign_radius=0), mask_ids=ids)
+    tokens = nearest_upsample(low, (48, 48))
+    swept = np.isin(tokens, ids)
+    assert np.array_equal(near[swept], tokens[swept])  # radius 0: a swept mask's own pixels stay its own
+    assert np.array_equal(near[~swept], free[~swept])  # elsewhere no swept mask is near: all compete
+    with pytest.raises(ValueError, match="one id per map"):
+        readout_labels(sub, low, cfg, mask_ids=[1])
+
+
+def test_readout_labels_refuses_what_would_be_silently_wrong():
+    maps, low = _maps_and_grid()
+    with pytest.raises(TypeError, match="assign_radius"):  # a stand-in config missing a Step D field
+        from types import SimpleNamespace
+
+        readout_labels(maps, low, SimpleNamespace(blur_sigma=1.0))
+    with pytest.raises(ValueError, match="mask_ids"):  # fewer maps than segments, not said which
+        readout_labels(maps[:3], low, EmerDiffConfig())
