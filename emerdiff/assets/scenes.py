@@ -40,8 +40,6 @@ import numpy as np
 STUFF = ("sky", "water", "grass", "sand", "brick")
 THINGS = ("ball", "box", "tree", "star", "ring", "cross", "house")
 CLASSES: tuple[str, ...] = STUFF + THINGS  # class id = index in this tuple
-STUFF_IDS = tuple(range(len(STUFF)))
-THING_IDS = tuple(range(len(STUFF), len(CLASSES)))
 
 PLURALS = {"ball": "balls", "box": "boxes", "tree": "trees", "star": "stars", "ring": "rings",
            "cross": "crosses", "house": "houses"}
@@ -461,11 +459,3 @@ def make_scene(seed: Seed, size: int = 128, max_objects: int | None = None, min_
         image=np.round(image * 255).astype(np.uint8), labels=labels,
         caption=caption_for(counts, stuff), counts=counts, stuff=stuff, spec=spec, layers=layers,
     )
-
-
-def make_batch(seeds: Sequence[Seed], size: int = 128, world: str = "textured",
-               ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """Images (N, H, W, 3) uint8, labels (N, H, W) and captions of several scenes."""
-    scenes = [make_scene(s, size, world=world) for s in seeds]
-    return (np.stack([s.image for s in scenes]), np.stack([s.labels for s in scenes]),
-            [s.caption for s in scenes])

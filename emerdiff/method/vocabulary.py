@@ -21,7 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,10 +56,6 @@ class OpenVocabResult:
     mask_classes: np.ndarray
     mask_scores: np.ndarray
     dense_class_map: np.ndarray
-
-
-class Labeller(Protocol):
-    def label(self, image: ImageInput, segmentation: Any, vocabulary: Sequence[str]) -> OpenVocabResult: ...
 
 
 def check_vocabulary(vocabulary: Sequence[str] | str) -> list[str]:
