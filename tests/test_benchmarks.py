@@ -53,19 +53,24 @@ def test_bench_segment_table_and_json(tiny_dir, tmp_path, capsys):
     assert result["machine"]["cores"] >= 1
 
 
-def test_batched_runner_matches_segment(tiny_model, photo):
+@pytest.mark.parametrize("radius", [None, 0])
+def test_batched_runner_matches_segment(tiny_model, photo, radius):
+    """The benchmark's labels are segment's, the assignment radius included (radius 0: nearest upsampling)."""
     from _common import config_for, run_batched
 
     from emerdiff import EmerDiffConfig
     from emerdiff.method.pipeline import EmerDiff
 
     cfg = config_for(tiny_model, EmerDiffConfig(resolution=128, num_clusters=3, num_inference_steps=10,
-                                                modulation_timestep=201, kmeans_n_init=1, max_batch=5))
+                                                modulation_timestep=201, kmeans_n_init=1, max_batch=5,
+                                                assign_radius=radius))
     pipe = EmerDiff(tiny_model, cfg)
     run = run_batched(pipe, photo)
     seg = pipe.segment(photo, progress=False)
     np.testing.assert_array_equal(run.labels, seg.labels)
     assert run.unet_calls == seg.unet_calls
+    if radius == 0:
+        np.testing.assert_array_equal(run.labels, seg.nearest_labels)
 
 
 def test_readout_study_calls(tiny_dir, capsys):
