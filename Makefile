@@ -62,10 +62,10 @@ bench: setup
 # its figures (PNG + PDF) and a JSON sidecar into $(FIG_DIR). A stamp per
 # notebook depends on the notebook (regenerated from its .py first), the package
 # sources and the parameters, so re-running redoes only what changed; a failing
-# cell fails the target (papermill prints the cell's error). Sizes follow the
-# model inside each notebook (emerdiff.notebook.lab.setup -> emerdiff.cli.figure_sizes, the
-# one size rule), so `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda` runs the
-# paper-size settings; FIG_PARAMS='-p K 25' overrides any parameter.
+# cell fails the target (papermill prints the cell's error). Settings follow the
+# model inside each notebook (emerdiff.notebook.lab.setup -> EmerDiffConfig.for_model, the
+# one preset table emerdiff.config.PRESETS), so `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda`
+# runs the paper's settings; FIG_PARAMS='-p num_clusters 25' overrides any parameter.
 FIG_DIR    ?= figures
 EXEC_DIR   ?= notebooks/executed
 KERNEL     ?= emerdiff

@@ -104,12 +104,11 @@ class EmerDiffConfig:
 
     @classmethod
     def for_model(cls, model: Any, **changes: Any) -> EmerDiffConfig:
-        """The defaults for ``model``'s family, then ``changes``: the paper's for SD; SDXL's native
-        resolution and query/modulation layers (:func:`emerdiff.sd.loading.family_defaults`).
-        ``model``: a loaded SDPipeline, a folder, a hub id, 'tiny' or 'reference'."""
-        from emerdiff.sd.loading import family_defaults
-
-        return cls.from_dict({**cls().to_dict(), **family_defaults(model), **changes})
+        """The settings for ``model``: the dataclass defaults, then the preset of the model's kind
+        (:data:`PRESETS`, :func:`model_kind`: paper / reference / tiny / sdxl), then ``changes``
+        (field names, checked). The one path from a model to its config: the CLI and the notebooks
+        call it too. ``model``: a loaded SDPipeline, a folder, a hub id, 'tiny' or 'reference'."""
+        return cls.from_dict({**cls().to_dict(), **preset(model), **changes})
 
     # ------------------------------------------------------------- checking
     def check_values(self) -> None:
@@ -267,58 +266,84 @@ class EmerDiffConfig:
             )
 
 
-# ------------------------------------------------------------------ size rule
-# The one size rule per model, as notebook parameters: `emerdiff figures`, `segment` and `evaluate`
-# use it, and so does every notebook (emerdiff.notebook.lab.setup sizes left None; the Makefile repeats none).
+# ------------------------------------------------------------------ presets
+# The one table of per-model settings. EmerDiffConfig.for_model(model, **changes) = the dataclass
+# defaults, then PRESETS[model_kind(model)], then changes; `emerdiff segment/refine/evaluate/figures`,
+# emerdiff.notebook.lab.setup and training/heldout.py all build their config through it.
 # max_batch 2K + 1 runs every modulated run and the reference in one UNet batch.
-FIGURE_SIZES: dict[str, dict[str, Any]] = {
-    "tiny": dict(resolution=128, K=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0, max_batch=9),
-    # t_m 81: reference v2's readout, chosen on validation scenes (docs/reference/v2.md); the paper's
-    # 281 spreads a local change over this small model's image in the 14 later steps (diagnosis.md)
-    "reference": dict(resolution=128, K=8, num_inference_steps=50, modulation_timestep=81, blur_sigma=1.0,
-                      max_batch=17),
-    "default": dict(resolution=512, K=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0,
-                    max_batch=16),
+PRESETS: dict[str, dict[str, Any]] = {
+    # SD 1.x/2.x at 512 px: the paper's values (the dataclass defaults, stated here so the table is whole)
+    "paper": dict(resolution=512, num_clusters=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0,
+                  max_batch=16),
+    # the shipped model (emerdiff/assets/weights), and any folder whose native size is <= 128 px. The held-out
+    # tables (docs/reference/v2_heldout_results.md) were made with exactly these values. t_m 81: reference v2's
+    # readout, chosen on validation scenes (docs/reference/v2.md); the paper's 281 spreads a local change over
+    # this small model's image in the 14 later steps (diagnosis.md). DiffSeg's tau 0.1: its self-attention is
+    # far flatter than SD's (at the published 1.1 every map merges into one segment); 0.1 gives 3-8 segments
+    # (mean 5.4) on validation scenes 100-109 (docs/METHOD.md).
+    "reference": dict(resolution=128, num_clusters=8, num_inference_steps=50, modulation_timestep=81, blur_sigma=1.0,
+                      max_batch=17, diffseg_kl_threshold=0.1),
+    # the random-weights test model ('tiny'): small and fast, not meant to segment well
+    "tiny": dict(resolution=128, num_clusters=4, num_inference_steps=10, modulation_timestep=201, blur_sigma=1.0,
+                 max_batch=9),
+    # SDXL: the paper's method settings; its native resolution and its own query/modulation layers come
+    # from the model (sdxl_fields, i.e. emerdiff.sd.layers.family_defaults)
+    "sdxl": dict(num_clusters=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0, max_batch=16),
 }
-# DiffSeg's merge threshold tau on the shipped reference model (v2). Its self-attention is far flatter
-# than SD's (at the published 1.1 every map merges into one segment); 0.1 gives 3-8 segments (mean 5.4)
-# on validation scenes 100-109, the range 0.03 gave on v1 (0.03 gives v2 ~23). docs/METHOD.md.
-REFERENCE_DIFFSEG_KL_THRESHOLD = 0.1
+SMALL_MODEL_MAX_SIDE = 128  # a model whose native image side is at most this is sized like the reference model
 
 
-def diffseg_threshold(source: str, config: EmerDiffConfig) -> float:
-    """DiffSeg's tau for a model: the reference model's own (:data:`REFERENCE_DIFFSEG_KL_THRESHOLD`)
-    when ``source`` is ``"reference"`` (``SDPipeline.source``), else ``config.diffseg_kl_threshold``."""
-    return REFERENCE_DIFFSEG_KL_THRESHOLD if source == "reference" else config.diffseg_kl_threshold
-
-# notebook size parameter -> EmerDiffConfig field (emerdiff.notebook.lab.setup takes these names)
-SIZE_FIELDS = {"resolution": "resolution", "K": "num_clusters", "num_inference_steps": "num_inference_steps",
-                  "modulation_timestep": "modulation_timestep", "blur_sigma": "blur_sigma", "max_batch": "max_batch"}
+def _native_side(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> int:
+    return int(unet_config["sample_size"]) * 2 ** (len(vae_config["block_out_channels"]) - 1)
 
 
-def figure_sizes(model: str) -> dict[str, Any]:
-    """Notebook sizes for a model name or folder: a folder whose native image size (UNet
-    sample_size x VAE factor, read from the configs without loading weights) is <= 128 px is
-    sized like the reference model; everything else gets the paper's 512 px settings."""
-    if model in FIGURE_SIZES:
-        return dict(FIGURE_SIZES[model])
-    from emerdiff.sd.loading import component_configs
+def model_kind(model: Any) -> str:
+    """The :data:`PRESETS` key of ``model``: ``'tiny'`` or ``'reference'`` by name; ``'sdxl'`` for an
+    SDXL UNet; ``'reference'`` for any other model whose native image side (UNet sample_size x the VAE
+    factor) is <= 128 px; else ``'paper'``.
 
+    ``model``: a loaded :class:`~emerdiff.sd.loading.SDPipeline` (its ``source`` and ``family``), or
+    anything ``load_pipeline`` takes (a name, a diffusers folder, a hub id), read from its config files
+    without loading weights. A hub id that is not cached, or an unreadable folder, is ``'paper'``
+    (``load_pipeline`` reports what is wrong with it).
+    """
+    if hasattr(model, "unet"):  # a loaded model
+        source = getattr(model, "source", None)
+        if source in ("tiny", "reference"):
+            return source
+        if getattr(model, "family", "sd") == "sdxl":
+            return "sdxl"
+        try:
+            native = int(model.unet.config.sample_size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
+        except (AttributeError, TypeError, ValueError):  # a stand-in without configs: the paper's
+            return "paper"
+        return "reference" if native <= SMALL_MODEL_MAX_SIDE else "paper"
+    name = str(model)
+    if name in ("tiny", "reference"):
+        return name
+    from emerdiff.sd.layers import _unet_config_of, unet_family
+
+    configs = _unet_config_of(name)
+    if configs is None:
+        return "paper"
+    unet, vae = configs
     try:
-        unet, vae = component_configs(model)
-        native = int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
-    except (OSError, ValueError, KeyError, TypeError):
-        return dict(FIGURE_SIZES["default"])  # hub ids and unreadable folders: the paper's sizes
-    sizes = dict(FIGURE_SIZES["reference" if native <= 128 else "default"])
-    if unet.get("addition_embed_type") == "text_time":  # SDXL runs at its native size (1024 px for SDXL base)
-        sizes["resolution"] = native
-    return sizes
+        if unet_family(unet) == "sdxl":
+            return "sdxl"
+        native = _native_side(unet, vae)
+    except (KeyError, TypeError, ValueError):  # a foreign config: load_pipeline reports it
+        return "paper"
+    return "reference" if native <= SMALL_MODEL_MAX_SIDE else "paper"
 
 
-def config_sizes(model: str) -> dict[str, Any]:
-    """:func:`figure_sizes` as EmerDiffConfig fields, plus the model family's own fields (SDXL's
-    resolution and layers, :func:`emerdiff.sd.loading.family_defaults`): the defaults of ``segment``
-    and ``evaluate``."""
-    from emerdiff.sd.loading import family_defaults
+def preset(model: Any) -> dict[str, Any]:
+    """The :data:`PRESETS` entry of ``model``'s kind (:func:`model_kind`) as EmerDiffConfig fields; for
+    SDXL plus the model's native resolution and its query/modulation layers
+    (:func:`emerdiff.sd.layers.family_defaults`)."""
+    kind = model_kind(model)
+    fields = dict(PRESETS[kind])
+    if kind == "sdxl":
+        from emerdiff.sd.layers import family_defaults
 
-    return {**{SIZE_FIELDS[k]: v for k, v in figure_sizes(model).items()}, **family_defaults(model)}
+        fields.update(family_defaults(model))
+    return fields

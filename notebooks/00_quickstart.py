@@ -17,11 +17,12 @@
 model = "reference"       # "reference" (ours, trained), "tiny" (random), a diffusers folder or hub id
 device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
-images = ["scene:0", "scene:1", "voc_sample"]  # scene:N / voc_sample have GT; skimage names; paths
-# Sizes: None takes the model's own (emerdiff.cli.figure_sizes): the reference model 128 px, K 8,
-# blur 1, batch 17; Stable Diffusion the paper's 512 px, K 25, blur 4; both 50 steps and t_m 281.
+images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
+# Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
+# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
+# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
 resolution = None
-K = None
+num_clusters = None
 num_inference_steps = None
 modulation_timestep = None  # must lie on the schedule
 modulation_strength = 10.0
@@ -31,8 +32,8 @@ max_batch = None          # UNet batch of the modulated denoising (2K + 1: every
 seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
-# DiffSeg's merge threshold tau; None: emerdiff.config.REFERENCE_DIFFSEG_KL_THRESHOLD (0.1) on the reference
-# model (its flat self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
+# DiffSeg's merge threshold tau; None: the model's preset, 0.1 on the reference model (its flat
+# self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
 diffseg_kl_threshold = None
 
 # %%
@@ -41,10 +42,11 @@ from emerdiff.evaluation import metrics
 from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
-    model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
+    model, device=device, dtype=dtype, images=images, resolution=resolution, num_clusters=num_clusters,
     num_inference_steps=num_inference_steps, modulation_timestep=modulation_timestep,
     modulation_strength=modulation_strength, blur_sigma=blur_sigma, kmeans_n_init=kmeans_n_init,
-    max_batch=max_batch, seeds=seeds, output_dir=output_dir, torch_threads=torch_threads)
+    max_batch=max_batch, diffseg_kl_threshold=diffseg_kl_threshold, seeds=seeds, output_dir=output_dir,
+    torch_threads=torch_threads)
 
 # %%
 item = items[0]
@@ -113,11 +115,10 @@ writer.save(fig, "00_quickstart_maps")
 # near uniform (the tiny test model) gives DiffSeg a single segment.
 
 # %%
-from emerdiff.config import diffseg_threshold
 from emerdiff.method import diffseg
 
-tau = diffseg_kl_threshold or diffseg_threshold(sd.source, config)
-found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg", diffseg_kl_threshold=tau))
+tau = config.diffseg_kl_threshold  # the parameter, or the model's preset
+found = diffseg.diffseg(sd, item.image, config.replace(lowres="diffseg"))
 refined = ed.refine(item.image, found.labels, progress=False)
 diffseg_alone = found.pixel_labels(item.image.shape[:2], config.resolution, projected=refined.lowres_labels)
 diffseg_scores = {"diffseg": metrics.score_labels(diffseg_alone, item),

@@ -19,11 +19,12 @@
 model = "reference"       # "reference" (ours, trained), "tiny" (random), a diffusers folder or hub id
 device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
-images = ["scene:0", "scene:1", "voc_sample"]  # scene:N / voc_sample have GT; skimage names; paths
-# Sizes: None takes the model's own (emerdiff.cli.figure_sizes): the reference model 128 px, K 8,
-# blur 1, batch 17; Stable Diffusion the paper's 512 px, K 25, blur 4; both 50 steps and t_m 281.
+images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
+# Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
+# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
+# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
 resolution = None
-K = None
+num_clusters = None
 num_inference_steps = None
 modulation_timestep = None  # must lie on the schedule
 modulation_strength = 10.0
@@ -42,7 +43,7 @@ import numpy as np
 from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
-    model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
+    model, device=device, dtype=dtype, images=images, resolution=resolution, num_clusters=num_clusters,
     num_inference_steps=num_inference_steps, modulation_timestep=modulation_timestep,
     modulation_strength=modulation_strength, blur_sigma=blur_sigma, kmeans_n_init=kmeans_n_init,
     max_batch=max_batch, seeds=seeds, output_dir=output_dir, torch_threads=torch_threads)

@@ -27,10 +27,11 @@ dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:100"]    # the setup's probe image; the evaluation reads the scenes below
 first_scene = 100         # held-out scenes first_scene .. first_scene + num_scenes - 1 of the model's world
 num_scenes = 8            # (0-99 are the test scenes); reference model on a CPU: ~25 s a scene and setting
-# Sizes: None takes the model's own (emerdiff.cli.figure_sizes): the reference model 128 px, K 8,
-# blur 1, batch 17, t_m 81; Stable Diffusion the paper's 512 px, K 25, blur 4, t_m 281.
+# Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
+# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
+# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
 resolution = None
-K = None
+num_clusters = None
 num_inference_steps = None
 modulation_timestep = None  # must lie on the schedule
 modulation_strength = 10.0
@@ -41,8 +42,8 @@ seeds = [0]
 # The two settings compared: a name and EmerDiffConfig changes on top of the sizes above.
 setting_a = {"name": "k-means + EmerDiff", "changes": {}}
 setting_b = {"name": "DiffSeg + EmerDiff", "changes": {"lowres": "diffseg"}}
-# DiffSeg's merge threshold tau; None: emerdiff.config.REFERENCE_DIFFSEG_KL_THRESHOLD (0.1) on the reference
-# model (its flat self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
+# DiffSeg's merge threshold tau; None: the model's preset, 0.1 on the reference model (its flat
+# self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
 diffseg_kl_threshold = None
 bootstrap = 1000          # resamples of the scenes for every interval (paired: A and B resampled alike)
 runs_dir = None           # None: a temporary folder, removed at the end; a path keeps the runs (and their
@@ -55,10 +56,11 @@ torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared 
 from emerdiff.notebook import lab
 
 sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
-    model, device=device, dtype=dtype, images=images, resolution=resolution, K=K,
+    model, device=device, dtype=dtype, images=images, resolution=resolution, num_clusters=num_clusters,
     num_inference_steps=num_inference_steps, modulation_timestep=modulation_timestep,
     modulation_strength=modulation_strength, blur_sigma=blur_sigma, kmeans_n_init=kmeans_n_init,
-    max_batch=max_batch, seeds=seeds, output_dir=output_dir, torch_threads=torch_threads)
+    max_batch=max_batch, diffseg_kl_threshold=diffseg_kl_threshold, seeds=seeds, output_dir=output_dir,
+    torch_threads=torch_threads)
 
 # %% [markdown]
 # ## What is compared, and why
@@ -77,8 +79,8 @@ sd, config, ed, items, writer, MODEL_LABEL = lab.setup(
 # {"name": "t_m 281", "changes": {"modulation_timestep": 281}}` asks whether the paper's
 # modulation timestep would beat the reference model's 81 on these scenes.
 #
-# Each run is the `evaluate` command (`emerdiff.evaluation.runner.run_config`, every config field given
-# as `--set`): it caches one record per scene (resumable, self-verifying), then scores every
+# Each run is the evaluation engine of the `evaluate` command (`emerdiff.evaluation.runner.run_evaluation`,
+# the config object given outright): it caches one record per scene (resumable, self-verifying), then scores every
 # protocol from the records. The same runs from a shell: `emerdiff evaluate --data DATA --out A`
 # (and `--set lowres=diffseg` for B), then `emerdiff compare A B`.
 
@@ -87,20 +89,19 @@ import tempfile
 from pathlib import Path
 
 from emerdiff.assets import model_world
-from emerdiff.config import diffseg_threshold
-from emerdiff.evaluation import runner as evaluate
+from emerdiff.evaluation import compare, records, runner
 from training.heldout import write_heldout_folder
 
-tau = diffseg_kl_threshold or diffseg_threshold(sd.source, config)
+tau = config.diffseg_kl_threshold  # the parameter, or the model's preset
 scratch = tempfile.TemporaryDirectory(prefix="emerdiff-07-") if runs_dir is None else None
 runs = Path(runs_dir or scratch.name)
 data = write_heldout_folder(runs / "data", n=num_scenes, start=first_scene, world=model_world(model))
 settings = {"A": setting_a, "B": setting_b}
-configs = {side: config.replace(diffseg_kl_threshold=tau, **s["changes"]) for side, s in settings.items()}
+configs = {side: config.replace(**s["changes"]) for side, s in settings.items()}
 results = {}
 for side, cfg in configs.items():  # the whole config given outright: each run evaluates exactly it
-    results[side] = evaluate.run_config(data, runs / side, model, cfg, bootstrap=bootstrap, device=device,
-                                        dtype=dtype, quiet=True)
+    results[side] = runner.run_evaluation(data, model, cfg, runs / side, n_boot=bootstrap, device=device,
+                                          dtype=dtype, quiet=True)
     print(f"{side} = {settings[side]['name']}: {runs / side}")
 
 # %% [markdown]
@@ -110,9 +111,9 @@ for side, cfg in configs.items():  # the whole config given outright: each run e
 # wide: a difference without `*` is not evidence of no difference, only of too few scenes.
 
 # %%
-comparison = evaluate.compare_runs(runs / "A", runs / "B", n_boot=bootstrap)
+comparison = compare.compare_runs(runs / "A", runs / "B", n_boot=bootstrap)
 print(f"A = {setting_a['name']}, B = {setting_b['name']}")
-print(evaluate.comparison_table(comparison))
+print(compare.comparison_table(comparison))
 
 # %% [markdown]
 # Within each run: what the EmerDiff readout adds over the same segments upsampled (nearest,
@@ -188,7 +189,7 @@ for i in range(shown):
     image = sample.load_image()
     maps = {}
     for side in configs:  # the label maps each run stored beside its record
-        with np.load(evaluate.record_path(runs / side, sample.image_id)) as z:
+        with np.load(records.record_path(runs / side, sample.image_id)) as z:
             maps[side] = {k: z[k] for k in z.files if k.startswith("map_")}
     panels = [("image", image), ("ground truth", viz.colorize(maps["A"]["map_gt"])),
               (f"A: {setting_a['name']}", viz.overlay(image, maps["A"]["map_emerdiff"])),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image
 
 from emerdiff.cli.main import main
 
-FAST = ["--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201", "--quiet"]
+FAST = ["--resolution", "128", "--num-clusters", "3", "--num-inference-steps", "10", "--modulation-timestep", "201",
+        "--quiet"]
 
 
 def test_help(capsys):
@@ -57,7 +59,7 @@ def test_segment_writes_outputs_and_skips_bad(tiny_dir, tmp_path, capsys):
 
 
 def test_segment_bad_config(tiny_dir, tmp_path, capsys):
-    code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST[:-1], "--k", "99"])
+    code = main(["segment", "x.png", "--model", str(tiny_dir), "--out", str(tmp_path), *FAST[:-1], "--num-clusters", "99"])
     assert code == 2 and "tokens" in capsys.readouterr().err
 
 
@@ -103,23 +105,26 @@ def test_figures_no_notebooks(tmp_path, capsys):
     assert "no study notebooks" in capsys.readouterr().err
 
 
-def test_figure_sizes_follow_the_model_folder(tmp_path):
+def test_presets_follow_the_model_folder(tmp_path):
     import json as _json
 
     from emerdiff.assets import WEIGHTS
-    from emerdiff.cli.main import FIGURE_SIZES, figure_sizes
+    from emerdiff.config import PRESETS, model_kind, preset
 
-    assert figure_sizes("tiny") == FIGURE_SIZES["tiny"]
+    assert preset("tiny") == PRESETS["tiny"] and model_kind("tiny") == "tiny"
     # a copy of the reference model in any folder is a 128 px model, not a 512 px one
-    assert figure_sizes(str(WEIGHTS)) == FIGURE_SIZES["reference"]
+    assert model_kind(str(WEIGHTS)) == "reference" and preset(str(WEIGHTS)) == PRESETS["reference"]
     sd = tmp_path / "sd"
     (sd / "unet").mkdir(parents=True)
     (sd / "vae").mkdir()
     (sd / "unet" / "config.json").write_text(_json.dumps({"sample_size": 64}))
     (sd / "vae" / "config.json").write_text(_json.dumps({"block_out_channels": [128, 256, 512, 512]}))
-    assert figure_sizes(str(sd)) == FIGURE_SIZES["default"]
-    assert figure_sizes("runwayml/stable-diffusion-v1-5") == FIGURE_SIZES["default"]
-    assert figure_sizes(str(tmp_path / "missing")) == FIGURE_SIZES["default"]
+    assert model_kind(str(sd)) == "paper" and preset(str(sd)) == PRESETS["paper"]
+    # SD-shaped at 16 x 8 = 128 px native: sized like the reference model
+    (sd / "unet" / "config.json").write_text(_json.dumps({"sample_size": 16}))
+    assert model_kind(str(sd)) == "reference"
+    assert model_kind("runwayml/stable-diffusion-v1-5") == "paper"
+    assert model_kind(str(tmp_path / "missing")) == "paper"
 
 
 def _subcommands():
@@ -134,7 +139,7 @@ def _subcommands():
 def test_every_option_has_help_with_its_default(command, capsys):
     parser = _subcommands()[command]
     for action in parser._actions:
-        if action.dest == "help":
+        if action.dest == "help" or action.help == argparse.SUPPRESS:  # hidden: deprecated aliases
             continue
         assert action.help, (command, action.dest)
         if action.option_strings:  # options say their default (or that they are required)
@@ -184,7 +189,7 @@ def test_size_rule_per_model(tiny_dir):
                  blur_sigma=4.0, max_batch=16)
     assert _sized(["--model", str(tiny_dir)]) == paper
     # flags override the rule
-    assert _sized(["--model", str(tiny_dir), "--k", "5", "--resolution", "256"]) == dict(paper, num_clusters=5,
+    assert _sized(["--model", str(tiny_dir), "--num-clusters", "5", "--resolution", "256"]) == dict(paper, num_clusters=5,
                                                                                        resolution=256)
 
 
@@ -196,7 +201,7 @@ def test_segment_says_what_it_chose(tiny_dir, tmp_path, capsys):
     threads = torch.get_num_threads()
     try:
         code = main(["segment", str(img), str(img), "--model", str(tiny_dir), "--out", str(tmp_path / "o"),
-                     "--resolution", "128", "--k", "3", "--steps", "10", "--modulation-timestep", "201",
+                     "--resolution", "128", "--num-clusters", "3", "--num-inference-steps", "10", "--modulation-timestep", "201",
                      "--threads", "1"])
         assert torch.get_num_threads() == 1
     finally:
@@ -236,7 +241,7 @@ def test_clip_labeller_without_network_fails_at_once(tiny_dir, tmp_path, monkeyp
 
 # --------------------------------------------------------------------------- refine, --save-maps
 # FAST without --k: refine takes its segments from --masks
-FAST_REFINE = ["--resolution", "128", "--steps", "10", "--modulation-timestep", "201", "--quiet"]
+FAST_REFINE = ["--resolution", "128", "--num-inference-steps", "10", "--modulation-timestep", "201", "--quiet"]
 
 
 def _photo(path, seed=0, size=(96, 140)):
@@ -374,13 +379,13 @@ def test_save_maps_failure_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
 def test_refine_options_have_help_with_defaults(capsys):
     parser = _subcommands()["refine"]
     for action in parser._actions:
-        if action.dest == "help":
+        if action.dest == "help" or action.help == argparse.SUPPRESS:  # hidden: deprecated aliases
             continue
         assert action.help, action.dest
         if action.option_strings:
             text = action.help.lower()
             assert "default" in text or (action.required and "required" in text), action.option_strings
-    assert "--k" not in parser.format_help()  # the segments come from --masks
+    assert "--num-clusters" not in parser.format_help() and "--k" not in parser.format_help()  # from --masks
     assert _subcommands()["segment"].get_default("save_maps") is False
 
 
@@ -398,13 +403,13 @@ def test_set_reaches_every_config_field_in_segment_refine_and_evaluate():
                "transformer_blocks.0.attn2", "feature_noise_draws": 2}
     sets = [x for k, v in changed.items() for x in ("--set", f"{k}={json.dumps(v) if not isinstance(v, str) else v}")]
     common = ["--model", "tiny", *sets]
-    seg = config_from_args(parser.parse_args(["segment", "x.png", "--k", "3", *common]))
+    seg = config_from_args(parser.parse_args(["segment", "x.png", "--num-clusters", "3", *common]))
     ref = config_from_args(parser.parse_args(["refine", "x.png", "--masks", "m.png", *common]))  # K from --masks
-    ev = config_from_args(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--k", "3", *common]))
+    ev = config_from_args(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--num-clusters", "3", *common]))
     assert seg == ev and dataclasses.replace(ref, num_clusters=3) == seg
     assert {k: getattr(seg, k) for k in changed} == changed and seg.num_clusters == 3
     # --set wins over the flag it names
-    assert config_from_args(parser.parse_args(["segment", "x", "--k", "3", "--set", "num_clusters=6"])).num_clusters == 6
+    assert config_from_args(parser.parse_args(["segment", "x", "--num-clusters", "3", "--set", "num_clusters=6"])).num_clusters == 6
     names = {f.name for f in dataclasses.fields(EmerDiffConfig)}
     assert set(changed) <= names
     with pytest.raises(ValueError, match="unknown EmerDiffConfig field.*'nope'"):

@@ -1,4 +1,4 @@
-"""EmerDiffConfig: validation against a model, dict round trip."""
+"""EmerDiffConfig: validation against a model, dict round trip, the preset table."""
 
 from __future__ import annotations
 
@@ -59,9 +59,25 @@ def test_bad_values(field, value):
         EmerDiffConfig(**{field: value}).check_values()
 
 
-def test_diffseg_threshold_per_source():
-    from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD, EmerDiffConfig, diffseg_threshold
+def test_diffseg_threshold_is_a_preset_field():
+    """DiffSeg's tau follows the model's preset (the reference model's own 0.1) and a change wins over it."""
+    from emerdiff.config import PRESETS
 
-    cfg = EmerDiffConfig(diffseg_kl_threshold=0.9)
-    assert diffseg_threshold("reference", cfg) == REFERENCE_DIFFSEG_KL_THRESHOLD != 0.9
-    assert diffseg_threshold("runwayml/stable-diffusion-v1-5", cfg) == 0.9
+    assert EmerDiffConfig.for_model("reference").diffseg_kl_threshold == PRESETS["reference"]["diffseg_kl_threshold"]
+    assert PRESETS["reference"]["diffseg_kl_threshold"] != EmerDiffConfig().diffseg_kl_threshold
+    assert EmerDiffConfig.for_model("runwayml/stable-diffusion-v1-5").diffseg_kl_threshold == \
+        EmerDiffConfig().diffseg_kl_threshold
+    assert EmerDiffConfig.for_model("reference", diffseg_kl_threshold=0.9).diffseg_kl_threshold == 0.9
+
+
+def test_paper_preset_is_the_dataclass_defaults():
+    """The 'paper' row of the table states the defaults: a model of that kind gets exactly EmerDiffConfig()."""
+    from emerdiff.config import PRESETS
+
+    assert EmerDiffConfig(**PRESETS["paper"]) == EmerDiffConfig()
+    assert EmerDiffConfig.for_model("runwayml/stable-diffusion-v1-5") == EmerDiffConfig()
+
+
+def test_for_model_refuses_an_unknown_change():
+    with pytest.raises(ValueError, match="unknown EmerDiffConfig field.*'K'"):
+        EmerDiffConfig.for_model("tiny", K=3)

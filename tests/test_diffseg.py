@@ -366,16 +366,15 @@ def test_reference_model_diffseg():
     from emerdiff import load_pipeline
     from emerdiff.assets import model_world, weights_dir
     from emerdiff.assets.scenes import heldout_scene_seeds, make_scene
-    from emerdiff.config import REFERENCE_DIFFSEG_KL_THRESHOLD
-    from training.heldout import REFERENCE_CONFIG, VALIDATION_START
+    from training.heldout import VALIDATION_START
 
     model = load_pipeline("reference", device="cpu")
     scene = make_scene(heldout_scene_seeds(1, start=VALIDATION_START)[0], 128, world=model_world(weights_dir()))
-    cfg = EmerDiffConfig(**REFERENCE_CONFIG, lowres="diffseg")
+    cfg = EmerDiffConfig.for_model("reference", lowres="diffseg", diffseg_kl_threshold=1.1)  # DiffSeg's published tau
     assert diffseg(model, scene.image, cfg).num_segments == 1
     # the tau the project uses on this model: 6 segments on this scene (0.03 gave 26, and the readout's
     # cost grows with K)
-    low = cfg.replace(diffseg_kl_threshold=REFERENCE_DIFFSEG_KL_THRESHOLD)
+    low = EmerDiffConfig.for_model("reference", lowres="diffseg")  # the reference preset's tau
     result = diffseg(model, scene.image, low)
     assert result.grid == (16, 16) and result.num_segments > 1
     ed = EmerDiff(model, low)

@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.evaluation.runner import build_parser, load_record, record_path, run
+from emerdiff.cli.evaluate import build_parser, run
+from emerdiff.evaluation.records import load_record, record_path
 
 REPO = Path(__file__).resolve().parents[1]
 PALETTE = np.array([[230, 30, 30], [30, 200, 40], [40, 60, 220], [240, 230, 50]], dtype=np.float64)
@@ -189,7 +190,7 @@ def _launch_two_processes(data: Path, out: Path, cwd: Path, *extra: str, fake: b
     ``fake``: with the fake segmenter (through the test launcher script). A free port, not
     accelerate's fixed default: two launches at once (the xdist workers of `make test`) would clash."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.evaluation.runner"]
+    target = [str(Path(__file__).with_name("evaluate_with_fake.py"))] if fake else ["-m", "emerdiff.cli.evaluate"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--multi_gpu",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()),
@@ -214,7 +215,12 @@ def test_accelerate_two_processes_match_single_process(tmp_path):
 
 
 def test_end_to_end_tiny_model(tmp_path):
+    """The tiny model through the whole engine: the per-image records agree with scoring the saved
+    label maps directly, and the protocols' numbers are those of the records."""
     import torch
+
+    from emerdiff.evaluation.metrics import confusion_matrix
+    from emerdiff.evaluation.protocols import evaluate_records
 
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=2)
@@ -222,15 +228,56 @@ def test_end_to_end_tiny_model(tmp_path):
     args = _args(data, out, "--model", "tiny", "--resolution", "64", "--k", "3",
                  "--protocol", "all", "--device", "cpu")
     assert run(args) == 0
-    rows = _rows(out)
-    assert len(rows) == 12
-    for r in rows:
-        assert 0.0 <= r["miou"] <= 100.0 and 0.0 <= r["pixel_accuracy"] <= 100.0
-    assert rows[0]["locality"] is not None
     payload = json.loads((out / "results.json").read_text())
     cfg = payload["config"]["segmentation_config"]
     assert cfg["num_clusters"] == 3 and cfg["resolution"] == 64
-    assert (out / "results.csv").read_text().count("\n") == 13
+    records = []
+    for image_id in payload["config"]["image_ids"]:
+        record = load_record(record_path(out, image_id), image_id)
+        records.append(record)
+        with np.load(record_path(out, image_id)) as z:
+            gt = z["map_gt"]
+            for method in ("emerdiff", "nearest", "bilinear"):
+                ids = z[f"map_{method}"]
+                if ids.shape != gt.shape:  # the maps are stored at the model's size, scored at the GT's
+                    from emerdiff.sd.images import resize_labels
+
+                    ids = resize_labels(ids, gt.shape)
+                direct = confusion_matrix(ids, gt, 4, num_pred=record.num_masks).T
+                np.testing.assert_array_equal(record.counts[method], direct, err_msg=method)
+        assert record.counts["emerdiff"].sum() == (gt != 255).sum()
+    for result in payload["protocols"]:
+        again = evaluate_records(records, result["protocol"], 4, payload["config"]["class_names"], seed=0)
+        for method, res in result["methods"].items():
+            assert res["miou"] == pytest.approx(again["methods"][method]["miou"], abs=1e-12)
+            assert res["pixel_accuracy"] == pytest.approx(again["methods"][method]["pixel_accuracy"], abs=1e-12)
+    assert payload["rows"][0]["locality"] is not None
+    assert (out / "results.csv").read_text().count("\n") == 1 + len(payload["rows"]) == 13
+
+
+def test_a_label_map_equal_to_the_ground_truth_scores_100(tmp_path):
+    """A segmenter whose masks are the GT classes scores 100 under every protocol (all images of a
+    class share one embedding, so the dataset k-means and the concepts recover the classes)."""
+    from emerdiff.evaluation.runner import run_evaluation
+
+    data = make_folder(tmp_path / "data", n=4)
+    labels = {p.stem: np.asarray(Image.open(p)) for p in (data / "labels").glob("*.png")}
+    images = {p.stem: p for p in (data / "images").glob("*.png")}
+
+    def oracle(image):
+        gt = labels[next(k for k, v in images.items() if str(v) == str(image))]
+        low = gt[::16, ::16].astype(np.int64)
+        low = np.where(low == 255, 0, low)
+        feats = np.eye(4)[low.reshape(-1)]
+        return SimpleNamespace(labels=np.where(gt == 255, 0, gt), nearest_labels=np.where(gt == 255, 0, gt),
+                               bilinear_labels=np.where(gt == 255, 0, gt), lowres_labels=low,
+                               mask_embeddings=np.eye(4), query_features=feats)
+
+    payload = run_evaluation(data, oracle, None, tmp_path / "out", protocols=["all", "majority"], n_boot=0, quiet=True)
+    assert {r["protocol"] for r in payload["rows"]} == {"per_image_hungarian", "dataset_hungarian", "concept",
+                                                        "concept_token_mean", "majority"}
+    for r in payload["rows"]:
+        assert r["miou"] == pytest.approx(100.0) and r["pixel_accuracy"] == pytest.approx(100.0), r
 
 
 @pytest.mark.slow
@@ -251,14 +298,14 @@ def _record_arrays(out: Path, image_id: str) -> dict[str, np.ndarray]:
         return {k: z[k] for k in z.files if k not in ("meta", "settings_sha256")}
 
 
-def test_run_config_is_the_command_line(tmp_path):
-    """The config a command-line run recorded, given to run_config, reproduces that run: the same
+def test_run_evaluation_is_the_command_line(tmp_path):
+    """The config a command-line run recorded, given to run_evaluation, reproduces that run: the same
     rows, settings and per-image records (flags off the model's sizes, so a dropped field shows)."""
     import torch
 
     from emerdiff.cli.main import main
     from emerdiff.config import EmerDiffConfig
-    from emerdiff.evaluation.runner import run_config
+    from emerdiff.evaluation.runner import run_evaluation
 
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=1)
@@ -270,7 +317,7 @@ def test_run_config_is_the_command_line(tmp_path):
     config = EmerDiffConfig.from_dict(from_cli["config"]["segmentation_config"])
     assert (config.resolution, config.num_clusters, config.blur_sigma, config.seed) == (64, 2, 0.5, 1)
 
-    payload = run_config(data, py_out, "tiny", config, bootstrap=20, device="cpu", quiet=True)
+    payload = run_evaluation(data, "tiny", config, py_out, n_boot=20, device="cpu", quiet=True)
     assert payload == json.loads((py_out / "results.json").read_text())
     assert payload["config"]["segmentation_config"] == config.to_dict()  # every field reached the segmenter
     assert payload["config"]["protocol_seed"] == 1  # the config's seed seeds the protocols, as --seed does
@@ -282,33 +329,32 @@ def test_run_config_is_the_command_line(tmp_path):
         np.testing.assert_array_equal(ours[key], theirs[key], err_msg=key)
 
 
-def test_run_config_with_a_dict_of_fields_and_options(tmp_path, fake_model):
-    """A dict names some fields (the rest sized for the model, as on the command line); other
-    options go by their Python names; bad names are a ValueError naming them, before anything is written."""
-    from emerdiff.config import config_sizes
-    from emerdiff.evaluation.runner import run_config
+def test_run_evaluation_takes_objects_and_refuses_bad_arguments(tmp_path, fake_model):
+    """A config object and Python arguments in, the results out; bad arguments are a ValueError naming
+    them, before anything is written."""
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.evaluation.runner import run_evaluation
 
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
-    payload = run_config(data, out, "tiny", {"num_clusters": 3, "modulation_strength": np.float32(5.0), "seed": 2},
-                         protocol="concept", bootstrap=10, quiet=True, bootstrap_seed=7, limit=1)
+    config = EmerDiffConfig.for_model("tiny", num_clusters=3, modulation_strength=5.0, seed=2)
+    payload = run_evaluation(data, "tiny", config, out, protocols="concept", n_boot=10, quiet=True,
+                             bootstrap_seed=7, limit=1)
     method = json.loads((out / "run.json").read_text())["method_config"]
     assert (method["num_clusters"], method["modulation_strength"], method["seed"]) == (3, 5.0, 2)
-    assert method["resolution"] == config_sizes("tiny")["resolution"]  # not given: the model's size
+    assert method["resolution"] == EmerDiffConfig.for_model("tiny").resolution
     assert payload["config"]["bootstrap"]["seed"] == 7 and payload["config"]["protocol_seed"] == 2
     assert payload["config"]["num_images"] == 1 and {r["protocol"] for r in payload["rows"]} == {"concept"}
 
     fresh = tmp_path / "fresh"
-    with pytest.raises(ValueError, match=r"unknown EmerDiffConfig field\(s\) \['num_clusterz'\]; valid fields"):
-        run_config(data, fresh, "tiny", {"num_clusterz": 3})
-    with pytest.raises(ValueError, match="unknown option 'bootstrap_sed'"):
-        run_config(data, fresh, "tiny", {}, bootstrap_sed=1)
-    with pytest.raises(ValueError, match="k=3 is a method setting; give the EmerDiffConfig field in config"):
-        run_config(data, fresh, "tiny", {}, k=3)
-    with pytest.raises(ValueError, match="run_config: argument --protocol: invalid choice: 'bogus'"):
-        run_config(data, fresh, "tiny", {}, protocol="bogus")
-    with pytest.raises(TypeError, match="EmerDiffConfig or a dict"):
-        run_config(data, fresh, "tiny", [("num_clusters", 3)])
+    with pytest.raises(ValueError, match="unknown protocol.*'bogus'"):
+        run_evaluation(data, "tiny", config, fresh, protocols="bogus")
+    with pytest.raises(ValueError, match="a model name needs a config"):
+        run_evaluation(data, "tiny", None, fresh)
+    with pytest.raises(ValueError, match="n_boot=-1"):
+        run_evaluation(data, "tiny", config, fresh, n_boot=-1)
+    with pytest.raises(TypeError, match="segmenter must be"):
+        run_evaluation(data, 3, config, fresh)
     assert not fresh.exists()
 
 
@@ -461,7 +507,7 @@ def test_majority_oracle_protocol_on_request_only(tmp_path):
 
 
 def evaluate_records_of(out: Path, protocol: str) -> dict:
-    from emerdiff.evaluation.metrics import evaluate_records
+    from emerdiff.evaluation.protocols import evaluate_records
 
     cfg = json.loads((out / "results.json").read_text())["config"]
     records = [load_record(record_path(out, i), i) for i in cfg["image_ids"]]

@@ -7,39 +7,37 @@ import math
 import numpy as np
 import pytest
 
+from emerdiff.evaluation.bootstrap import bootstrap_protocols, bootstrap_weights, compare_records
 from emerdiff.evaluation.metrics import (
-    PROTOCOLS,
-    ImageRecord,
-    assign_to_concepts,
     best,
-    bootstrap_protocols,
-    bootstrap_weights,
     boundary_alignment,
-    build_record,
-    compare_records,
-    concept_embeddings,
-    concept_protocol,
     confusion_matrix,
-    dataset_hungarian_protocol,
-    evaluate_records,
     hungarian_match,
     hungarian_miou,
-    mask_class_counts,
-    mask_concept_embeddings,
     miou,
     per_class_iou,
-    per_class_rows,
-    per_image_hungarian_protocol,
-    per_image_match,
     pixel_accuracy,
-    protocol_draws,
     remap_confusion,
     score_labels,
     scores,
     silhouette,
     summarize,
+)
+from emerdiff.evaluation.protocols import (
+    PROTOCOLS,
+    assign_to_concepts,
+    concept_embeddings,
+    concept_protocol,
+    dataset_hungarian_protocol,
+    evaluate_records,
+    mask_concept_embeddings,
+    per_class_rows,
+    per_image_hungarian_protocol,
+    per_image_match,
+    protocol_draws,
     summary_rows,
 )
+from emerdiff.evaluation.records import ImageRecord, build_record, mask_class_counts
 
 
 def _gt(seed: int = 0, shape=(12, 16), classes: int = 4) -> np.ndarray:
@@ -293,16 +291,36 @@ def test_bootstrap_protocols_agree_with_the_protocols_and_order_methods():
     assert bootstrap_protocols(noisy, 3, n_boot=50, seed=3) != bootstrap_protocols(noisy, 3, n_boot=50, seed=4)
 
 
-def test_bootstrap_draws_resample_whole_images():
-    """A draw with image multiplicities w equals the protocol run on the records repeated w times."""
+def test_unit_weights_are_the_plain_scores_and_integer_weights_repeat_images():
+    """The one weighted implementation: weights 1 give the protocols' scores on the records as they are;
+    integer weights w give exactly the scores of the records repeated w times (every protocol, k-means
+    fitted on the same masks), so a bootstrap resample is the protocol on the resampled images."""
+    from emerdiff.evaluation.protocols import KNOWN_PROTOCOLS, protocol_totals
+
     noisy = _noisy_records(n_images=5)
-    w = np.array([[2, 0, 1, 0, 2]])
+    ones, _ = protocol_totals(noisy, 3, np.ones((1, 5)), KNOWN_PROTOCOLS)
+    for protocol in KNOWN_PROTOCOLS:
+        plain = evaluate_records(noisy, protocol, 3)["methods"]
+        for m, totals in ones[protocol].items():
+            conf_scores = plain[m]
+            assert totals.shape == (1, 3, 3)
+            # the pooled confusion's true positives and GT pixels: every non-ignored pixel counted once
+            assert totals[0, 1].sum() == sum(r.counts[m].sum() for r in noisy)
+            assert conf_scores["pixel_accuracy"] == pytest.approx(totals[0, 0].sum() / totals[0, 1].sum() * 100)
+    w = np.array([[2, 0, 1, 0, 3], [1, 1, 1, 1, 1]])
     repeated = [r for r, k in zip(noisy, w[0]) for _ in range(k)]
-    draws = protocol_draws(noisy, 3, w, protocols=["per_image_hungarian", "concept", "concept_token_mean"])
+    draws = protocol_draws(noisy, 3, w, protocols=["per_image_hungarian", "concept", "concept_token_mean", "majority"])
     for protocol, per in draws.items():
         full = evaluate_records(repeated, protocol, 3)["methods"]
+        plain = evaluate_records(noisy, protocol, 3)["methods"]
         for m, v in per.items():
-            assert v[0] == pytest.approx(full[m]["miou"], abs=1e-9), (protocol, m)
+            assert v[0] == full[m]["miou"], (protocol, m)
+            assert v[1] == plain[m]["miou"], (protocol, m)
+    # dataset Hungarian: the clusters are fitted once, so a repeat changes only the matching's counts
+    twice = protocol_draws(noisy, 3, np.full((1, 5), 2.0), protocols=["dataset_hungarian"])
+    once = evaluate_records(noisy, "dataset_hungarian", 3)["methods"]
+    for m, v in twice["dataset_hungarian"].items():
+        assert v[0] == once[m]["miou"]  # doubling every image leaves every IoU as it is
     weights = bootstrap_weights(5, 30, seed=0)
     assert weights.shape == (31, 5) and (weights[0] == 1).all() and (weights.sum(axis=1) == 5).all()
     no_ci = bootstrap_protocols(noisy, 3, n_boot=0)["concept"]["emerdiff"]
@@ -524,7 +542,7 @@ def test_summarize_and_best():
 def test_majority_protocol_is_the_pixel_accuracy_ceiling_of_every_mask_labelling():
     """Each mask takes its majority GT class: no protocol's labelling of the same masks gets more pixels right,
     and a label map equal to the GT scores 100."""
-    from emerdiff.evaluation.metrics import KNOWN_PROTOCOLS, bootstrap_protocols, evaluate_records
+    from emerdiff.evaluation.protocols import KNOWN_PROTOCOLS
 
     recs = _noisy_records(n_images=8, seed=3)
     num_classes = recs[0].counts["emerdiff"].shape[1]
@@ -542,7 +560,7 @@ def test_majority_protocol_is_the_pixel_accuracy_ceiling_of_every_mask_labelling
 
 
 def test_majority_protocol_of_a_perfect_label_map_is_100():
-    from emerdiff.evaluation.metrics import ImageRecord, evaluate_records
+    from emerdiff.evaluation.protocols import evaluate_records
 
     counts = np.array([[50, 0, 0], [0, 30, 0], [0, 0, 20], [0, 10, 0]])  # mask 3 also lies in class 1
     rec = ImageRecord("a", {"emerdiff": counts}, np.eye(4), np.zeros((4, 4)), np.zeros((2, 2), dtype=int),

@@ -1,7 +1,8 @@
 """The study notebooks' source is notebooks/NN_name.py (jupytext percent format); the committed
 NN_name.ipynb must hold the same cells (sources and tags; outputs and metadata are noise), the
 parameters cell stays tagged for papermill, ruff lints the sources, and the notebooks' setup is
-one library call (emerdiff.notebook.lab.setup) sized by the one size rule (emerdiff.cli.figure_sizes)."""
+one library call (emerdiff.notebook.lab.setup) whose settings left None are the model's preset
+(EmerDiffConfig.for_model), and no notebook or figure default names a test scene."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def test_parameters_cell_is_tagged_in_the_source(source):
     assert list(code[0].metadata.get("tags", [])) == ["parameters"]
     assert not any("parameters" in c.metadata.get("tags", []) for c in code[1:])
     assert "lab.setup(" in code[1].source  # the setup is one library call, right after the parameters
-    for key in ("model", "device", "images", "resolution", "K", "seeds", "output_dir"):
+    for key in ("model", "device", "images", "resolution", "num_clusters", "seeds", "output_dir"):
         assert f"\n{key} = " in "\n" + code[0].source, (source.name, key)
 
 
@@ -169,30 +170,71 @@ def test_ruff_lints_the_notebook_sources():
     assert lint.returncode == 0, lint.stdout
 
 
-def test_makefile_leaves_sizes_to_the_size_rule():
-    """Sizes are not repeated in the Makefile: the notebooks size themselves (lab.setup -> figure_sizes)."""
+PRESET_PARAMETERS = ("resolution", "num_clusters", "num_inference_steps", "modulation_timestep", "blur_sigma",
+                     "max_batch")
+
+
+def test_makefile_leaves_settings_to_the_presets():
+    """Settings are not repeated in the Makefile: the notebooks take the preset (lab.setup -> for_model),
+    and every notebook names its settings as the config fields (num_clusters, not K)."""
     make = "\n".join(line for line in (ROOT / "Makefile").read_text().splitlines() if not line.startswith("#"))
-    size_keys = ("resolution", "K", "num_inference_steps", "modulation_timestep", "blur_sigma", "max_batch")
-    assert not re.findall(rf"-p ({'|'.join(size_keys)}) ", make)
+    assert not re.findall(rf"-p ({'|'.join(PRESET_PARAMETERS)}|K) ", make)
+    assert "-p K " not in (ROOT / "Makefile").read_text()
     for source in SOURCES:
         params = jupytext.read(source).cells[1].source
-        for key in size_keys:
+        for key in PRESET_PARAMETERS:
             assert re.search(rf"^{key} = None\b", params, re.M), (source.name, key)
+        assert not re.search(r"^K = ", params, re.M) and "K=K" not in source.read_text(), source.name
 
 
-def test_config_fields_follow_the_model_unless_given():
-    from emerdiff.cli.main import FIGURE_SIZES, config_sizes
-    from emerdiff.notebook.lab import SIZE_FIELDS, config_fields
+def test_study_config_is_the_preset_unless_given():
+    from emerdiff.config import PRESETS, EmerDiffConfig
+    from emerdiff.notebook.lab import study_config
 
     for model in ("reference", "tiny"):
-        assert config_fields(model) == config_sizes(model)
-        assert config_fields(model) == {SIZE_FIELDS[k]: v for k, v in FIGURE_SIZES[model].items()}
-    assert config_fields("tiny", K=6, resolution=None) == dict(config_sizes("tiny"), num_clusters=6)
-    given = dict(resolution=64, K=3, num_inference_steps=5, modulation_timestep=1, blur_sigma=0.0, max_batch=2)
-    fields = config_fields("tiny", **given)
-    assert {k: fields[SIZE_FIELDS[k]] for k in given} == given
-    with pytest.raises(TypeError, match="num_clusters"):
-        config_fields("tiny", num_clusters=4)
+        assert study_config(model) == EmerDiffConfig.for_model(model) == EmerDiffConfig(**PRESETS[model])
+        assert study_config(model, **dict.fromkeys(PRESET_PARAMETERS)) == EmerDiffConfig.for_model(model)
+    assert study_config("tiny", num_clusters=6, resolution=None) == EmerDiffConfig(**{**PRESETS["tiny"], "num_clusters": 6})
+    given = dict(resolution=64, num_clusters=3, num_inference_steps=5, modulation_timestep=1, blur_sigma=0.0,
+                 max_batch=2)
+    config = study_config("tiny", **given)
+    assert {k: getattr(config, k) for k in given} == given
+
+
+# ------------------------------------------------------------ no default looks at the test scenes
+def _scene_numbers(text: str) -> list[int]:
+    """Every held-out scene a text names: scene:N literals and first_scene / start defaults."""
+    return [int(n) for n in re.findall(r"scene:(\d+)", text)] + \
+        [int(n) for n in re.findall(r"^first_scene\s*=\s*(\d+)", text, re.M)]
+
+
+def test_no_notebook_or_figure_default_names_a_test_scene():
+    """Held-out scenes 0-99 are the test set (training/heldout.py, VALIDATION_START): settings explored in
+    notebooks and figures must never look at them. Scans every notebook source (its parameters cell and
+    its code), the lab setup's defaults, the figure functions, the probe-image loader and the Makefile."""
+    import inspect
+
+    from emerdiff.notebook import lab
+    from training.heldout import VALIDATION_START
+
+    texts = {source.name: source.read_text() for source in SOURCES}
+    for rel in ("emerdiff/notebook/lab.py", "emerdiff/notebook/inspector.py", "emerdiff/viz/__init__.py",
+                "emerdiff/evaluation/datasets.py", "emerdiff/cli/main.py", "Makefile"):
+        texts[rel] = (ROOT / rel).read_text()
+    for name, text in texts.items():
+        low = [n for n in _scene_numbers(text) if n < VALIDATION_START]
+        assert not low, f"{name} names test scene(s) {low}; use validation scenes ({VALIDATION_START}+)"
+    for source in SOURCES:  # the parameters cell names scenes at all: the probe notebooks do
+        params = jupytext.read(source).cells[1].source
+        assert _scene_numbers(params), source.name
+    defaults = inspect.signature(lab.setup).parameters["images"].default
+    assert [n for n in _scene_numbers(" ".join(defaults))] and min(_scene_numbers(" ".join(defaults))) >= VALIDATION_START
+
+
+def test_the_scene_scan_catches_a_test_scene():
+    """The scan above is not vacuous: a parameters cell naming scene:0 or first_scene = 3 is caught."""
+    assert _scene_numbers('images = ["scene:0", "voc_sample"]\nfirst_scene = 3\n') == [0, 3]
+    assert _scene_numbers('images = ["scene:100:flat"]\nfirst_scene = 100\n') == [100, 100]
 
 
 def test_setup_refuses_bad_parameters_before_loading():
@@ -211,17 +253,17 @@ def test_setup_refuses_bad_parameters_before_loading():
 def test_setup_builds_what_the_notebooks_use(tmp_path, capsys):
     import torch
 
-    from emerdiff.cli.main import FIGURE_SIZES
+    from emerdiff.config import PRESETS
     from emerdiff.notebook.lab import setup
 
     threads = torch.get_num_threads()
     try:
-        sd, config, ed, items, writer, label = setup("tiny", images=["voc_sample"], K=3, seeds=[5],
+        sd, config, ed, items, writer, label = setup("tiny", images=["voc_sample"], num_clusters=3, seeds=[5],
                                                      output_dir=tmp_path / "figs", torch_threads=1)
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
-    sizes = FIGURE_SIZES["tiny"]
+    sizes = PRESETS["tiny"]
     assert (config.num_clusters, config.resolution, config.num_inference_steps) == (
         3, sizes["resolution"], sizes["num_inference_steps"])
     assert (config.modulation_timestep, config.blur_sigma, config.max_batch) == (
@@ -231,5 +273,5 @@ def test_setup_builds_what_the_notebooks_use(tmp_path, capsys):
     assert label == "tiny (random weights)" and writer.model == label
     assert writer.out_dir == tmp_path / "figs" and writer.out_dir.is_dir()
     printed = capsys.readouterr().out
-    assert printed.startswith("tiny (random weights) | resolution 128, K 3, num_inference_steps 10,")
+    assert printed.startswith("tiny (random weights) | resolution 128, num_clusters 3, num_inference_steps 10,")
     assert "query grid" in printed

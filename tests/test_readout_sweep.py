@@ -9,7 +9,6 @@ import pytest
 from training.readout_sweep import (
     BASE,
     bar_summary,
-    heldout_argv,
     main,
     phase1_settings,
     phase2_settings,
@@ -69,14 +68,6 @@ def test_phase2_is_the_factorial_of_each_knobs_two_best_values():
     assert all(c["modulation_strength"] == BASE["modulation_strength"] for c in combos)
 
 
-def test_heldout_argv_names_every_knob():
-    argv = heldout_argv("reference", {**BASE, "readout_steps": 2}, "out", 40, 100, "cuda", "float32", 200)
-    sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
-    assert "readout_steps=2" in sets and "attention_injection=true" in sets and "modulation_timestep=81" in sets
-    assert argv[argv.index("--k") + 1] == "8" and argv[argv.index("--start") + 1] == "100"
-    assert "--no-openvocab" in argv and argv[argv.index("--dtype") + 1] == "float32"
-
-
 def test_sweep_refuses_validation_scenes_that_overlap_the_test_scenes(tmp_path):
     with pytest.raises(SystemExit):
         main(["--model", "m=tiny", "--out", str(tmp_path), "--start", "50"])
@@ -127,7 +118,7 @@ def test_sweep_figure_has_a_panel_per_knob_with_the_runs_that_moved_it():
 
 
 def test_sweep_subprocess_runs_resume_and_stop_at_the_deadline(tmp_path, tiny_dir):
-    """--workers N runs each setting in its own process; a finished run's folder is reused, and a run that
+    """--workers N runs each setting in its own worker process (a function call, no argv); a finished run's folder is reused, and a run that
     cannot start before the deadline is reported, not half-written."""
     out = tmp_path / "sweep"
     argv = ["--model", f"a={tiny_dir}", "--out", str(out), "--n", "1", "--test-n", "0", "--grid",

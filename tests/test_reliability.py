@@ -23,8 +23,9 @@ from PIL import Image
 from test_evaluate import fake_segment, make_folder  # noqa: E402  (same tests folder)
 
 from emerdiff import EmerDiff, EmerDiffConfig
+from emerdiff.cli.evaluate import build_parser, run
 from emerdiff.cli.main import main
-from emerdiff.evaluation.runner import build_parser, load_record, record_path, run
+from emerdiff.evaluation.records import load_record, record_path
 
 S = ["--model", "tiny", "--resolution", "128", "--k", "4", "--steps", "10", "--modulation-timestep", "201",
      "--quiet"]
@@ -408,7 +409,7 @@ def test_records_of_other_settings_are_recomputed(tmp_path, capsys, fake_model):
 
 
 def test_image_ids_do_not_collide(tmp_path, capsys):
-    from emerdiff.evaluation.runner import _safe_id
+    from emerdiff.evaluation.records import safe_id as _safe_id
 
     data = make_folder(tmp_path / "data", n=2)
     for kind in ("images", "labels"):

@@ -213,6 +213,8 @@ def test_sdxl_base_layers_at_real_size():
 
 
 def test_family_defaults_from_the_folder(sdxl, sdxl_dir):
+    from emerdiff.config import PRESETS
+
     expected = dict(resolution=256, query_layer=TINY_QUERY, modulation_layer=TINY_MODULATION)
     assert family_defaults(str(sdxl_dir)) == expected  # read from the configs, no weights
     assert family_defaults(sdxl) == expected
@@ -220,7 +222,7 @@ def test_family_defaults_from_the_folder(sdxl, sdxl_dir):
     config = EmerDiffConfig.for_model(sdxl_dir, num_clusters=5)
     assert (config.resolution, config.query_layer, config.modulation_layer, config.num_clusters) == (
         256, TINY_QUERY, TINY_MODULATION, 5)
-    assert family_defaults("tiny") == {} and EmerDiffConfig.for_model("tiny") == EmerDiffConfig()
+    assert family_defaults("tiny") == {} and EmerDiffConfig.for_model("tiny") == EmerDiffConfig(**PRESETS["tiny"])
 
 
 def test_sd_default_layers_are_refused_on_sdxl(sdxl):
@@ -269,10 +271,10 @@ def test_layers_command_lists_sdxl(sdxl_dir, capsys):
 
 
 def test_cli_settings_follow_the_sdxl_folder(sdxl_dir):
-    from emerdiff.cli.main import build_parser, config_from_args, figure_sizes
+    from emerdiff.cli.main import build_parser, config_from_args
 
     parser = build_parser()
-    assert figure_sizes(str(sdxl_dir))["resolution"] == 256
+    assert EmerDiffConfig.for_model(str(sdxl_dir)).resolution == 256
     seg = config_from_args(parser.parse_args(["segment", "x.png", "--model", str(sdxl_dir)]))
     ev = config_from_args(parser.parse_args(["evaluate", "--data", "d", "--out", "o", "--model", str(sdxl_dir)]))
     for config in (seg, ev):

@@ -22,11 +22,13 @@ import numpy as np
 from emerdiff.assets import model_world
 from emerdiff.assets.scenes import CLASSES, heldout_scene_seeds, make_scene
 
-__all__ = ["model_world", "write_heldout_folder", "locality_probe", "learning_curve_probe", "results_table", "main"]
+__all__ = ["model_world", "write_heldout_folder", "run_heldout", "locality_probe", "learning_curve_probe", "results_table", "main"]
 
-# Settings for the reference model: 128 px scenes, 16x16 query grid.
-# K = 8 with max_batch 17 puts all 2K modulated runs and the reference in one UNet batch.
-REFERENCE_CONFIG: dict[str, Any] = dict(resolution=128, num_clusters=8, blur_sigma=1.0, max_batch=17)
+# Settings for the reference model: EmerDiffConfig.for_model("reference") (emerdiff.config.PRESETS).
+# The training probes below keep the paper's readout (t_m 281) that their curves were logged with.
+PROBE_TIMESTEP = 281
+# The preset fields this module's table records (results.json "settings")
+TABLE_FIELDS = ("resolution", "num_clusters", "blur_sigma", "max_batch")
 # Held-out scenes 0-99 are the test set (this module's table); 100 and up are for validation:
 # training monitoring (locality_probe) and the diagnosis notebook explore settings there.
 VALIDATION_START = 100
@@ -78,8 +80,8 @@ def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clust
     torch.manual_seed(0)
     world = model_world(pipeline_folder)
     model = load_pipeline(pipeline_folder, device="cpu")
-    cfg = EmerDiffConfig(**{**REFERENCE_CONFIG, "num_clusters": num_clusters, "kmeans_n_init": 2,
-                            "max_batch": 2 * num_clusters + 1})
+    cfg = EmerDiffConfig.for_model("reference", modulation_timestep=PROBE_TIMESTEP, num_clusters=num_clusters,
+                                   kmeans_n_init=2, max_batch=2 * num_clusters + 1)
     seg = EmerDiff(model, cfg)
     loc, scores, acc = [], {"emerdiff": [], "nearest": []}, {"emerdiff": [], "nearest": []}
     for seed in heldout_scene_seeds(n, start=start):
@@ -109,7 +111,7 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
     accuracy of EmerDiff (paper readout and :data:`CURVE_READOUTS`), nearest and bilinear
     upsampling of the same K = 8 segments. Majority-mapped accuracy, not per-image
     Hungarian mIoU, is what says whether EmerDiff beats upsampling here
-    (docs/reference/diagnosis.md). ``config`` overrides :data:`REFERENCE_CONFIG` fields and
+    (docs/reference/diagnosis.md). ``config`` overrides the reference preset's fields and
     ``readouts`` replaces :data:`CURVE_READOUTS` (tests use both on the tiny model).
     """
     import torch
@@ -124,7 +126,8 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
 
     torch.manual_seed(0)
     world = model_world(pipeline_folder)
-    ed = EmerDiff(load_pipeline(pipeline_folder, device="cpu"), EmerDiffConfig(**{**REFERENCE_CONFIG, **(config or {})}))
+    ed = EmerDiff(load_pipeline(pipeline_folder, device="cpu"),
+                  EmerDiffConfig.for_model("reference", modulation_timestep=PROBE_TIMESTEP, **(config or {})))
     readouts = CURVE_READOUTS if readouts is None else readouts
     variants = {name: with_config(ed, **changes) for name, changes in readouts.items()}
     t_stop = max([ed.config.modulation_timestep, *(v.config.modulation_timestep for v in variants.values())])
@@ -155,7 +158,7 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
 def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
                   intervals: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
     """Markdown table of evaluation rows (from results.json files); with ``intervals``
-    (:func:`emerdiff.evaluation.metrics.bootstrap_protocols`) a 95 % interval column and a second table
+    (:func:`emerdiff.evaluation.bootstrap.bootstrap_protocols`) a 95 % interval column and a second table
     of EmerDiff's differences to each baseline."""
     intervals = intervals or {}
     lines = ["| protocol | method | mIoU | 95 % interval | pixel acc. | locality |", "|---|---|---|---|---|---|"]
@@ -184,8 +187,9 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
 
 def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0) -> dict[str, Any]:
     """Bootstrap intervals over the ``n`` held-out scenes (from index ``start``) of an ``evaluate`` output folder."""
-    from emerdiff.evaluation.metrics import KNOWN_PROTOCOLS, bootstrap_protocols
-    from emerdiff.evaluation.runner import load_record, record_path
+    from emerdiff.evaluation.bootstrap import bootstrap_protocols
+    from emerdiff.evaluation.protocols import KNOWN_PROTOCOLS
+    from emerdiff.evaluation.records import load_record, record_path
 
     ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n, start)]
     records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]
@@ -193,9 +197,54 @@ def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, star
     return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot, protocols=KNOWN_PROTOCOLS)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from emerdiff.evaluation.runner import build_parser, run
+def run_heldout(model: str, out: str | Path, n: int = 100, start: int = 0, world: str | None = None,
+                k: int | None = None, device: str | None = None, dtype: str | None = None, quiet: bool = False,
+                changes: dict[str, Any] | None = None, openvocab: bool = True, bootstrap: int = 1000,
+                set_items: list[str] | None = None) -> str:
+    """The held-out table of ``model`` on ``n`` scenes from ``start``: writes ``OUT/data``, ``OUT/evaluate``
+    (the evaluation runner's outputs), ``OUT/results.json`` and ``OUT/results.md``; returns the table.
 
+    The config is the reference preset's table settings (:data:`TABLE_FIELDS`) on the model's preset,
+    then ``k`` (num_clusters) and ``changes`` (EmerDiffConfig fields). ``set_items``: how the changes
+    are named in the table's settings line (default ``FIELD=JSON`` of each change).
+    """
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.evaluation.runner import run_evaluation
+
+    reference = EmerDiffConfig.for_model("reference")
+    out = Path(out)
+    changes = dict(changes or {})
+    k = reference.num_clusters if k is None else k
+    world = world or model_world(model)
+    data = write_heldout_folder(out / "data", n, start=start, world=world)
+    config = EmerDiffConfig.for_model(model, **{**{name: getattr(reference, name) for name in TABLE_FIELDS},
+                                                "num_clusters": k, **changes})
+    # One per-image cache for both runs, filled by the first (open vocabulary needs the
+    # segmentation too, so it goes first and the mask protocols then only merge). Each run
+    # rewrites results.json, so rows are collected in between.
+    rows = []
+    for protocol in (["openvocab"] if openvocab else []) + ["all"]:
+        payload = run_evaluation(data, model, config, out / "evaluate", protocols=protocol, labeller="unet",
+                                 n_boot=bootstrap, device=device, dtype=dtype, quiet=quiet, layout="folder")
+        rows += payload["rows"]
+    if set_items is None:
+        set_items = [f"{name}={json.dumps(value)}" for name, value in changes.items()]
+    settings = {"model": model, "world": world, "scenes": n, "first_scene": start, "k": k,
+                **{name: getattr(reference, name) for name in TABLE_FIELDS},
+                "set": list(set_items), "device": device, "dtype": dtype}
+    intervals = heldout_intervals(out / "evaluate", n, n_boot=bootstrap, start=start)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
+                                                 indent=2))
+    table = results_table(rows, settings, intervals)
+    (out / "results.md").write_text(table)
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    from emerdiff.cli.options import parse_sets
+    from emerdiff.config import EmerDiffConfig
+
+    reference = EmerDiffConfig.for_model("reference")
     p = argparse.ArgumentParser(prog="python -m training.heldout", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="reference", help="model to evaluate (default: reference)")
     p.add_argument("--n", type=int, default=100, help="held-out scenes (default 100)")
@@ -205,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--world", default=None, choices=["textured", "flat"],
                    help="scene world (default: the one the model was trained on, from its reference.json)")
-    p.add_argument("--k", type=int, default=REFERENCE_CONFIG["num_clusters"])
+    p.add_argument("--k", type=int, default=reference.num_clusters)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
@@ -216,35 +265,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="resamples of the 95 %% interval over scenes of each mIoU (default 1000)")
     args = p.parse_args(argv)
     out = Path(args.out)
-    data = write_heldout_folder(out / "data", args.n, start=args.start, world=args.world or model_world(args.model))
     if args.bootstrap < 100:
         p.error(f"--bootstrap {args.bootstrap}: use at least 100 resamples (default 1000)")
-    sets = [f"blur_sigma={REFERENCE_CONFIG['blur_sigma']}", f"max_batch={REFERENCE_CONFIG['max_batch']}", *args.set]
-    common = ["--data", str(data), "--model", args.model, "--k", str(args.k),
-              "--resolution", str(REFERENCE_CONFIG["resolution"]), *sum([["--set", s] for s in sets], [])]
-    if args.device:
-        common += ["--device", args.device]
-    if args.dtype:
-        common += ["--dtype", args.dtype]
-    if args.quiet:
-        common += ["--quiet"]
-    # One per-image cache for both runs, filled by the first (open vocabulary needs the
-    # segmentation too, so it goes first and the mask protocols then only merge). Each run
-    # rewrites results.json, so rows are collected in between.
-    rows = []
-    protocols = ([] if args.no_openvocab else ["openvocab"]) + ["all"]
-    for protocol in protocols:
-        run(build_parser().parse_args([*common, "--protocol", protocol, "--labeller", "unet",
-                                       "--bootstrap", str(args.bootstrap), "--out", str(out / "evaluate")]))
-        rows += json.loads((out / "evaluate" / "results.json").read_text())["rows"]
-    world = args.world or model_world(args.model)
-    settings = {"model": args.model, "world": world, "scenes": args.n, "first_scene": args.start, "k": args.k, **REFERENCE_CONFIG,
-                "set": args.set, "device": args.device, "dtype": args.dtype}
-    intervals = heldout_intervals(out / "evaluate", args.n, n_boot=args.bootstrap, start=args.start)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
-                                                 indent=2))
-    table = results_table(rows, settings, intervals)
-    (out / "results.md").write_text(table)
+    try:
+        changes = parse_sets(args.set)
+    except ValueError as err:
+        p.error(str(err))
+    table = run_heldout(args.model, out, n=args.n, start=args.start, world=args.world, k=args.k,
+                        device=args.device, dtype=args.dtype, quiet=args.quiet, changes=changes,
+                        openvocab=not args.no_openvocab, bootstrap=args.bootstrap, set_items=args.set)
     print(table)
     return 0
 

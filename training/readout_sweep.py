@@ -3,7 +3,7 @@
     python -m training.readout_sweep --model v2=reference --model b=runs/b1400 \\
         --device cuda --workers 12 --budget 540 --out runs/sweep
 
-Every setting is one ``python -m training.heldout`` run (own process, own folder) on the
+Every setting is one held-out run (:func:`training.heldout.run_heldout`; own worker process, own folder) on the
 validation scenes (default 200 scenes from index 100, never the test scenes 0-99), several at a
 time. Three phases, each built from the results of the one before:
 
@@ -25,9 +25,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from typing import Any
 from training.heldout import VALIDATION_START
 
 __all__ = ["BASE", "PHASE1_VALUES", "BAR_PROTOCOLS", "BAR_BASELINES", "BAR_MIOU", "bar_summary", "setting_name",
-           "heldout_argv", "phase1_settings", "phase2_settings", "rank", "sweep_figure", "main"]
+           "heldout_run", "phase1_settings", "phase2_settings", "rank", "sweep_figure", "main"]
 
 # The shipped readout of the reference model (emerdiff.config's "reference" sizes).
 BASE: dict[str, Any] = dict(modulation_timestep=81, modulation_strength=10.0, readout_steps=None, num_clusters=8,
@@ -91,19 +90,19 @@ def setting_name(model: str, knobs: Mapping[str, Any]) -> str:
     return "_".join(parts)
 
 
-def heldout_argv(model_path: str, knobs: Mapping[str, Any], out: str | Path, n: int, start: int,
-                 device: str | None, dtype: str | None, bootstrap: int) -> list[str]:
-    """Arguments of ``python -m training.heldout`` for one setting (mask protocols only)."""
-    from emerdiff.evaluation.runner import config_argv
+def heldout_run(model_path: str, knobs: Mapping[str, Any], out: str | Path, n: int, start: int,
+                device: str | None, dtype: str | None, bootstrap: int, log: str | Path | None = None) -> int:
+    """One setting: :func:`training.heldout.run_heldout` on ``n`` scenes from ``start`` (mask protocols
+    only), its printed output in ``log``; returns 0. Module-level so that a worker process can run it."""
+    from contextlib import redirect_stderr, redirect_stdout
 
-    argv = ["--model", model_path, "--n", str(n), "--start", str(start), "--out", str(out),
-            "--k", str(knobs["num_clusters"]), "--no-openvocab", "--bootstrap", str(bootstrap)]
-    argv += config_argv({k: v for k, v in knobs.items() if k != "num_clusters"})  # K goes as --k
-    if device:
-        argv += ["--device", device]
-    if dtype:
-        argv += ["--dtype", dtype]
-    return argv
+    from training.heldout import run_heldout
+
+    with open(log or os.devnull, "a") as stream, redirect_stdout(stream), redirect_stderr(stream):
+        print(run_heldout(model_path, out, n=n, start=start, k=knobs["num_clusters"], device=device, dtype=dtype,
+                          quiet=True, changes={k: v for k, v in knobs.items() if k != "num_clusters"},
+                          openvocab=False, bootstrap=bootstrap))
+    return 0
 
 
 def phase1_settings(base: Mapping[str, Any] = BASE,
@@ -140,8 +139,21 @@ def phase2_settings(results: Sequence[Mapping[str, Any]], base: Mapping[str, Any
     return [dict(zip(keys, combo, strict=True)) for combo in itertools.product(*choices)]
 
 
+def _worker(job: dict[str, Any], log: str) -> None:
+    """A worker process's run: one BLAS / OpenMP thread (the workers share the cores), then :func:`heldout_run`."""
+    os.environ.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    try:
+        heldout_run(**job, log=log)
+    except BaseException:
+        import traceback
+
+        with open(log, "a") as stream:
+            traceback.print_exc(file=stream)
+        raise SystemExit(1) from None
+
+
 class _Runner:
-    """Runs heldout settings as subprocesses, a few at a time, each with the time left before a deadline."""
+    """Runs heldout settings in worker processes, a few at a time, each with the time left before a deadline."""
 
     def __init__(self, root: Path, workers: int, n: int, start: int, device: str | None, dtype: str | None,
                  bootstrap: int, deadline: float, min_seconds: float):
@@ -150,23 +162,19 @@ class _Runner:
         self.deadline, self.min_seconds = deadline, min_seconds
         self.results: dict[str, dict[str, Any]] = {}
 
-    def _launch(self, argv: list[str], log: Any, seconds: float) -> int | None:
-        """One heldout run: its return code, or None when stopped after ``seconds``."""
-        argv = [*argv, "--quiet"]
+    def _launch(self, job: dict[str, Any], log: Path, seconds: float) -> int | None:
+        """One heldout run: 0 when done, 1 when it failed, None when stopped after ``seconds``."""
         if self.workers == 0:  # in this process, one after another (a run is not stopped at the deadline)
-            from contextlib import redirect_stdout
-
-            from training.heldout import main as heldout_main
-
-            with redirect_stdout(log):
-                return heldout_main(argv)
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        try:
-            return subprocess.run([sys.executable, "-m", "training.heldout", *argv], stdout=log,
-                                  stderr=subprocess.STDOUT, env=env, timeout=seconds).returncode
-        except subprocess.TimeoutExpired:
+            return heldout_run(**job, log=log)
+        # its own process (spawned: torch must not inherit this process's threads), stopped at the deadline
+        proc = multiprocessing.get_context("spawn").Process(target=_worker, args=(job, str(log)))
+        proc.start()
+        proc.join(seconds)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join()
             return None
-
+        return proc.exitcode
     def _one(self, model: str, path: str, knobs: dict[str, Any]) -> dict[str, Any]:
         name = setting_name(model, knobs)
         out = self.root / name
@@ -177,11 +185,12 @@ class _Runner:
             if left < self.min_seconds:
                 rec["skipped"] = "no time left"
                 return rec
-            argv = heldout_argv(path, knobs, out, self.n, self.start, self.device, self.dtype, self.bootstrap)
+            job = dict(model_path=path, knobs=knobs, out=out, n=self.n, start=self.start, device=self.device,
+                       dtype=self.dtype, bootstrap=self.bootstrap)
             out.mkdir(parents=True, exist_ok=True)
+            (out / "log.txt").write_text("")
             t0 = time.time()
-            with open(out / "log.txt", "w") as log:
-                rec["returncode"] = self._launch(argv, log, left)
+            rec["returncode"] = self._launch(job, out / "log.txt", left)
             if rec["returncode"] is None:
                 rec["skipped"] = f"stopped at the deadline after {time.time() - t0:.0f} s"
                 return rec

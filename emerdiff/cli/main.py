@@ -17,20 +17,20 @@ from emerdiff.cli.options import (  # noqa: F401
     config_from_args,
     settings_line,
 )
-from emerdiff.config import FIGURE_SIZES, config_sizes, figure_sizes  # noqa: F401  (the size rule, importable from here)
 from emerdiff.files import FileSet, write_atomic  # noqa: F401  (write_atomic: kept importable from here)
 
 EPILOG = """examples:
   emerdiff segment photo.jpg                 # the reference model, sized for it (128 px, K 8)
   emerdiff segment photo.jpg --model ./stable-diffusion-v1-5 --out results/   # 512 px, K 25
-  emerdiff segment a.png b.png --model tiny --k 8 --resolution 256 --out results/
+  emerdiff segment a.png b.png --model tiny --num-clusters 8 --resolution 256 --out results/
   emerdiff segment photo.jpg --save-maps     # + every mask's difference map (npz) and a contact sheet
   emerdiff refine photo.jpg --masks sam_labels.png   # your segments (any source) at pixel level
   emerdiff layers reference
 models: 'reference' (the project's own small trained model, the default), a local
 diffusers folder, a hub id (needs network or the HF cache; HF_HUB_OFFLINE=1 forbids
-the network) or 'tiny' (random weights, for tests). Sizes (resolution, K, schedule,
-blur, batch) follow the model unless given: see `emerdiff segment --help`."""
+the network) or 'tiny' (random weights, for tests). The settings (resolution,
+num_clusters, schedule, t_m, blur, batch) are the model's preset (emerdiff.config.PRESETS,
+the same as EmerDiffConfig.for_model) unless given: see `emerdiff segment --help`."""
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -331,8 +331,9 @@ def cmd_figures(args: argparse.Namespace) -> int:
     if not notebooks:
         print(f"error: no study notebooks (NN_name.ipynb) in {folder}", file=sys.stderr)
         return 2
-    params: dict[str, Any] = figure_sizes(args.model)
-    params.update(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
+    # no settings here: each notebook's lab.setup takes the model's preset (EmerDiffConfig.for_model)
+    # for every setting left None, the same path as `segment` and the Python API
+    params: dict[str, Any] = dict(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
     for key, value in args.param or []:
         try:
             params[key] = json.loads(value)
@@ -416,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "figures` does, without the Make dependency tracking). A failing cell stops "
                        "with that cell's error.")
     p.add_argument("--model", default="reference",
-                   help="model for every notebook; sizes follow it as in `segment` (default: reference)")
+                   help="model for every notebook; settings are its preset, as in `segment` (default: reference)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: cpu)")
     p.add_argument("--out", default="figures", help="figure folder (default: figures)")
     p.add_argument("--notebooks", default="notebooks", help="folder of the study notebooks (default: notebooks)")
@@ -430,8 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a notebook parameter (JSON value), repeatable (default: none)")
     p.set_defaults(func=cmd_figures)
 
-    from emerdiff.evaluation.runner import add_compare_parser
-    from emerdiff.evaluation.runner import add_parser as add_evaluate_parser
+    from emerdiff.cli.evaluate import add_compare_parser
+    from emerdiff.cli.evaluate import add_parser as add_evaluate_parser
 
     add_evaluate_parser(sub)
     add_compare_parser(sub)

@@ -3,7 +3,7 @@ that keeps tracked notebooks clean.
 
 Every study notebook (``notebooks/NN_*.py``, paired with ``NN_*.ipynb``) starts with one call,
 :func:`setup`: it loads the model, builds the :class:`~emerdiff.EmerDiff` pipeline from the
-notebook's parameters (sizes left ``None`` follow the model, by ``emerdiff.config.figure_sizes``),
+notebook's parameters (settings left ``None`` take the model's preset, ``EmerDiffConfig.for_model``),
 loads the probe images and opens the figure writer.
 
 ``make lab`` starts JupyterLab with ``notebooks/jupyter_server_config.py``, which installs
@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import copy
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import nbformat
 
-from emerdiff.config import SIZE_FIELDS  # notebook size parameter -> config field (no torch import)
 from emerdiff.files import write_atomic
 
 if TYPE_CHECKING:  # the save hook below must stay importable without loading torch
@@ -49,30 +49,36 @@ def default_figure_dir() -> Path:
 
 
 
+# Default probe images: validation scenes (100+) and a VOC photo, never a test scene (0-99, the held-out
+# tables' scenes; training/heldout.py VALIDATION_START): settings explored in notebooks must not see the test set.
+DEFAULT_IMAGES = ("scene:100", "scene:101", "voc_sample")
+
+
 class Study(NamedTuple):
     """What a study notebook works with; unpack it: ``sd, config, ed, items, writer, MODEL_LABEL = setup(...)``."""
 
     sd: SDPipeline  # the loaded model
-    config: EmerDiffConfig  # sizes left None resolved by the model's size rule
+    config: EmerDiffConfig  # the model's preset, then the notebook's settings
     ed: EmerDiff
     items: list[ProbeImage]  # the probe images, in the order given
     writer: FigureWriter  # figures (PNG + PDF) and the JSON sidecar
     label: str  # the model's name on every figure ("tiny (random weights)" for the tiny model)
 
 
-def config_fields(model: str | os.PathLike, **given: float | int | None) -> dict[str, Any]:
-    """EmerDiffConfig fields sized for ``model`` by the one size rule (``emerdiff.config.config_sizes``:
-    resolution, K, schedule, t_m, blur, batch, and a model family's own layers), each notebook size
-    parameter given (``resolution``, ``K``, ``num_inference_steps``, ``modulation_timestep``,
-    ``blur_sigma``, ``max_batch``; ``None``: the rule's) replacing its field."""
-    unknown = set(given) - set(SIZE_FIELDS)
-    if unknown:
-        raise TypeError(f"unknown size parameter(s) {sorted(unknown)}; the sizes are {list(SIZE_FIELDS)}")
-    from emerdiff.config import config_sizes
+def study_config(model: Any, **settings: Any) -> EmerDiffConfig:
+    """The notebook's config: ``EmerDiffConfig.for_model(model, **settings)`` with every setting
+    left ``None`` dropped, so it takes the model's preset. ``settings`` are EmerDiffConfig field
+    names (``K`` is a deprecated alias of ``num_clusters``); an unknown name is a ValueError listing
+    the fields. ``model``: a name, folder or hub id (read without loading weights), or a loaded model."""
+    from emerdiff.config import EmerDiffConfig
 
-    fields = config_sizes(str(model))
-    fields.update({SIZE_FIELDS[k]: v for k, v in given.items() if v is not None})
-    return fields
+    if "K" in settings:
+        warnings.warn("the notebook parameter K is deprecated, use num_clusters (the EmerDiffConfig field name)",
+                      FutureWarning, stacklevel=3)
+        k = settings.pop("K")
+        if settings.get("num_clusters") is None:
+            settings["num_clusters"] = k
+    return EmerDiffConfig.for_model(model, **{k: v for k, v in settings.items() if v is not None})
 
 
 def setup(
@@ -80,41 +86,50 @@ def setup(
     *,
     device: str = "cpu",
     dtype: str | torch.dtype | None = None,
-    images: Sequence[str] = ("scene:0",),
+    images: Sequence[str] = DEFAULT_IMAGES,
     resolution: int | None = None,
-    K: int | None = None,
+    num_clusters: int | None = None,
     num_inference_steps: int | None = None,
     modulation_timestep: int | None = None,
-    modulation_strength: float = 10.0,
+    modulation_strength: float | None = None,
     blur_sigma: float | None = None,
-    kmeans_n_init: int = 2,
+    kmeans_n_init: int | None = None,
     max_batch: int | None = None,
+    diffseg_kl_threshold: float | None = None,
     seeds: Sequence[int] = (0,),
     output_dir: str | os.PathLike | None = None,
     torch_threads: int = 0,
+    **settings: Any,
 ) -> Study:
     """The setup cell of every study notebook, from its parameters cell.
 
-    Loads ``model`` (``load_pipeline``), builds the pipeline with the given sizes (``None``:
-    the model's size rule, see :func:`config_fields`) and the first of ``seeds``, loads
-    ``images`` (``datasets.load_probe_images`` names), opens a figure writer on ``output_dir``
-    (``None``: :func:`default_figure_dir`) and prints one line (model, sizes, schedule, query
-    grid) so an executed notebook records what it ran. ``torch_threads`` > 0 sets torch's thread count
-    (1 is much faster on a busy shared CPU); 0 leaves torch's default.
+    Loads ``model`` (``load_pipeline``), builds the pipeline with
+    ``EmerDiffConfig.for_model(model, ...)`` (:func:`study_config`: every setting left ``None`` takes
+    the model's preset, as in ``emerdiff segment``; ``**settings``: any other EmerDiffConfig field)
+    and the first of ``seeds``, loads ``images`` (``datasets.load_probe_images`` names), opens a
+    figure writer on ``output_dir`` (``None``: :func:`default_figure_dir`) and prints one line (model,
+    settings, schedule, query grid) so an executed notebook records what it ran. ``torch_threads`` > 0
+    sets torch's thread count (1 is much faster on a busy shared CPU); 0 leaves torch's default.
     """
     if isinstance(images, str):
         raise TypeError(f"images must be a list of names, got the string {images!r}: write images = [{images!r}]")
     if not images:
-        raise ValueError("images is empty: name at least one, e.g. images = ['scene:0']")
+        raise ValueError("images is empty: name at least one, e.g. images = ['scene:100']")
     if isinstance(seeds, int) or not seeds:
         raise ValueError(f"seeds must be a non-empty list, got {seeds!r}: e.g. seeds = [0]")
     if int(torch_threads) < 0:
         raise ValueError(f"torch_threads must be >= 0 (0: torch's default), got {torch_threads}")
+    # before the (slow) load: a bad setting name fails here
+    config = study_config(model, resolution=resolution, num_clusters=num_clusters,
+                          num_inference_steps=num_inference_steps, modulation_timestep=modulation_timestep,
+                          modulation_strength=modulation_strength, blur_sigma=blur_sigma,
+                          kmeans_n_init=kmeans_n_init, max_batch=max_batch,
+                          diffseg_kl_threshold=diffseg_kl_threshold, seed=seeds[0], **settings)
 
     import torch
 
     from emerdiff import viz
-    from emerdiff.config import EmerDiffConfig
+    from emerdiff.config import preset
     from emerdiff.evaluation.datasets import load_probe_images
     from emerdiff.method.pipeline import EmerDiff
     from emerdiff.sd.loading import load_pipeline
@@ -122,18 +137,14 @@ def setup(
     if torch_threads:
         torch.set_num_threads(int(torch_threads))
     viz.set_style()
-    fields = config_fields(model, resolution=resolution, K=K, num_inference_steps=num_inference_steps,
-                           modulation_timestep=modulation_timestep, blur_sigma=blur_sigma, max_batch=max_batch)
     sd = load_pipeline(model, device=device, dtype=dtype)
     label = sd.source + (" (random weights)" if sd.source == "tiny" else "")
-    config = EmerDiffConfig(**fields, modulation_strength=modulation_strength, kmeans_n_init=kmeans_n_init,
-                            seed=seeds[0])
     ed = EmerDiff(sd, config)
     items = load_probe_images(images)
     writer = viz.FigureWriter(output_dir or default_figure_dir(), label)
-    sizes = {k: getattr(config, field) for k, field in SIZE_FIELDS.items()}
-    print(label, "|", ", ".join(f"{k} {v}" for k, v in sizes.items()), "| schedule:", ed.schedule.timesteps,
-          "| query grid:", ed.query_grid())
+    shown = [name for name in preset(model) if "layer" not in name]  # the preset's numbers (layers: too long)
+    print(label, "|", ", ".join(f"{name} {getattr(config, name)}" for name in shown), "| schedule:",
+          ed.schedule.timesteps, "| query grid:", ed.query_grid())
     return Study(sd, config, ed, items, writer, label)
 
 

@@ -157,9 +157,9 @@ def _resolve(ed: EmerDiff | None, model: Any, config: Any) -> EmerDiff:
 
         model = load_pipeline(model)
     if config is None:
-        from emerdiff.config import EmerDiffConfig, config_sizes
+        from emerdiff.config import EmerDiffConfig
 
-        config = EmerDiffConfig.from_dict({**EmerDiffConfig().to_dict(), **config_sizes(model.source)})
+        config = EmerDiffConfig.for_model(model)  # the model's preset, as the CLI
     return EmerDiff(model, config)
 
 
