@@ -139,14 +139,14 @@ def test_delete_segment_fills_only_the_segment():
 # --------------------------------------------------------------------------- tiny model
 def test_segmentation_carries_the_cheap_measures(tiny_model, fast_config, photo):
     from emerdiff import EmerDiff
-    from emerdiff.method.readout import assign_labels
+    from emerdiff.method.readout import readout_labels
 
     seg = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
     f = seg.faithfulness
     assert set(f) == {"locality", "locality_chance", "agreement", "agreement_chance", "symmetry", "symmetry_chance"}
     assert f["locality"] == pytest.approx(float(seg.locality.mean()))
     assert f["locality_chance"] == pytest.approx(1 / seg.num_segments)  # mean area of a partition
-    labels_r = assign_labels(torch.from_numpy(seg.difference_maps), fast_config.blur_sigma).numpy()
+    labels_r = readout_labels(torch.from_numpy(seg.difference_maps), seg.lowres_labels, fast_config)
     assert f["agreement"] == pytest.approx(token_agreement(labels_r, seg.lowres_labels))
     # the label map at the image's size gives (nearly) the same agreement as the model-size one
     assert abs(token_agreement(seg.labels, seg.lowres_labels) - f["agreement"]) <= 2 / seg.lowres_labels.size
