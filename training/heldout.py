@@ -127,7 +127,7 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
     torch.manual_seed(0)
     world = model_world(pipeline_folder)
     ed = EmerDiff(load_pipeline(pipeline_folder, device="cpu"),
-                  EmerDiffConfig.for_model("reference", modulation_timestep=PROBE_TIMESTEP, **(config or {})))
+                  EmerDiffConfig.for_model("reference", **{"modulation_timestep": PROBE_TIMESTEP, **(config or {})}))
     readouts = CURVE_READOUTS if readouts is None else readouts
     variants = {name: with_config(ed, **changes) for name, changes in readouts.items()}
     t_stop = max([ed.config.modulation_timestep, *(v.config.modulation_timestep for v in variants.values())])
