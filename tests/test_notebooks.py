@@ -17,7 +17,7 @@ NOTEBOOKS = ROOT / "notebooks"
 
 # Small everything: 4x4 token grid, 10-step schedule, one image with ground truth, one thread
 # (on a busy 2-core machine one torch thread is several times faster than two).
-COMMON = dict(model="tiny", device="cpu", images=["voc_sample"], resolution=128, K=4,
+COMMON = dict(model="tiny", device="cpu", images=["voc_sample"], resolution=128, num_clusters=4,
               num_inference_steps=10, modulation_timestep=201, seeds=[0], torch_threads=1)
 EXTRA = {
     "00_quickstart": {},
@@ -130,7 +130,7 @@ def test_parameters_cell_is_tagged():
         nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
         tagged = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
         assert len(tagged) == 1, name
-        for key in ("model", "images", "device", "resolution", "K", "seeds", "output_dir"):
+        for key in ("model", "images", "device", "resolution", "num_clusters", "seeds", "output_dir"):
             assert f"\n{key} = " in "\n" + tagged[0].source, (name, key)
 
 

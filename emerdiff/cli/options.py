@@ -54,7 +54,8 @@ def _flag(g: Any, name: str, *aliases: str, **kwargs: Any) -> None:
     g.add_argument(name, **kwargs)
     if aliases:
         g.add_argument(*aliases, dest=kwargs.get("dest", name.lstrip("-").replace("-", "_")), type=kwargs.get("type"),
-                       action=_DeprecatedAlias, new=name, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                       metavar=kwargs.get("metavar"), action=_DeprecatedAlias, new=name, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
 
 
 def add_config_args(p: argparse.ArgumentParser, kmeans: bool = True) -> None:
@@ -63,12 +64,12 @@ def add_config_args(p: argparse.ArgumentParser, kmeans: bool = True) -> None:
     d = EmerDiffConfig()
     g = p.add_argument_group("method settings (from the model's preset, emerdiff.config.PRESETS, unless given)")
     if kmeans:
-        _flag(g, "--num-clusters", "--k", "-K", type=int, default=None,
+        _flag(g, "--num-clusters", "--k", "-K", type=int, default=None, metavar="K",
               help=f"number of k-means segments K {_preset_default('num_clusters')}; --k and -K: deprecated")
     else:  # refine: the segments come from --masks
         p.set_defaults(num_clusters=None)
     g.add_argument("--resolution", type=int, default=None,
-                   help=f"model input size in pixels {_preset_default('resolution')}")
+                   help=f"model input size in pixels {_preset_default('resolution')[:-1]}; SDXL: its native size)")
     g.add_argument("--query-layer", default=None,
                    help=f"attention layer whose queries are clustered (default: from the model: {d.query_layer} "
                    "for SD, its own for SDXL; see `emerdiff layers MODEL`)")
@@ -79,11 +80,11 @@ def add_config_args(p: argparse.ArgumentParser, kmeans: bool = True) -> None:
                    "for SD, its own for SDXL)")
     g.add_argument("--modulation-timestep", type=int, default=None,
                    help=f"timestep t_m of the perturbation, on the schedule {_preset_default('modulation_timestep')}")
-    _flag(g, "--modulation-strength", "--strength", type=float, default=None,
+    _flag(g, "--modulation-strength", "--strength", type=float, default=None, metavar="LAMBDA",
           help=f"lambda, the perturbation strength (default: {d.modulation_strength:g}); --strength: deprecated")
     g.add_argument("--no-injection", action="store_true",
                    help="do not share attention with the reference run (default: shared, as in the paper)")
-    _flag(g, "--num-inference-steps", "--steps", type=int, default=None,
+    _flag(g, "--num-inference-steps", "--steps", type=int, default=None, metavar="N",
           help=f"denoising schedule length {_preset_default('num_inference_steps')}; --steps: deprecated")
     g.add_argument("--readout-steps", type=int, default=None, metavar="N",
                    help="denoise with N steps from t_m to 0 instead of the full schedule with the stored "

@@ -214,9 +214,10 @@ def _unet_config_of(model: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
 
 
 def family_defaults(model: SDPipeline | str | os.PathLike) -> dict[str, Any]:
-    """:class:`~emerdiff.EmerDiffConfig` fields that depend on the model family.
+    """:class:`~emerdiff.EmerDiffConfig` fields that depend on the model family: the model-read part of
+    the ``"sdxl"`` preset (:data:`emerdiff.config.PRESETS`, applied by ``EmerDiffConfig.for_model``).
 
-    ``{}`` for SD (the config's own defaults are the paper's, for SD). For SDXL:
+    ``{}`` for SD (its presets hold every value). For SDXL:
     ``resolution`` = the native image size (UNet sample_size x VAE factor, 1024 for
     SDXL base) and the :func:`default_layers` pair. ``model`` is a loaded
     :class:`SDPipeline` or anything :func:`load_pipeline` takes; a name whose configs
