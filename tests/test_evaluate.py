@@ -56,8 +56,8 @@ def fake_model(monkeypatch):
     """`emerdiff evaluate` (any entry point in this process) segments with ``fake_segment``."""
     from emerdiff.evaluation import runner as evaluate_command
 
-    monkeypatch.setattr(evaluate_command, "_default_segmenter",
-                        lambda args, device: (fake_segment, {"fake": True}, None))
+    monkeypatch.setattr(evaluate_command, "_default_segmenter",  # (model source, device) -> fn, config, model
+                        lambda source, device: (fake_segment, {"fake": True}, None))
 
 
 def make_folder(root: Path, n: int = 6, size: int = 64) -> Path:
