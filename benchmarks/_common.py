@@ -9,14 +9,14 @@ The labels are Step D as ``EmerDiff.segment`` runs it (every field of
 Two runners produce a :class:`Run` each:
 
 * :func:`run_batched` -- our pipeline: all (mask, sign) runs in batches of
-  ``max_batch`` with the reference as element 0 of every chunk, inversion
+  ``max_batch`` with the unmodulated run as element 0 of every chunk, inversion
   only over t <= t_m with the Step A features taken from the inversion's own
   call at t_f = 1 (with ``readout_steps`` set, ``EmerDiff.prepare`` runs no
   inversion at all: x_t are sampled and one feature call remains), difference
   maps decoded ``decode_batch`` at a time.
 * :func:`run_per_mask_loop` -- what a straightforward implementation does:
   for every mask one ``EmerDiff.modulate`` call with ``max_batch=3`` (the
-  reference recomputed alongside +lambda and -lambda, so attention injection
+  unmodulated recomputed alongside +lambda and -lambda, so attention injection
   still works), then one VAE decode of that mask's two images. Its
   preparation is either the same as ours (``prepare="shared"``, which isolates
   the batching) or a full 50-step inversion plus a separate feature call
@@ -209,7 +209,7 @@ def run_batched(pipe: EmerDiff, image: Any, attention: str = "sdpa") -> Run:
 
 
 def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
-    """The straightforward implementation: one mask at a time, batch [reference, +M_i, -M_i].
+    """The straightforward implementation: one mask at a time, batch [unmodulated, +M_i, -M_i].
 
     prepare: "full" -- edit-friendly inversion over the whole schedule (50
     calls at the defaults) and a separate UNet call for the Step A features,
@@ -218,7 +218,7 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
     features from its t_f call; with ``readout_steps``: no inversion, one
     feature call), so the ratio shows the batching alone.
     The modulated stage calls ``EmerDiff.modulate`` once per mask with
-    ``max_batch=3`` (the reference is recomputed alongside every pair, which is
+    ``max_batch=3`` (the unmodulated run is recomputed alongside every pair, which is
     what attention injection needs when masks are processed one by one), and
     decodes that mask's two images as one batch of 2.
     """
@@ -244,7 +244,7 @@ def run_per_mask_loop(pipe: EmerDiff, image: Any, prepare: str = "full") -> Run:
         maps = []
         for i in range(masks.shape[0]):
             with clock.stage("modulation"):
-                # max_batch=3: the reference is recomputed alongside every +/- pair
+                # max_batch=3: the unmodulated run is recomputed alongside every +/- pair
                 latents, _ = pipe.modulate(prepared, [i], max_batch=3, counter=counter)
             with clock.stage("decode"):
                 maps.append(difference_maps(pipe.model, latents, decode_batch=2)[0])

@@ -36,7 +36,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1500,1200"]
 # Small enough for a 2-core CPU: each recompute is a fraction of a second.
-PARAMETERS = dict(model="reference", images=["scene:0"], resolution=128, K=4, num_inference_steps=10,
+PARAMETERS = dict(model="reference", images=["scene:100"], resolution=128, num_clusters=4, num_inference_steps=10,
                   modulation_timestep=201, max_batch=9, slider_timesteps=[201, 101], torch_threads=1)
 
 

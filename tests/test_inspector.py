@@ -139,7 +139,7 @@ def test_fits_1000_px_in_two_rows(inspector):
     rows = {round(ax.get_position().y0, 2) for ax in ins.axes.values()}
     assert len(rows) == 2 and len(ins.axes) == 6
     assert ins.widget.layout.max_width == "1000px"
-    assert ins.displayed["reference"].shape == ins.displayed["plus"].shape
+    assert ins.displayed["unmodulated"].shape == ins.displayed["plus"].shape
 
 
 def test_busy_label_during_recompute(inspector, monkeypatch):

@@ -81,7 +81,7 @@ def test_perturb_images_pair_matches_pipeline(ed, items):
     torch.testing.assert_close(pert.difference("pair"), maps.float().cpu(), atol=2e-3, rtol=1e-3)
     assert pert.plus.shape == pert.minus.shape == (prepared.segments.num_segments, 3, 128, 128)
     # the reference of the batch is the unmodulated reconstruction
-    torch.testing.assert_close(pert.reference.clamp(0, 1), ed.reconstruct(prepared).cpu(), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(pert.unmodulated.clamp(0, 1), ed.reconstruct(prepared).cpu(), atol=2e-3, rtol=1e-3)
 
 
 def test_timestep_sweeps(ed, items):

@@ -64,7 +64,7 @@ def test_symmetry_and_agreement_match_the_measures(prepared_ed):
     ed, prepared = prepared_ed
     records = emerdiff.sweep(prepared, ed=ed, progress=False)  # the config's one setting, every mask
     pert = perturb_images(ed, prepared)
-    np.testing.assert_allclose([r["symmetry"] for r in records], symmetry(pert.plus, pert.minus, pert.reference),
+    np.testing.assert_allclose([r["symmetry"] for r in records], symmetry(pert.plus, pert.minus, pert.unmodulated),
                                atol=1e-6)
     labels = ed.readout(pert.difference("pair"), prepared)  # Step D as segment runs it
     low = prepared.segments.labels

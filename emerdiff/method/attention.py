@@ -6,10 +6,10 @@ call, what the processors do; it is passed in, never global.
 :func:`controlled_attention`, a context manager that restores the previous
 processors on exit, also on error.
 
-Attention sharing: batch element 0 is the unmodulated reference. Giving every
+Attention sharing: batch element 0 is the unmodulated run. Giving every
 element the query and key of element 0 makes the attention probabilities of
-all elements identical to the reference's while their values differ, which is
-exactly "reuse the reference's attention maps" without storing any map, and
+all elements identical to the unmodulated run's while their values differ, which is
+exactly "reuse the unmodulated run's attention maps" without storing any map, and
 the fused SDPA kernel still runs. ``explicit_probabilities=True`` computes the
 probabilities by hand instead (a test oracle).
 """

@@ -8,7 +8,7 @@ what it is asked (docs/METHOD.md, "Faithfulness measures"):
   segment; chance = the mask's area fraction (a map that ignores the mask spreads its energy
   evenly).
 - **symmetry** (:func:`symmetry`): does -lambda mirror +lambda around the unmodulated
-  reference I0? 1 = exactly antisymmetric (I- - I0 = -(I+ - I0), a linear response),
+  unmodulated reconstruction I0? 1 = exactly antisymmetric (I- - I0 = -(I+ - I0), a linear response),
   0 = chance (the two responses are unrelated), -1 = even (both signs make the same change).
 - **token agreement** (:func:`token_agreement`): share of tokens whose pixel-level label,
   downsampled to the token grid by majority, is the token's own low-resolution segment.
@@ -74,8 +74,8 @@ def locality_scores(maps: Any, lowres_labels: np.ndarray, mask_ids: Sequence[int
 
 
 # --------------------------------------------------------------------------- symmetry
-def symmetry(plus: Any, minus: Any, reference: Any) -> np.ndarray:
-    """(K,) antisymmetry of the +lambda and -lambda responses around the reference.
+def symmetry(plus: Any, minus: Any, unmodulated: Any) -> np.ndarray:
+    """(K,) antisymmetry of the +lambda and -lambda responses around the unmodulated run.
 
     With a = I+ - I0 and b = I- - I0 over all pixels and channels,
     ``S = 1 - ||a + b||^2 / (||a||^2 + ||b||^2) = -2 <a, b> / (||a||^2 + ||b||^2)``:
@@ -83,10 +83,10 @@ def symmetry(plus: Any, minus: Any, reference: Any) -> np.ndarray:
     either side), 0 when a and b are unrelated (chance), -1 when b = a (both signs
     make the same change). NaN when neither side changed anything.
 
-    plus, minus: (K, 3, R, R); reference: (3, R, R) or (1, 3, R, R), any common scale.
+    plus, minus: (K, 3, R, R); unmodulated: (3, R, R) or (1, 3, R, R), any common scale.
     """
     p, m = _np(plus).astype(np.float64), _np(minus).astype(np.float64)
-    r = _np(reference).astype(np.float64).reshape((1, *p.shape[1:]))
+    r = _np(unmodulated).astype(np.float64).reshape((1, *p.shape[1:]))
     a, b = (p - r).reshape(len(p), -1), (m - r).reshape(len(m), -1)
     denominator = (a * a).sum(1) + (b * b).sum(1)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -158,12 +158,12 @@ def cheap_measures(locality: np.ndarray, lowres_labels: np.ndarray, pixel_labels
 
 # --------------------------------------------------------------------------- deletion test
 def delete_segment(image: torch.Tensor, lowres_labels: np.ndarray, mask_id: int, fill: Any = "mean",
-                   reference: torch.Tensor | None = None) -> torch.Tensor:
+                   unmodulated: torch.Tensor | None = None) -> torch.Tensor:
     """``image`` (3, H, W) in [0, 1] with segment ``mask_id``'s pixels replaced.
 
     The (h, w) segment is upsampled nearest to the image. ``fill``: 'mean' (mean colour of the
     rest of the image: the content, its edges and its colour go), 'blur' (a Gaussian of a
-    token's width: edges and texture go, colours stay), 'reference' (``reference``, the
+    token's width: edges and texture go, colours stay), 'reference' (``unmodulated``, the
     model's own reconstruction: deletes nothing but the VAE round trip, a null control) or a
     (3, H, W) / (H, W, 3) image of the same size (e.g. a clean background plate).
     """
@@ -181,9 +181,9 @@ def delete_segment(image: torch.Tensor, lowres_labels: np.ndarray, mask_id: int,
 
             filler = gaussian_blur(img, max(H, W) / np.asarray(lowres_labels).shape[0])
         elif fill == "reference":
-            if reference is None:
-                raise ValueError("fill='reference' needs the reconstruction (reference=...)")
-            filler = torch.nn.functional.interpolate(reference.float()[None], size=(H, W), mode="bilinear",
+            if unmodulated is None:
+                raise ValueError("fill='reference' needs the unmodulated reconstruction (unmodulated=...)")
+            filler = torch.nn.functional.interpolate(unmodulated.float()[None], size=(H, W), mode="bilinear",
                                                      align_corners=False)[0]
         else:
             raise ValueError(f"fill must be one of {FILLS} or an image, got {fill!r}")
@@ -250,8 +250,8 @@ def deletion_test(
         raise ValueError("seg.lowres_labels do not survive the projection onto this EmerDiff's query grid; "
                          "use the EmerDiff (config) the segmentation was made with")
     maps_before, _ = ed.perturb(before, run_ids, **overrides)
-    reference = ed.reconstruct(before) if isinstance(fill, str) and fill == "reference" else None
-    edited = delete_segment(img, labels, mask_id, fill, reference)
+    unmodulated = ed.reconstruct(before) if isinstance(fill, str) and fill == "reference" else None
+    edited = delete_segment(img, labels, mask_id, fill, unmodulated)
     after = ed.prepare(edited, t_stop=t_stop, lowres_labels=labels)
     maps_after, _ = ed.perturb(after, run_ids, **overrides)
     rb, ra = _response(maps_before, labels, run_ids), _response(maps_after, labels, run_ids)

@@ -1,9 +1,9 @@
 """Step C: perturb every segment with +lambda and -lambda in one batched denoising.
 
-Batch layout of one UNet call: element 0 is the unmodulated reference (its
+Batch layout of one UNet call: element 0 is the unmodulated run (its
 attention is shared with the others when injection is on), elements 1.. are
 (mask i, sign) pairs ``+M_0, -M_0, +M_1, -M_1, ...``. Chunks of ``max_batch``
-elements each carry their own copy of the reference, so every chunk is
+elements each carry their own copy of the unmodulated run, so every chunk is
 self-contained; on CUDA out-of-memory a chunk is retried at half the size.
 """
 
@@ -80,7 +80,7 @@ def denoise_from(
     counter: CallCounter | None = None,
     on_step: Callable[[], None] | None = None,
 ) -> torch.Tensor:
-    """Denoise one chunk from x_{t_m} to x_0; coefficients (B, N) with row 0 the reference (zeros).
+    """Denoise one chunk from x_{t_m} to x_0; coefficients (B, N) with row 0 the unmodulated run (zeros).
 
     Returns the final latents (B, C, h, w). The modulation is active only in
     the call at ``t_modulation``.
@@ -133,19 +133,19 @@ def modulated_latents(
     counter: CallCounter | None = None,
     progress: Any = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Final latents of all (mask, sign) runs and of the reference.
+    """Final latents of all (mask, sign) runs and of the unmodulated run.
 
     Args:
         masks: (K, h*w) float masks on the ``grid`` token grid (the query layer's).
         layer: modulation layer path; masks are resized to its grid if it differs.
     Returns:
-        (latents (2K, C, h, w) ordered +M_0, -M_0, +M_1, ..., reference latent (1, C, h, w)).
+        (latents (2K, C, h, w) ordered +M_0, -M_0, +M_1, ..., unmodulated latent (1, C, h, w)).
     """
     coeffs = signed_coefficients(masks, strength)
     latent_hw = tuple(inv.x0.shape[-2:])
     per_chunk = max(1, max_batch - 1)
     outputs: list[torch.Tensor] = []
-    reference: torch.Tensor | None = None
+    unmodulated: torch.Tensor | None = None
     start = 0
     while start < coeffs.shape[0]:
         rows = coeffs[start:start + per_chunk]
@@ -164,11 +164,11 @@ def modulated_latents(
                 torch.cuda.empty_cache()
             per_chunk = max(1, per_chunk // 2)  # retry the same rows in smaller chunks
             continue
-        reference = out[:1] if reference is None else reference
+        unmodulated = out[:1] if unmodulated is None else unmodulated
         outputs.append(out[1:])
         start += rows.shape[0]
-    assert reference is not None
-    return torch.cat(outputs), reference
+    assert unmodulated is not None
+    return torch.cat(outputs), unmodulated
 
 
 def encode(model: Any, image: torch.Tensor, resolution: int) -> torch.Tensor:

@@ -308,7 +308,7 @@ class EmerDiff:
         progress: Any = None,
         **overrides: Any,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Step C, the one entry point: final latents of every (mask, +/-lambda) run and the reference.
+        """Step C, the one entry point: final latents of every (mask, +/-lambda) run and the unmodulated run.
 
         Args:
             prepared: from :meth:`prepare`.
@@ -318,7 +318,7 @@ class EmerDiff:
             overrides: any of :data:`MODULATION_FIELDS` (e.g. ``modulation_strength=-10``,
                 ``readout_steps=1``, or ``readout_steps=None`` for the full schedule).
         Returns:
-            (latents (2K, C, h, w) ordered +M_0, -M_0, +M_1, ..., reference latent (1, C, h, w)).
+            (latents (2K, C, h, w) ordered +M_0, -M_0, +M_1, ..., unmodulated latent (1, C, h, w)).
         """
         cfg = self.modulation_config(**overrides)
         prepared.check_start(cfg.modulation_timestep, cfg.readout_steps)
@@ -380,7 +380,7 @@ class EmerDiff:
         (:func:`emerdiff.method.measures.symmetry`) around the unmodulated run of the same batch.
 
         The symmetry is scored chunk by chunk while the decoder's I+ / I- are in hand: one extra
-        decode (the reference I0) and K numbers kept, instead of holding all 2K images to score later.
+        decode (the unmodulated reconstruction I0) and K numbers kept, instead of holding all 2K images to score later.
         """
         cfg = self.modulation_config(**overrides)
         counter = counter or CallCounter()
@@ -393,12 +393,12 @@ class EmerDiff:
         bar = tqdm(total=calls + decodes, desc=f"modulation ({calls} UNet calls + {decodes} decodes)",
                    disable=not progress, leave=False)
         with clock("modulation"):
-            latents, reference = self.modulate(prepared, mask_ids, counter=counter, progress=bar, **overrides)
+            latents, unmodulated = self.modulate(prepared, mask_ids, counter=counter, progress=bar, **overrides)
         scores: list[np.ndarray] = []
         with clock("decode"):
             i0 = None
             if with_symmetry:
-                i0 = decode(self.model, reference).float()
+                i0 = decode(self.model, unmodulated).float()
                 bar.update(1)
 
             def score_pairs(plus: torch.Tensor, minus: torch.Tensor) -> None:

@@ -40,7 +40,7 @@ from emerdiff.sd.images import resize_labels
 from emerdiff.studies.probes import Perturbation, candidate_layers, perturb_images, short_layer
 from emerdiff.viz import HEATMAP_CMAP, colorize, highlight_mask, overlay, resize_image, stamp_model
 
-PANELS = ("image", "plus", "minus", "difference", "labels", "reference")
+PANELS = ("image", "plus", "minus", "difference", "labels", "unmodulated")
 FIGSIZE = (9.0, 6.3)  # inches at 100 dpi
 IDLE = "<span style='color:#2a7a2a'>ready</span>"
 
@@ -54,11 +54,11 @@ def panel_titles(segment: int, strength: float) -> dict[str, str]:
     if strength == 0:
         return {"image": f"segments (chosen: {segment})", "plus": "I+ = I0 (lambda = 0: no perturbation)",
                 "minus": "I- = I0 (lambda = 0)", "difference": "||I- - I+|| = 0 at lambda = 0",
-                "labels": "labels undefined at lambda = 0", "reference": "I0 (unperturbed reconstruction)"}
+                "labels": "labels undefined at lambda = 0", "unmodulated": "I0 (unperturbed reconstruction)"}
     return {"image": f"segments (chosen: {segment})", "plus": f"I+ (c = {strength:+g})",
             "minus": f"I- (c = {-strength:+g})",
             "difference": "||I- - I+||", "labels": "EmerDiff labels (all segments)",
-            "reference": "I0 (unperturbed reconstruction)"}
+            "unmodulated": "I0 (unperturbed reconstruction)"}
 
 
 class Inspector:
@@ -275,7 +275,7 @@ class Inspector:
             "minus": pert.minus[sid].clamp(0, 1).permute(1, 2, 0).numpy(),
             "difference": diff,
             "labels": labels,
-            "reference": pert.reference.clamp(0, 1).permute(1, 2, 0).numpy(),
+            "unmodulated": pert.unmodulated.clamp(0, 1).permute(1, 2, 0).numpy(),
         }
         lam, t, layer = self.lambda_slider.value, self.timestep_slider.value, self.layer_dropdown.value
         titles = panel_titles(sid, float(lam))

@@ -57,7 +57,7 @@ def locality_by_stage(ed: EmerDiff, prepared: PreparedImage, timestep: int | Non
     first, _ = ed.modulate(prepared, modulation_timestep=t_m, readout_steps=1)
     final, ref = ed.modulate(prepared, modulation_timestep=t_m)
     decoded, _ = difference_maps(ed.model, final, cfg.decode_batch)
-    # the decoder alone: the same latent change, but cut to the mask, around the reference latent
+    # the decoder alone: the same latent change, but cut to the mask, around the unmodulated latent
     k = masks.shape[0]
     inside = F.interpolate(masks.reshape(k, 1, *grid).float(), size=tuple(final.shape[-2:]), mode="nearest")
     half = (final[1::2] - final[0::2]) * inside.to(final) / 2

@@ -304,16 +304,16 @@ class Perturbation:
 
     plus: torch.Tensor  # (K, 3, R, R): +lambda on mask i
     minus: torch.Tensor  # (K, 3, R, R): -lambda on mask i
-    reference: torch.Tensor  # (3, R, R): unmodulated reconstruction, same batch
+    unmodulated: torch.Tensor  # (3, R, R): unmodulated reconstruction, same batch
 
     def difference(self, mode: str = "pair") -> torch.Tensor:
         """(K, R, R) maps: 'pair' ||I- - I+||, 'plus' ||I+ - I0||, 'minus' ||I- - I0||."""
         if mode == "pair":
             a, b = self.minus, self.plus
         elif mode == "plus":
-            a, b = self.plus, self.reference[None]
+            a, b = self.plus, self.unmodulated[None]
         elif mode == "minus":
-            a, b = self.minus, self.reference[None]
+            a, b = self.minus, self.unmodulated[None]
         else:
             raise ValueError(f"mode must be 'pair', 'plus' or 'minus', got {mode!r}")
         # images are in [0, 1]; the pipeline's maps use [-1, 1], hence the factor 2
@@ -326,7 +326,7 @@ def perturb_images(
     mask_ids: Sequence[int] | None = None,
     **overrides: Any,
 ) -> Perturbation:
-    """Like :meth:`EmerDiff.perturb` but keeps I+, I- and the unmodulated reference of the same batch.
+    """Like :meth:`EmerDiff.perturb` but keeps I+, I- and the unmodulated run of the same batch.
 
     ``overrides``: :meth:`EmerDiff.modulate`'s (``modulation_strength=...``, ``readout_steps=...``).
     """
@@ -337,7 +337,7 @@ def perturb_images(
     for s in range(0, allx.shape[0], step):
         imgs.append(((decode(ed.model, allx[s:s + step]).float() + 1) / 2).cpu())
     imgs_t = torch.cat(imgs)
-    return Perturbation(plus=imgs_t[1::2], minus=imgs_t[2::2], reference=imgs_t[0])
+    return Perturbation(plus=imgs_t[1::2], minus=imgs_t[2::2], unmodulated=imgs_t[0])
 
 
 def lambda_sweep(

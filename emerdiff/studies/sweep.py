@@ -193,7 +193,7 @@ def _scores(pert: Any, maps: torch.Tensor, labels: np.ndarray, ids: list[int], c
     and, repeated on each row, the setting's token agreement and its chance level."""
     loc = locality_scores(maps, labels, ids)
     energy = maps.float().pow(2).flatten(1).mean(1).cpu().numpy()
-    sym = symmetry(pert.plus, pert.minus, pert.reference)
+    sym = symmetry(pert.plus, pert.minus, pert.unmodulated)
     ids_arr = np.asarray(ids)
     pixel = readout_labels(maps, labels, config, mask_ids=ids)  # Step D among the swept masks, as mask ids
     tok = token_labels(pixel, labels.shape, int(labels.max()) + 1)
