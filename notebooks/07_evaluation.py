@@ -90,7 +90,7 @@ from pathlib import Path
 
 from emerdiff.assets import model_world
 from emerdiff.evaluation import compare, records, runner
-from training.heldout import write_heldout_folder
+from emerdiff.evaluation.datasets import write_heldout_folder
 
 tau = config.diffseg_kl_threshold  # the parameter, or the model's preset
 scratch = tempfile.TemporaryDirectory(prefix="emerdiff-07-") if runs_dir is None else None

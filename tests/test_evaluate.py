@@ -225,7 +225,7 @@ def test_end_to_end_tiny_model(tmp_path):
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
-    args = _args(data, out, "--model", "tiny", "--resolution", "64", "--k", "3",
+    args = _args(data, out, "--model", "tiny", "--resolution", "64", "--num-clusters", "3",
                  "--protocol", "all", "--device", "cpu")
     assert run(args) == 0
     payload = json.loads((out / "results.json").read_text())
@@ -286,7 +286,7 @@ def test_accelerate_tiny_model_matches_single_process(tmp_path):
 
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=2)
-    tiny = ("--model", "tiny", "--resolution", "64", "--k", "3", "--device", "cpu")
+    tiny = ("--model", "tiny", "--resolution", "64", "--num-clusters", "3", "--device", "cpu")
     single = tmp_path / "single"
     assert run(_args(data, single, "--protocol", "all", *tiny)) == 0
     payload = _launch_two_processes(data, tmp_path / "multi", tmp_path, *tiny)
@@ -311,7 +311,7 @@ def test_run_evaluation_is_the_command_line(tmp_path):
     data = make_folder(tmp_path / "data", n=1)
     cli_out, py_out = tmp_path / "cli", tmp_path / "py"
     assert main(["evaluate", "--data", str(data), "--out", str(cli_out), "--model", "tiny", "--device", "cpu",
-                 "--quiet", "--bootstrap", "20", "--resolution", "64", "--k", "2", "--blur-sigma", "0.5",
+                 "--quiet", "--bootstrap", "20", "--resolution", "64", "--num-clusters", "2", "--blur-sigma", "0.5",
                  "--seed", "1", "--set", "kmeans_n_init=1"]) == 0
     from_cli = json.loads((cli_out / "results.json").read_text())
     config = EmerDiffConfig.from_dict(from_cli["config"]["segmentation_config"])
@@ -365,7 +365,7 @@ def test_openvocab_protocol_with_unet_labeller(tmp_path):
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
-    args = _args(data, out, "--model", "tiny", "--resolution", "64", "--k", "3", "--protocol", "openvocab",
+    args = _args(data, out, "--model", "tiny", "--resolution", "64", "--num-clusters", "3", "--protocol", "openvocab",
                  "--labeller", "unet", "--device", "cpu", "--set", "num_inference_steps=10",
                  "--set", "modulation_timestep=201")
     assert run(args) == 0

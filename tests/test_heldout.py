@@ -25,7 +25,7 @@ def test_heldout_folder_matches_generator(tmp_path):
 
 def test_heldout_main_end_to_end(tmp_path, tiny_dir):
     out = tmp_path / "eval"
-    code = main(["--model", str(tiny_dir), "--n", "2", "--out", str(out), "--k", "3", "--device", "cpu",
+    code = main(["--model", str(tiny_dir), "--n", "2", "--out", str(out), "--num-clusters", "3", "--device", "cpu",
                  "--set", "num_inference_steps=10", "--set", "modulation_timestep=201", "--bootstrap", "100"])
     assert code == 0
     rows = json.loads((out / "results.json").read_text())["rows"]
@@ -61,7 +61,7 @@ def test_heldout_folder_of_the_flat_world_and_world_mismatch(tmp_path):
     root = write_heldout_folder(tmp_path / "d", n=2, world="flat")
     scene = make_scene(heldout_scene_seeds(2)[1], 128, world="flat")
     assert np.array_equal(np.asarray(Image.open(root / "images" / "scene_00001.png")), scene.image)
-    with pytest.raises(SystemExit, match="flat"):  # a folder of one world is never topped up with another
+    with pytest.raises(ValueError, match="flat"):  # a folder of one world is never topped up with another
         write_heldout_folder(tmp_path / "d", n=3, world="textured")
 
 

@@ -119,7 +119,7 @@ def test_default_layers_are_the_papers_on_sd(name):
 def test_default_layers_of_the_reference_model():
     from emerdiff.assets import weights_dir
     from emerdiff.config import MODULATION_LAYER, QUERY_LAYER
-    from emerdiff.sd.loading import _meta_unet_from_config, component_configs, default_layers, family_defaults
+    from emerdiff.sd.layers import _meta_unet_from_config, component_configs, default_layers, family_defaults
 
     unet_config, _ = component_configs(weights_dir())
     assert default_layers(_meta_unet_from_config(unet_config)) == (QUERY_LAYER, MODULATION_LAYER)

@@ -27,7 +27,7 @@ from emerdiff.cli.evaluate import build_parser, run
 from emerdiff.cli.main import main
 from emerdiff.evaluation.records import load_record, record_path
 
-S = ["--model", "tiny", "--resolution", "128", "--k", "4", "--steps", "10", "--modulation-timestep", "201",
+S = ["--model", "tiny", "--resolution", "128", "--num-clusters", "4", "--num-inference-steps", "10", "--modulation-timestep", "201",
      "--quiet"]
 
 
@@ -83,9 +83,9 @@ def _rows(out: Path) -> list[dict]:
 
 # --------------------------------------------------------------------------- settings checked up front
 @pytest.mark.parametrize("option,value,expect", [
-    ("--strength", "nan", "finite"), ("--strength", "inf", "finite"), ("--strength", "0", "is 0"),
-    ("--strength", "1e30", "must lie in"),
-    ("--steps", "0", "between 1 and 1000"), ("--steps", "-3", "between 1 and 1000"),
+    ("--modulation-strength", "nan", "finite"), ("--modulation-strength", "inf", "finite"), ("--modulation-strength", "0", "is 0"),
+    ("--modulation-strength", "1e30", "must lie in"),
+    ("--num-inference-steps", "0", "between 1 and 1000"), ("--num-inference-steps", "-3", "between 1 and 1000"),
     ("--blur-sigma", "nan", "finite"), ("--blur-sigma", "1e9", "resolution/8"),
     ("--resolution", "120", "multiple of 64"),
 ])
@@ -151,7 +151,7 @@ def test_run_json_written_only_after_the_model_accepted_the_settings(tmp_path, c
     torch.set_num_threads(1)
     data = make_folder(tmp_path / "data", n=1)
     out = tmp_path / "out"
-    tiny = ["--model", "tiny", "--resolution", "64", "--k", "3", "--device", "cpu",
+    tiny = ["--model", "tiny", "--resolution", "64", "--num-clusters", "3", "--device", "cpu",
             "--set", "num_inference_steps=10", "--protocol", "concept"]
     assert main(_eval(data, out, *tiny, "--set", "modulation_timestep=290")) == 2
     assert "not on the 10-step schedule" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import numpy as np
 
 from emerdiff.assets import model_world
 from emerdiff.assets.scenes import CLASSES, heldout_scene_seeds, make_scene
+from emerdiff.evaluation.datasets import write_heldout_folder
 
 __all__ = ["model_world", "write_heldout_folder", "run_heldout", "locality_probe", "learning_curve_probe", "results_table", "main"]
 
@@ -32,30 +33,6 @@ TABLE_FIELDS = ("resolution", "num_clusters", "blur_sigma", "max_batch")
 # Held-out scenes 0-99 are the test set (this module's table); 100 and up are for validation:
 # training monitoring (locality_probe) and the diagnosis notebook explore settings there.
 VALIDATION_START = 100
-
-
-def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0,
-                         world: str = "textured") -> Path:
-    """Render ``n`` held-out scenes of ``world`` into the generic folder layout (idempotent)."""
-    from PIL import Image
-
-    root = Path(root)
-    marker = root / "world.txt"
-    if marker.exists() and marker.read_text().strip() != world:
-        raise SystemExit(f"{root} holds scenes of the {marker.read_text().strip()!r} world, not {world!r}; "
-                         "use another folder")
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
-    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
-    marker.write_text(world + "\n")
-    for seed in heldout_scene_seeds(n, start):
-        name = f"scene_{seed[1]:05d}.png"
-        if (root / "images" / name).exists() and (root / "labels" / name).exists():
-            continue
-        scene = make_scene(seed, size, world=world)
-        Image.fromarray(scene.image).save(root / "images" / name)
-        Image.fromarray(scene.labels.astype(np.uint8), mode="L").save(root / "labels" / name)
-    return root
 
 
 def locality_probe(pipeline_folder: str | Path, step: int, n: int = 4, num_clusters: int = 6,
@@ -254,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--world", default=None, choices=["textured", "flat"],
                    help="scene world (default: the one the model was trained on, from its reference.json)")
-    p.add_argument("--k", type=int, default=reference.num_clusters)
+    p.add_argument("--num-clusters", "--k", dest="k", type=int, default=reference.num_clusters,
+                   help="num_clusters, K of Step A (default: the reference preset's %(default)s)")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")

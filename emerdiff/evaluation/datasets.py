@@ -491,3 +491,31 @@ def load_probe_images(names: Iterable[str]) -> list[ProbeImage]:
         else:
             out.append(ProbeImage(name, sample_images([name])[name]))
     return out
+
+
+def write_heldout_folder(root: str | Path, n: int = 100, size: int = 128, start: int = 0,
+                         world: str = "textured") -> Path:
+    """Render ``n`` held-out scenes of ``world`` into the generic folder layout (idempotent).
+
+    Scenes ``start`` .. ``start + n - 1``: 0-99 are the test scenes, 100 and up validation. The folder is an
+    ordinary `emerdiff evaluate` dataset (images/, labels/, classes.txt) plus ``world.txt``.
+    """
+    from emerdiff.assets.scenes import CLASSES, heldout_scene_seeds, make_scene
+
+    root = Path(root)
+    marker = root / "world.txt"
+    if marker.exists() and marker.read_text().strip() != world:
+        raise ValueError(f"{root} holds scenes of the {marker.read_text().strip()!r} world, not {world!r}; "
+                         "use another folder")
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "labels").mkdir(parents=True, exist_ok=True)
+    (root / "classes.txt").write_text("\n".join(CLASSES) + "\n")
+    marker.write_text(world + "\n")
+    for seed in heldout_scene_seeds(n, start):
+        name = f"scene_{seed[1]:05d}.png"
+        if (root / "images" / name).exists() and (root / "labels" / name).exists():
+            continue
+        scene = make_scene(seed, size, world=world)
+        Image.fromarray(scene.image).save(root / "images" / name)
+        Image.fromarray(scene.labels.astype(np.uint8), mode="L").save(root / "labels" / name)
+    return root
