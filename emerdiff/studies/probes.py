@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +60,48 @@ DEGENERATE_ENERGY = 1e-10
 
 
 # --------------------------------------------------------------------------- helpers
+def probe_grid(
+    ed: EmerDiff,
+    items: Sequence[ProbeImage],
+    seeds: Sequence[int],
+    values: Sequence[Any],
+    run: Callable[[EmerDiff, Any, ProbeImage, Any], dict[str, Any] | list[dict[str, Any]]],
+    prepare: Callable[[EmerDiff, ProbeImage], Any] | None = None,
+) -> list[dict[str, Any]]:
+    """The one grid runner behind every probe: for each image and seed, prepare once (inversion and
+    Step A, ``prepare(ed_with_seed, item)``, default :func:`_prep`), then ``run(ed_with_seed, state,
+    item, value)`` for each swept value. ``run`` returns a row or a list of rows; each row gets the
+    image name and the seed first."""
+    prepare = prepare or _prep
+    rows = []
+    for item in items:
+        for seed in seeds:
+            eds = with_config(ed, seed=seed)
+            state = prepare(eds, item)
+            for value in values:
+                out = run(eds, state, item, value)
+                rows.extend(dict(image=item.name, seed=seed, **row) for row in (out if isinstance(out, list) else [out]))
+    return rows
+
+
+def scores(ed: EmerDiff, prepared: PreparedImage, maps: torch.Tensor, item: ProbeImage) -> dict[str, Any]:
+    """:func:`readout` without the label map: the JSON-friendly scores of one set of difference maps."""
+    out = readout(ed, prepared, maps, item)
+    out.pop("labels")
+    return out
+
+
+def _cluster(ed: EmerDiff, queries: torch.Tensor, grid: tuple[int, int], k: int) -> Any:
+    cfg = ed.config
+    return cluster_features(queries, grid, k, cfg.seed, cfg.kmeans_n_init, cfg.feature_normalization)
+
+
+def _lowres_scores(segs: Any, prepared: PreparedImage, item: ProbeImage, seed: int) -> dict[str, Any]:
+    """Scores of the low-res segments themselves, nearest-upsampled to the image."""
+    return dict(clusters=segs.num_segments, silhouette=silhouette(segs.features, segs.labels, seed),
+                **score_labels(nearest_upsample(segs.labels, prepared.image_size), item))
+
+
 def with_config(ed: EmerDiff, **changes: Any) -> EmerDiff:
     """A new EmerDiff on the same model with some config fields changed (validated)."""
     return EmerDiff(ed.model, ed.config.replace(**changes))
@@ -149,27 +191,25 @@ def layer_probe(
         raise ValueError(f"unknown layers {unknown}; valid: {list(info)}")
     t = cfg.feature_timestep if timestep is None else timestep
     k = cfg.num_clusters if num_clusters is None else num_clusters
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            prepared = _prep(eds, item, t_stop=eds.schedule.timesteps[-1])  # one UNet call: x_t only
-            gen = torch.Generator("cpu").manual_seed(seed + 1)
-            queries = eds.extract_queries(prepared.inversion, layers, t, cfg.feature_noise_draws, gen)
-            for name in layers:
-                grid = feature_resolution(ed.model.unet, name, ed.latent_size())
-                q = queries[name]
-                kk = min(k, q.shape[0] - 1)
-                segs = cluster_features(q, grid, kk, seed, cfg.kmeans_n_init, cfg.feature_normalization)
-                scores = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
-                row = dict(image=item.name, seed=seed, layer=name, short=short_layer(name),
-                           kind=info[name]["kind"], block=info[name]["block"],
-                           resolution=info[name]["resolution"], tokens=int(q.shape[0]), clusters=segs.num_segments,
-                           silhouette=silhouette(segs.features, segs.labels, seed), **scores)
-                row["score_name"] = "miou" if item.has_gt else "boundary"
-                row["score"] = row[row["score_name"]]
-                rows.append(row)
-    return rows
+
+    def prepare(eds: EmerDiff, item: ProbeImage) -> tuple[PreparedImage, dict[str, torch.Tensor]]:
+        prepared = _prep(eds, item, t_stop=eds.schedule.timesteps[-1])  # one UNet call: x_t only
+        gen = torch.Generator("cpu").manual_seed(eds.config.seed + 1)
+        return prepared, eds.extract_queries(prepared.inversion, layers, t, cfg.feature_noise_draws, gen)
+
+    def run(eds: EmerDiff, state: tuple[PreparedImage, dict[str, torch.Tensor]], item: ProbeImage,
+            name: str) -> dict[str, Any]:
+        prepared, queries = state
+        q = queries[name]
+        segs = _cluster(eds, q, feature_resolution(ed.model.unet, name, ed.latent_size()), min(k, q.shape[0] - 1))
+        row = dict(layer=name, short=short_layer(name), kind=info[name]["kind"], block=info[name]["block"],
+                   resolution=info[name]["resolution"], tokens=int(q.shape[0]),
+                   **_lowres_scores(segs, prepared, item, eds.config.seed))
+        row["score_name"] = "miou" if item.has_gt else "boundary"
+        row["score"] = row[row["score_name"]]
+        return row
+
+    return probe_grid(ed, items, seeds, layers, run, prepare)
 
 
 def modulation_layer_probe(
@@ -187,21 +227,15 @@ def modulation_layer_probe(
     """
     info = _layer_info(ed)
     layers = list(layers) if layers is not None else candidate_layers(ed, "cross")
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            prepared = _prep(eds, item)
-            for name in layers:
-                t0 = time.perf_counter()
-                maps, _ = eds.perturb(prepared, modulation_layer=name)
-                r = readout(eds, prepared, maps, item)
-                r.pop("labels")
-                rows.append(dict(image=item.name, seed=seed, layer=name, short=short_layer(name),
-                                 kind=info[name]["kind"], block=info[name]["block"],
-                                 resolution=info[name]["resolution"], **r,
-                                 seconds=time.perf_counter() - t0))
-    return rows
+
+    def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, name: str) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        maps, _ = eds.perturb(prepared, modulation_layer=name)
+        return dict(layer=name, short=short_layer(name), kind=info[name]["kind"], block=info[name]["block"],
+                    resolution=info[name]["resolution"], **scores(eds, prepared, maps, item),
+                    seconds=time.perf_counter() - t0)
+
+    return probe_grid(ed, items, seeds, layers, run)
 
 
 # --------------------------------------------------------------------------- timestep probes
@@ -224,19 +258,16 @@ def feature_timestep_sweep(
     if bad:
         raise ValueError(f"timesteps {bad} are not on the schedule {ed.schedule.timesteps}")
     grid = feature_resolution(ed.model.unet, layer, ed.latent_size())
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            prepared = _prep(eds, item, t_stop=eds.schedule.timesteps[-1])
-            for t in timesteps:
-                gen = torch.Generator("cpu").manual_seed(seed + 1)
-                q = eds.extract_queries(prepared.inversion, [layer], t, cfg.feature_noise_draws, gen)[layer]
-                segs = cluster_features(q, grid, cfg.num_clusters, seed, cfg.kmeans_n_init, cfg.feature_normalization)
-                scores = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
-                rows.append(dict(image=item.name, seed=seed, feature_timestep=int(t),
-                                 silhouette=silhouette(segs.features, segs.labels, seed), **scores))
-    return rows
+
+    def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, t: int) -> dict[str, Any]:
+        gen = torch.Generator("cpu").manual_seed(eds.config.seed + 1)
+        q = eds.extract_queries(prepared.inversion, [layer], t, cfg.feature_noise_draws, gen)[layer]
+        row = _lowres_scores(_cluster(eds, q, grid, cfg.num_clusters), prepared, item, eds.config.seed)
+        row.pop("clusters")
+        return dict(feature_timestep=int(t), **row)
+
+    return probe_grid(ed, items, seeds, timesteps, run,
+                      lambda eds, item: _prep(eds, item, t_stop=eds.schedule.timesteps[-1]))
 
 
 def modulation_timestep_sweep(
@@ -254,18 +285,13 @@ def modulation_timestep_sweep(
     bad = [t for t in timesteps if t not in ed.schedule.timesteps]
     if bad:
         raise ValueError(f"timesteps {bad} are not on the schedule {ed.schedule.timesteps}")
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            prepared = _prep(eds, item, t_stop=max(timesteps))
-            for t in timesteps:
-                maps, _ = eds.perturb(prepared, modulation_timestep=t)
-                r = readout(eds, prepared, maps, item)
-                r.pop("labels")
-                steps = len([s for s in eds.schedule.timesteps if s <= t])
-                rows.append(dict(image=item.name, seed=seed, modulation_timestep=int(t), steps_after=steps, **r))
-    return rows
+
+    def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, t: int) -> dict[str, Any]:
+        maps, _ = eds.perturb(prepared, modulation_timestep=t)
+        steps = len([s for s in eds.schedule.timesteps if s <= t])
+        return dict(modulation_timestep=int(t), steps_after=steps, **scores(eds, prepared, maps, item))
+
+    return probe_grid(ed, items, seeds, timesteps, run, lambda eds, item: _prep(eds, item, t_stop=max(timesteps)))
 
 
 def readout_steps_sweep(
@@ -280,19 +306,14 @@ def readout_steps_sweep(
     Rows: image, seed, readout_steps (int; the full count for None), mode, locality, ..., miou.
     """
     full = len([t for t in ed.schedule.timesteps if t <= ed.config.modulation_timestep])
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            # the full-schedule readout replays the inversion's noise maps, so invert when it is swept
-            prepared = _prep(eds, item, invert=None in steps)
-            for n in steps:
-                maps, _ = eds.perturb(prepared, readout_steps=n)
-                r = readout(eds, prepared, maps, item)
-                r.pop("labels")
-                rows.append(dict(image=item.name, seed=seed, readout_steps=full if n is None else min(int(n), full),
-                                 mode="stored noise (full)" if n is None else "DDIM", **r))
-    return rows
+
+    def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, n: int | None) -> dict[str, Any]:
+        maps, _ = eds.perturb(prepared, readout_steps=n)
+        return dict(readout_steps=full if n is None else min(int(n), full),
+                    mode="stored noise (full)" if n is None else "DDIM", **scores(eds, prepared, maps, item))
+
+    # the full-schedule readout replays the inversion's noise maps, so invert when it is swept
+    return probe_grid(ed, items, seeds, steps, run, lambda eds, item: _prep(eds, item, invert=None in steps))
 
 
 # --------------------------------------------------------------------------- magnitude probes
@@ -356,25 +377,21 @@ def lambda_sweep(
     miou, boundary, saturated (share of pixel values outside [0, 1], clipped on display).
     """
     mags = sorted({abs(float(s)) for s in strengths})
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            prepared = _prep(eds, item)
-            for mag in mags:
-                pert = perturb_images(eds, prepared, modulation_strength=mag)
-                for lam in [float(s) for s in strengths if abs(float(s)) == mag]:
-                    side = pert.plus if lam >= 0 else pert.minus
-                    r = readout(eds, prepared, pert.difference("plus" if lam >= 0 else "minus"), item)
-                    r.pop("labels")
-                    sat = float(((side < 0) | (side > 1)).float().mean())
-                    rows.append(dict(image=item.name, seed=seed, **{"lambda": lam}, mode="one-sided",
-                                     saturated=sat, **r))
-                r = readout(eds, prepared, pert.difference("pair"), item)
-                r.pop("labels")
-                sat = float(((pert.plus < 0) | (pert.plus > 1) | (pert.minus < 0) | (pert.minus > 1)).float().mean())
-                rows.append(dict(image=item.name, seed=seed, **{"lambda": mag}, mode="pair", saturated=sat, **r))
-    return rows
+
+    def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, mag: float) -> list[dict[str, Any]]:
+        pert = perturb_images(eds, prepared, modulation_strength=mag)
+        rows = []
+        for lam in [float(s) for s in strengths if abs(float(s)) == mag]:
+            side = pert.plus if lam >= 0 else pert.minus
+            sat = float(((side < 0) | (side > 1)).float().mean())
+            rows.append(dict(**{"lambda": lam}, mode="one-sided", saturated=sat,
+                             **scores(eds, prepared, pert.difference("plus" if lam >= 0 else "minus"), item)))
+        sat = float(((pert.plus < 0) | (pert.plus > 1) | (pert.minus < 0) | (pert.minus > 1)).float().mean())
+        rows.append(dict(**{"lambda": mag}, mode="pair", saturated=sat,
+                         **scores(eds, prepared, pert.difference("pair"), item)))
+        return rows
+
+    return probe_grid(ed, items, seeds, mags, run)
 
 
 def k_sweep(
@@ -394,24 +411,17 @@ def k_sweep(
     too_big = [k for k in ks if k > tokens]
     if too_big:
         raise ValueError(f"K {too_big} exceed the {tokens} tokens of the query layer")
-    rows = []
-    for item in items:
-        for seed in seeds:
-            eds = with_config(ed, seed=seed)
-            base = _prep(eds, item)
-            for k in ks:
-                prepared = recluster(eds, base, k)
-                maps, _ = eds.perturb(prepared)
-                r = readout(eds, prepared, maps, item)
-                r.pop("labels")
-                segs = prepared.segments
-                near = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
-                bil = score_labels(bilinear_upsample(segs.features, segs.centroids, prepared.grid,
-                                                     prepared.image_size), item)
-                rows.append(dict(image=item.name, seed=seed, K=int(k), **r,
-                                 miou_nearest=near["miou"], miou_bilinear=bil["miou"],
-                                 boundary_nearest=near["boundary"], boundary_bilinear=bil["boundary"]))
-    return rows
+
+    def run(eds: EmerDiff, base: PreparedImage, item: ProbeImage, k: int) -> dict[str, Any]:
+        prepared = recluster(eds, base, k)
+        maps, _ = eds.perturb(prepared)
+        segs = prepared.segments
+        near = score_labels(nearest_upsample(segs.labels, prepared.image_size), item)
+        bil = score_labels(bilinear_upsample(segs.features, segs.centroids, prepared.grid, prepared.image_size), item)
+        return dict(K=int(k), **scores(eds, prepared, maps, item), miou_nearest=near["miou"],
+                    miou_bilinear=bil["miou"], boundary_nearest=near["boundary"], boundary_bilinear=bil["boundary"])
+
+    return probe_grid(ed, items, seeds, ks, run)
 
 
 # --------------------------------------------------------------------------- figure helpers
