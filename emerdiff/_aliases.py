@@ -32,7 +32,7 @@ MOVED: dict[str, str] = {
     "emerdiff.models": "emerdiff.sd.loading",
     "emerdiff.sdconfig": "emerdiff.sd.components",
     "emerdiff.datasets": "emerdiff.evaluation.datasets",
-    "emerdiff.evaluate": "emerdiff.evaluation.runner",
+    "emerdiff.evaluate": "emerdiff.cli.evaluate",
     "emerdiff.metrics": "emerdiff.evaluation.metrics",
     "emerdiff.options": "emerdiff.cli.options",
     "emerdiff.diagnosis": "emerdiff.studies.diagnosis",

@@ -62,7 +62,7 @@ def lab(tmp_path_factory) -> Iterator[dict]:
     """JupyterLab on a free port over a temporary workspace holding the parameterised inspector notebook."""
     import nbformat
 
-    from emerdiff.cli.main import jupyter_kernel
+    from emerdiff.cli.app import jupyter_kernel
 
     assert jupyter_kernel("emerdiff") == "emerdiff", "the 'emerdiff' kernel is missing: run `make setup`"
     work = tmp_path_factory.mktemp("lab")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from emerdiff.cli.main import main
+from emerdiff.cli.app import main
 
 FAST = ["--resolution", "128", "--num-clusters", "3", "--num-inference-steps", "10", "--modulation-timestep", "201",
         "--quiet"]
@@ -128,7 +128,7 @@ def test_presets_follow_the_model_folder(tmp_path):
 
 
 def _subcommands():
-    from emerdiff.cli.main import build_parser
+    from emerdiff.cli.app import build_parser
 
     parser = build_parser()
     (sub,) = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
@@ -166,7 +166,7 @@ def test_figures_kernel_matches_the_makefile():
 
 def _sized(argv):
     """The EmerDiffConfig fields that segment and evaluate would use for these arguments."""
-    from emerdiff.cli.main import build_parser, config_from_args
+    from emerdiff.cli.app import build_parser, config_from_args
 
     parser = build_parser()
     seg = config_from_args(parser.parse_args(["segment", "x.png", *argv]))
@@ -306,7 +306,7 @@ def test_refine_refuses_bad_label_files_before_loading_a_model(tmp_path, capsys)
 
 
 def test_read_label_map_modes(tmp_path):
-    from emerdiff.cli.main import check_label_aspect, read_label_map
+    from emerdiff.cli.app import check_label_aspect, read_label_map
     from emerdiff.viz import label_png
 
     ids = np.array([[0, 3, 3], [5, 5, 0]])
@@ -394,7 +394,7 @@ def test_set_reaches_every_config_field_in_segment_refine_and_evaluate():
     and segment, refine and evaluate build the same config from the same arguments."""
     import dataclasses
 
-    from emerdiff.cli.main import build_parser, config_from_args
+    from emerdiff.cli.app import build_parser, config_from_args
     from emerdiff.config import EmerDiffConfig
 
     parser = build_parser()

@@ -171,7 +171,7 @@ def test_limit_and_changed_settings_are_refused(tmp_path):
 
 
 def test_cli_evaluate_subcommand(tmp_path, fake_model):
-    cli = pytest.importorskip("emerdiff.cli.main")
+    cli = pytest.importorskip("emerdiff.cli.app")
     data = make_folder(tmp_path / "data", n=2)
     out = tmp_path / "out"
     rc = cli.main(["evaluate", "--data", str(data), "--out", str(out), "--protocol", "concept",
@@ -303,7 +303,7 @@ def test_run_evaluation_is_the_command_line(tmp_path):
     rows, settings and per-image records (flags off the model's sizes, so a dropped field shows)."""
     import torch
 
-    from emerdiff.cli.main import main
+    from emerdiff.cli.app import main
     from emerdiff.config import EmerDiffConfig
     from emerdiff.evaluation.runner import run_evaluation
 
@@ -428,7 +428,7 @@ def _worse_segment(image) -> SimpleNamespace:
 
 
 def test_compare_prints_a_paired_table(tmp_path, capsys):
-    from emerdiff.cli.main import main
+    from emerdiff.cli.app import main
 
     data = make_folder(tmp_path / "data", n=6)
     a, b = tmp_path / "a", tmp_path / "b"
@@ -454,7 +454,7 @@ def test_compare_prints_a_paired_table(tmp_path, capsys):
 
 
 def test_compare_refuses_runs_that_cannot_be_paired(tmp_path, capsys):
-    from emerdiff.cli.main import main
+    from emerdiff.cli.app import main
 
     data = make_folder(tmp_path / "data", n=2)
     a = tmp_path / "a"

@@ -131,7 +131,7 @@ def _top_names(node: ast.Import | ast.ImportFrom) -> set[str]:
 
 def test_core_modules_import_no_extra_at_module_level():
     files = _core_files()
-    assert PACKAGE / "viz" / "__init__.py" in files and PACKAGE / "cli" / "main.py" in files
+    assert PACKAGE / "viz" / "__init__.py" in files and PACKAGE / "cli" / "app.py" in files
     problems = []
     for path in files:
         for node, parents in _imports_with_parents(ast.parse(path.read_text())):
@@ -189,7 +189,7 @@ def test_core_runs_without_the_extra(tmp_path):
             if not info.name.startswith("emerdiff.notebook"):
                 importlib.import_module(info.name)
         from emerdiff import viz
-        from emerdiff.cli.main import main
+        from emerdiff.cli.app import main
         try:
             viz.probe_bars([{{"x": 1, "y": 2.0}}], "x", "y", "m", "t")
         except ImportError as e:

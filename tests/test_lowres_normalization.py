@@ -83,7 +83,7 @@ def test_bad_normalization_fails_naming_the_allowed_values():
 
 
 def test_set_feature_normalization_reaches_the_config():
-    from emerdiff.cli.main import build_parser
+    from emerdiff.cli.app import build_parser
     from emerdiff.cli.options import config_from_args
 
     parser = build_parser()

@@ -219,7 +219,7 @@ def test_no_notebook_or_figure_default_names_a_test_scene():
 
     texts = {source.name: source.read_text() for source in SOURCES}
     for rel in ("emerdiff/notebook/lab.py", "emerdiff/notebook/inspector.py", "emerdiff/viz/__init__.py",
-                "emerdiff/evaluation/datasets.py", "emerdiff/cli/main.py", "Makefile"):
+                "emerdiff/evaluation/datasets.py", "emerdiff/cli/app.py", "Makefile"):
         texts[rel] = (ROOT / rel).read_text()
     for name, text in texts.items():
         low = [n for n in _scene_numbers(text) if n < VALIDATION_START]

@@ -52,7 +52,7 @@ FIGURES = {
 
 def kernel_name() -> str:
     """The project's kernel (registered by `make setup`), else the venv's default python3."""
-    from emerdiff.cli.main import jupyter_kernel
+    from emerdiff.cli.app import jupyter_kernel
 
     return jupyter_kernel("emerdiff")
 
@@ -69,10 +69,26 @@ def run_notebook(name: str, out: Path, **overrides) -> dict:
         assert data["model"].startswith("tiny")
     assert data["figures"] == FIGURES[name]
     for fig in FIGURES[name]:
-        for ext in ("png", "pdf"):
-            path = out / "figures" / f"{fig}.{ext}"
-            assert path.exists() and path.stat().st_size > 1000, path
+        assert_drawn(out / "figures" / f"{fig}.png", out / "figures" / f"{fig}.pdf")
     return data
+
+
+def assert_drawn(png: Path, pdf: Path) -> None:
+    """A figure that shows something: a readable PNG of a sensible size whose pixels are not one flat
+    colour (a blank or failed draw is), and a complete PDF beside it."""
+    from PIL import Image
+
+    with Image.open(png) as im:
+        pixels = np.asarray(im.convert("RGB"))
+    h, w, _ = pixels.shape
+    assert min(h, w) >= 150, f"{png.name}: {w}x{h} px is no figure"
+    colours = np.unique(pixels.reshape(-1, 3), axis=0)
+    assert len(colours) >= 16, f"{png.name}: only {len(colours)} colours: a blank or flat drawing"
+    # some content off the background: at least 2 % of the pixels differ from the most common colour
+    values, counts = np.unique(pixels.reshape(-1, 3), axis=0, return_counts=True)
+    assert 1 - counts.max() / counts.sum() >= 0.02, f"{png.name}: almost every pixel is background"
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF") and b"%%EOF" in data[-1024:], f"{pdf.name} is not a complete PDF"
 
 
 def finite_in(x, lo, hi) -> bool:

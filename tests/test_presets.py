@@ -44,7 +44,7 @@ def models(tiny_dir, sdxl_dir, sd15_dir):
 
 def cli_config(command: str, model: str, *flags: str) -> EmerDiffConfig:
     """The config `command` builds from these arguments, by the command's own path, without running it."""
-    from emerdiff.cli.main import build_parser
+    from emerdiff.cli.app import build_parser
     from emerdiff.cli.options import config_from_args
 
     head = {"segment": ["segment", "x.png"], "refine": ["refine", "x.png", "--masks", "m.png"],
@@ -174,7 +174,7 @@ def test_notebook_K_is_a_deprecated_alias():
 
 
 def test_settings_line_names_what_applies():
-    from emerdiff.cli.main import build_parser
+    from emerdiff.cli.app import build_parser
     from emerdiff.cli.options import config_from_args, settings_line
 
     args = build_parser().parse_args(["segment", "x.png", "--model", "reference", "--num-clusters", "5",
@@ -194,7 +194,7 @@ def test_figures_leaves_every_setting_to_the_notebooks_preset(tmp_path, monkeypa
     so no size rule is repeated on the way; -p still overrides any parameter."""
     import papermill
 
-    from emerdiff.cli import main as cli
+    from emerdiff.cli import app as cli
 
     (tmp_path / "nb").mkdir()
     (tmp_path / "nb" / "00_x.ipynb").write_text("{}")

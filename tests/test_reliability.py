@@ -23,8 +23,8 @@ from PIL import Image
 from test_evaluate import fake_segment, make_folder  # noqa: E402  (same tests folder)
 
 from emerdiff import EmerDiff, EmerDiffConfig
+from emerdiff.cli.app import main
 from emerdiff.cli.evaluate import build_parser, run
-from emerdiff.cli.main import main
 from emerdiff.evaluation.records import load_record, record_path
 
 S = ["--model", "tiny", "--resolution", "128", "--num-clusters", "4", "--num-inference-steps", "10", "--modulation-timestep", "201",

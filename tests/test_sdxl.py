@@ -260,7 +260,7 @@ def test_segment_end_to_end_and_deterministic(sdxl, small_config, photo):
 
 # --------------------------------------------------------------------- CLI
 def test_layers_command_lists_sdxl(sdxl_dir, capsys):
-    from emerdiff.cli.main import main
+    from emerdiff.cli.app import main
 
     assert main(["layers", str(sdxl_dir)]) == 0
     out = capsys.readouterr().out
@@ -271,7 +271,7 @@ def test_layers_command_lists_sdxl(sdxl_dir, capsys):
 
 
 def test_cli_settings_follow_the_sdxl_folder(sdxl_dir):
-    from emerdiff.cli.main import build_parser, config_from_args
+    from emerdiff.cli.app import build_parser, config_from_args
 
     parser = build_parser()
     assert EmerDiffConfig.for_model(str(sdxl_dir)).resolution == 256

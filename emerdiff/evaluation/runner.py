@@ -123,7 +123,7 @@ def openvocab_path(out: Path, labeller: str, image_id: str) -> Path:
 def openvocab_result(out: Path, dataset: SegmentationDataset, indices: Sequence[int], labeller: str,
                      ) -> dict[str, Any]:
     """Dataset-level scores of the labeller alone and of the labeller pooled in EmerDiff masks
-    (a protocol result, as :func:`emerdiff.evaluation.metrics.evaluate_records` returns)."""
+    (a protocol result, as :func:`emerdiff.evaluation.protocols.evaluate_records` returns)."""
     c = dataset.num_classes
     alone = np.zeros((c, c), np.int64)
     masked = np.zeros((c, c), np.int64)

@@ -370,7 +370,7 @@ def comparison_figure(comparison: Mapping[str, Any], model: str, names: Sequence
                       protocols: Sequence[str] | None = None, note: str = "") -> Any:
     """Two evaluation runs side by side: mIoU of A and B and their difference, with intervals.
 
-    ``comparison`` is what :func:`emerdiff.evaluation.runner.compare_runs` returns (``emerdiff compare
+    ``comparison`` is what :func:`emerdiff.evaluation.compare.compare_runs` returns (``emerdiff compare
     --json``; NaN or None bounds both mean "no interval"). One column per protocol. Top row: one
     horizontal bar per method and run (A blue, B orange), its error bar the run's interval.
     Bottom row: A - B per method both runs have, a dot with its paired interval, black where the
