@@ -148,3 +148,17 @@ def test_training_and_test_builders_stay_outside_the_wheel():
             mods = [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
             bad = [m for m in mods if m.split(".")[0] in ("training", "builders", "tests")]
             assert not bad, f"emerdiff.{name} imports {bad}: runtime code must not need training or test code"
+
+
+def test_importing_the_package_does_not_import_torch():
+    """The facade resolves its names on first use, so `import emerdiff` (and every CLI refusal built on it)
+    starts in milliseconds; the first use of a name imports what it needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, emerdiff; assert 'torch' not in sys.modules, 'import emerdiff imported torch'; "
+            "assert emerdiff.EmerDiffConfig().num_clusters == 25; assert 'torch' not in sys.modules; "
+            "from emerdiff import EmerDiff; assert 'torch' in sys.modules and EmerDiff.__name__ == 'EmerDiff'; "
+            "assert sorted(emerdiff.__all__) == sorted(n for n in dir(emerdiff) if n in emerdiff.__all__)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
