@@ -20,7 +20,13 @@ $(VENV)/.installed: pyproject.toml | $(PY)
 	$(PY) -m ipykernel install --sys-prefix --name emerdiff --display-name "Python (emerdiff)"
 	touch $@
 
+# Outputs never reach git: .gitattributes routes notebooks/*.ipynb through this clean filter (cell ids kept,
+# as notebooks/_build.py writes them), so a notebook saved with outputs by a plain `jupyter lab` is staged
+# without them. Set on every `make setup`, cheap and idempotent; outside a git checkout it does nothing.
 setup: $(VENV)/.installed
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		git config filter.nbstripout.clean '"$(abspath $(VENV))/bin/nbstripout" --keep-id' && \
+		git config filter.nbstripout.smudge cat; fi
 
 # Two pytest-xdist worker processes, one torch thread each (tests/conftest.py): on the 2-core CI
 # machine both cores work and the suite takes about half the time. worksteal: each worker starts on
@@ -42,8 +48,12 @@ test-browser: setup
 
 # Saving strips outputs from the tracked notebooks (kept in notebooks/executed/lab/); figures of
 # hand-run notebooks go to figures/lab/. Both are ignored by git.
+# JupyterLab refuses to start as root without --allow-root, and root is the usual user in a container:
+# pass it then. LAB_ARGS adds anything else (e.g. LAB_ARGS='--no-browser --port 8890').
+LAB_ROOT := $(if $(filter 0,$(shell id -u)),--allow-root,)
+LAB_ARGS ?=
 lab: setup
-	$(VENV)/bin/jupyter lab --config=notebooks/jupyter_server_config.py notebooks/
+	$(VENV)/bin/jupyter lab --config=notebooks/jupyter_server_config.py $(LAB_ROOT) $(LAB_ARGS) notebooks/
 
 # The notebooks' source is notebooks/NN_name.py (jupytext percent format: linted, readable diffs);
 # NN_name.ipynb beside it is generated from it, outputs stripped (notebooks/README.md).

@@ -275,3 +275,53 @@ def test_setup_builds_what_the_notebooks_use(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert printed.startswith("tiny (random weights) | resolution 128, num_clusters 3, num_inference_steps 10,")
     assert "query grid" in printed
+
+
+def test_outputs_saved_into_a_tracked_notebook_never_reach_git():
+    """A plain `jupyter lab` (without the project's save hook) may save outputs into notebooks/NN.ipynb;
+    the clean filter that `make setup` configures strips them when git reads the file, and leaves a clean
+    notebook byte-identical (so `git status` stays quiet)."""
+    import subprocess
+
+    import nbformat
+
+    from emerdiff.notebook.lab import has_outputs
+
+    configured = subprocess.run(["git", "config", "--get", "filter.nbstripout.clean"], cwd=ROOT,
+                                capture_output=True, text=True).stdout.strip()
+    assert configured, "the nbstripout clean filter is not configured: run `make setup`"
+    attr = subprocess.run(["git", "check-attr", "filter", "notebooks/00_quickstart.ipynb"], cwd=ROOT,
+                          capture_output=True, text=True).stdout
+    assert attr.strip().endswith("nbstripout"), attr
+    path = ROOT / "notebooks" / "00_quickstart.ipynb"
+    nb = nbformat.read(path, as_version=4)
+    code = next(c for c in nb.cells if c.cell_type == "code")
+    code.outputs = [nbformat.v4.new_output("stream", name="stdout", text="leaked output\n")]
+    code.execution_count = 7
+    dirty = nbformat.writes(nb)
+    assert has_outputs(nbformat.reads(dirty, as_version=4))
+
+    def as_git_stores(text: str) -> str:
+        """The blob id `git add` would store for this path (filters applied; nothing is written)."""
+        return subprocess.run(["git", "hash-object", "--path", "notebooks/00_quickstart.ipynb", "--stdin"], cwd=ROOT,
+                              input=text, capture_output=True, text=True, check=True).stdout.strip()
+
+    def raw_hash(text: str) -> str:
+        return subprocess.run(["git", "hash-object", "--no-filters", "--stdin"], cwd=ROOT, input=text,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    clean = path.read_text()
+    assert as_git_stores(dirty) == raw_hash(clean), "outputs would be committed"
+    assert as_git_stores(clean) == raw_hash(clean), "the filter changes a clean notebook"
+
+
+def test_make_lab_runs_as_root():
+    """JupyterLab refuses root without --allow-root; `make lab` passes it when run as root, and LAB_ARGS through."""
+    import os
+    import subprocess
+
+    out = subprocess.run(["make", "-n", "lab", "LAB_ARGS=--no-browser", f"VENV={ROOT / '.venv'}"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    line = next(x for x in out.splitlines() if "jupyter lab" in x)
+    assert "--no-browser" in line
+    assert ("--allow-root" in line) == (os.geteuid() == 0), line
