@@ -109,3 +109,35 @@ def test_cross_attention_labeller(tiny_model, photo):
 def test_cross_attention_unknown_layer(tiny_model):
     with pytest.raises(ValueError, match="not cross-attention layers"):
         CrossAttentionLabeller(tiny_model, layers=["up_blocks.1.attentions.0.transformer_blocks.0.attn1"])
+
+
+def test_ambiguous_masks_flags_ties_and_flat_scores():
+    from emerdiff.method.vocabulary import ambiguous_masks
+
+    scores = np.array([[0.9, 0.1, 0.0],     # a clear winner
+                       [0.50, 0.49, 0.0],   # best within 2 % of the range of the next: a tie
+                       [0.300, 0.301, 0.302]])  # every class alike (range 0.3 % of the scores)
+    assert ambiguous_masks(scores) == [1, 2]
+    assert ambiguous_masks(scores[:1]) == [] and ambiguous_masks(np.ones((3, 1))) == []
+
+
+def test_vocabulary_warnings_name_unknown_words_and_guesses(tmp_path):
+    from emerdiff.assets.scenes import CLASSES
+    from emerdiff.method.vocabulary import OpenVocabResult, known_vocabulary, vocabulary_warnings
+
+    known = known_vocabulary("reference")
+    assert known is not None and set(CLASSES) <= set(known)
+    assert known_vocabulary("tiny") is None and known_vocabulary(str(tmp_path)) is None
+    (tmp_path / "reference.json").write_text("{}")  # a folder of the reference model (a copy or a checkpoint)
+    assert known_vocabulary(str(tmp_path)) == known
+
+    def result(vocab, scores):
+        scores = np.asarray(scores, dtype=float)
+        return OpenVocabResult(vocab, np.zeros((2, 2), int), scores.argmax(1), scores, np.zeros((2, 2), int))
+
+    clear = result(["sky", "house"], [[0.9, 0.1], [0.1, 0.9]])
+    assert vocabulary_warnings(clear, known) == []
+    odd = vocabulary_warnings(result(["person", "sky", "rocket"], [[0.2, 0.9, 0.1], [0.5, 0.1, 0.49]]), known)
+    assert len(odd) == 2 and "person" in odd[0] and "rocket" in odd[0] and "sky" not in odd[0].split("]")[0]
+    assert "segments [1]" in odd[1]
+    assert vocabulary_warnings(result(["person", "rocket"], [[0.9, 0.1], [0.1, 0.9]]), None) == []  # open vocabulary

@@ -58,6 +58,57 @@ class OpenVocabResult:
     dense_class_map: np.ndarray
 
 
+# A mask's best class is "within noise" of its second when their margin is below this share of the
+# mask's score range over the vocabulary, or when that range itself is below FLAT_SCORES of the scores'
+# magnitude (every class looks alike to the labeller). Heuristics, stated so a user can judge them.
+TIE_MARGIN = 0.1
+FLAT_SCORES = 0.02
+
+
+def ambiguous_masks(mask_scores: np.ndarray) -> list[int]:
+    """Masks whose best and second-best class scores are within noise (:data:`TIE_MARGIN`,
+    :data:`FLAT_SCORES`): their class is a coin toss between names, not a reading of the image."""
+    scores = np.asarray(mask_scores, dtype=np.float64)
+    if scores.ndim != 2 or scores.shape[1] < 2:
+        return []
+    top2 = np.sort(scores, axis=1)[:, -2:]
+    spread = scores.max(1) - scores.min(1)
+    flat = spread < FLAT_SCORES * (np.abs(scores).mean(1) + 1e-12)
+    tied = (top2[:, 1] - top2[:, 0]) < TIE_MARGIN * np.maximum(spread, 1e-12)
+    return [int(i) for i in np.flatnonzero(flat | tied)]
+
+
+def known_vocabulary(model: Any) -> tuple[str, ...] | None:
+    """The words a model can know, where that is a closed set: the shipped reference model was trained on
+    captions of its 12 scene classes only (:data:`emerdiff.assets.scenes.CAPTION_WORDS`). None for SD and
+    any other model (open vocabulary)."""
+    source = str(getattr(model, "source", model))
+    folder = Path(source)
+    if source == "reference" or (folder / "reference.json").is_file():
+        from emerdiff.assets.scenes import CAPTION_WORDS
+
+        return CAPTION_WORDS
+    return None
+
+
+def vocabulary_warnings(result: OpenVocabResult, known: Sequence[str] | None = None) -> list[str]:
+    """Plain-language warnings for a labelled image: names outside what the model knows (``known``, e.g.
+    :func:`known_vocabulary`) and masks whose class is within noise of another (:func:`ambiguous_masks`)."""
+    out = []
+    if known is not None:
+        words = {w.lower() for w in known}
+        unknown = [name for name in result.vocabulary if any(w not in words for w in name.lower().split())]
+        if unknown:
+            out.append(f"{unknown} lie outside the {len(words)} words this model was trained on (e.g. "
+                       f"{', '.join(list(known)[:12])}); their scores say nothing about the image")
+    ambiguous = ambiguous_masks(result.mask_scores)
+    if ambiguous:
+        names = [result.vocabulary[int(c)] for c in result.mask_classes[ambiguous]]
+        out.append(f"{len(ambiguous)} of {len(result.mask_classes)} segments have a best class within noise of the "
+                   f"next (segments {ambiguous}, labelled {names}): treat those names as guesses")
+    return out
+
+
 def check_vocabulary(vocabulary: Sequence[str] | str) -> list[str]:
     """Normalise a vocabulary ("cat,dog" or a list); empty or duplicate names are errors."""
     names = [v.strip() for v in (vocabulary.split(",") if isinstance(vocabulary, str) else vocabulary)]
