@@ -26,25 +26,48 @@ def bootstrap_weights(num_images: int, n_boot: int, seed: int = 0) -> np.ndarray
 
 
 
-def interval(draws: np.ndarray, level: float = 0.95) -> dict[str, float]:
-    """``{"value": draws[0], "lo", "hi"}``: percentile interval of ``draws[1:]`` (NaN without resamples)."""
+# An interval needs at least this many images to carry meaning: one image resampled is always itself.
+MIN_INTERVAL_IMAGES = 2
+# Resampled values closer than this (mIoU points) count as one: zero spread, no interval.
+ZERO_SPREAD = 1e-9
+
+
+def interval(draws: np.ndarray, level: float = 0.95, num_images: int | None = None) -> dict[str, Any]:
+    """``{"value": draws[0], "lo", "hi"}``: percentile interval of ``draws[1:]`` (NaN without resamples).
+
+    An interval that cannot carry meaning is not reported as a zero-width band: with fewer than
+    :data:`MIN_INTERVAL_IMAGES` images (``num_images``, when given) or when every resample gives the
+    same value (zero spread), ``lo`` and ``hi`` are NaN (None in JSON, empty in CSV) and ``note``
+    says why.
+    """
     draws = np.asarray(draws, dtype=np.float64)
     tail = (1.0 - level) / 2 * 100
     rest = draws[1:][np.isfinite(draws[1:])]
     if rest.size == 0:
         return {"value": float(draws[0]), "lo": float("nan"), "hi": float("nan")}
+    note = None
+    if num_images is not None and num_images < MIN_INTERVAL_IMAGES:
+        note = (f"no interval: {num_images} image(s); a bootstrap over images needs at least "
+                f"{MIN_INTERVAL_IMAGES} to have any spread")
+    elif float(np.ptp(rest)) <= ZERO_SPREAD:
+        note = ("no interval: every resample of the images gives the same value (zero spread), so a "
+                f"{level:.0%} interval would have zero width")
+    if note is not None:
+        return {"value": float(draws[0]), "lo": float("nan"), "hi": float("nan"), "note": note}
     return {"value": float(draws[0]), "lo": float(np.percentile(rest, tail)),
             "hi": float(np.percentile(rest, 100 - tail))}
 
 
-def summarize_draws(draws: Mapping[str, np.ndarray], level: float = 0.95) -> dict[str, dict[str, float]]:
+def summarize_draws(draws: Mapping[str, np.ndarray], level: float = 0.95,
+                    num_images: int | None = None) -> dict[str, dict[str, Any]]:
     """Intervals of each method and of the difference of every pair of methods, ``"a-b"`` for
-    a before b in ``draws``' order (paired: the same resample for both)."""
+    a before b in ``draws``' order (paired: the same resample for both); ``num_images`` as in
+    :func:`interval`."""
     names = list(draws)
-    out = {m: interval(draws[m], level) for m in names}
+    out = {m: interval(draws[m], level, num_images) for m in names}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            out[f"{a}-{b}"] = interval(np.asarray(draws[a]) - np.asarray(draws[b]), level)
+            out[f"{a}-{b}"] = interval(np.asarray(draws[a]) - np.asarray(draws[b]), level, num_images)
     return out
 
 
@@ -62,7 +85,7 @@ def bootstrap_protocols(records: Sequence[ImageRecord], num_classes: int, method
     """
     weights = bootstrap_weights(len(records), n_boot, seed)
     draws = protocol_draws(records, num_classes, weights, protocols, methods, ignore_index, seed=cluster_seed)
-    return {p: summarize_draws(d, level) for p, d in draws.items()}
+    return {p: summarize_draws(d, level, len(records)) for p, d in draws.items()}
 
 
 def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageRecord], num_classes: int,
@@ -89,8 +112,9 @@ def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageR
     for p in protocols:
         for m in methods:
             a, b = draws_a[p].get(m), draws_b[p].get(m)
+            n = len(records_a)
             rows.append({"protocol": p, "method": m,
-                         "a": None if a is None else interval(a, level),
-                         "b": None if b is None else interval(b, level),
-                         "a-b": None if a is None or b is None else interval(a - b, level)})
+                         "a": None if a is None else interval(a, level, n),
+                         "b": None if b is None else interval(b, level, n),
+                         "a-b": None if a is None or b is None else interval(a - b, level, n)})
     return rows
