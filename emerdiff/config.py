@@ -35,6 +35,38 @@ def _check_number(name: str, value: Any) -> None:
                          f"{getattr(EmerDiffConfig, name)}")
 
 
+# The annotation of every EmerDiffConfig field -> (test, what a valid value is). Floats take ints too
+# (10 means 10.0); no number field takes a bool (True would silently be 1). A field whose annotation is
+# not here fails tests/test_reliability_cli.py, so a new field cannot slip past check_types.
+_TYPE_RULES: dict[str, tuple[Any, str]] = {
+    "bool": (lambda v: isinstance(v, (bool, np_bool())), "True or False"),
+    "int": (lambda v: isinstance(v, numbers.Integral) and not isinstance(v, (bool, np_bool())), "an integer"),
+    "float": (lambda v: isinstance(v, numbers.Real) and not isinstance(v, (bool, np_bool())), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "dict[str, Any]": (lambda v: isinstance(v, dict), "a dict"),
+}
+
+
+def np_bool() -> type:
+    """numpy's bool type, imported lazily (numpy is not needed to build a config)."""
+    import numpy
+
+    return numpy.bool_
+
+
+def field_type_rule(annotation: str) -> tuple[Any, str] | None:
+    """(test, description) for a field annotation such as ``'int'`` or ``'int | None'``; None if unknown."""
+    parts = [part.strip() for part in annotation.split("|")]
+    optional = "None" in parts
+    parts = [part for part in parts if part != "None"]
+    if len(parts) != 1 or parts[0] not in _TYPE_RULES:
+        return None
+    test, what = _TYPE_RULES[parts[0]]
+    if optional:
+        return (lambda v: v is None or test(v)), f"{what} or None"
+    return test, what
+
+
 @dataclass
 class EmerDiffConfig:
     """Settings of one EmerDiff segmentation.
@@ -111,8 +143,25 @@ class EmerDiffConfig:
         return cls.from_dict({**cls().to_dict(), **preset(model), **changes})
 
     # ------------------------------------------------------------- checking
+    def check_types(self) -> None:
+        """Every field's value has the field's type (bool, int, float, str, ``int | None`` ...); a ValueError
+        names the field, the value, its type and what is expected (e.g. ``attention_injection='no'``, a
+        truthy string, is refused instead of leaving injection on)."""
+        for f in dataclasses.fields(self):
+            rule = field_type_rule(str(f.type))
+            if rule is None:
+                continue
+            test, what = rule
+            value = getattr(self, f.name)
+            if not test(value):
+                raise ValueError(f"{f.name} must be {what}, got {value!r} (type {type(value).__name__}); "
+                                 f"set {f.name} to {what} (default: {getattr(EmerDiffConfig(), f.name)!r})")
+
     def check_values(self) -> None:
-        """Checks that need no model; a ValueError names the field, the value, the valid range and the fix."""
+        """Checks that need no model; a ValueError names the field, the value, the valid range and the fix.
+
+        The types of every field first (:meth:`check_types`), then the ranges."""
+        self.check_types()
         for name in ("resolution", "num_clusters", "feature_noise_draws", "kmeans_n_init", "num_inference_steps",
                      "feature_timestep", "modulation_timestep", "max_batch", "decode_batch", "seed"):
             _check_int(name, getattr(self, name))

@@ -155,8 +155,13 @@ def compare_command(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``python -m emerdiff.cli.evaluate``."""
-    return run(build_parser().parse_args(argv))
+    """Entry point of ``python -m emerdiff.cli.evaluate``: no traceback reaches a user (``--debug`` or
+    ``EMERDIFF_DEBUG=1`` re-raise; :func:`emerdiff.cli.options.run_guarded`)."""
+    from emerdiff.cli.options import pop_debug_flag, run_guarded
+
+    argv, debug = pop_debug_flag(argv)
+    args = build_parser().parse_args(argv)
+    return run_guarded("evaluate", f"--data {args.data}", lambda: run(args), debug)
 
 
 if __name__ == "__main__":

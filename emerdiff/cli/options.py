@@ -8,12 +8,16 @@ registers) needs nothing from ``cli``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import errno
 import json
+import os
+import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from emerdiff.config import PRESETS, EmerDiffConfig, model_kind, preset
+from emerdiff.config import PRESETS, EmerDiffConfig, field_type_rule, model_kind, preset
 
 # One default for `segment` and `evaluate`: the labeller that needs no extra model and works offline.
 DEFAULT_LABELLER = "unet"
@@ -108,18 +112,57 @@ CONFIG_FLAGS = ("num_clusters", "resolution", "query_layer", "feature_timestep",
 _FLAG_DEFAULTS = {"seed": EmerDiffConfig.seed}  # flags whose default is a value: at that value, not a change
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _set_value(key: str, raw: str) -> Any:
+    """One ``--set`` value, read for the field's type: a bool field takes true/false, yes/no, on/off,
+    1/0 (stored as a bool, never the truthy string 'no'); a str field keeps the text as given; other
+    fields read JSON (numbers, null, objects) or keep a bare string. A value of the wrong type is refused
+    here, naming the item; unknown field names are refused when the config is built."""
+    annotation = {f.name: str(f.type) for f in dataclasses.fields(EmerDiffConfig)}.get(key)
+    if annotation is None:
+        return _json_or_text(raw)
+    kinds = {part.strip() for part in annotation.split("|")}
+    text = raw.strip()
+    if "None" in kinds and text.lower() in ("null", "none"):
+        return None
+    if "bool" in kinds and text.lower() in (*_TRUE, *_FALSE):
+        return text.lower() in _TRUE
+    value = _json_or_text(raw)
+    if "str" in kinds and not isinstance(value, str):
+        value = raw  # a str field keeps its text as given (a layer named 123); a JSON string is unquoted
+    rule = field_type_rule(annotation)
+    if rule is not None and not rule[0](value):
+        accepted = " (true/false, yes/no, on/off or 1/0)" if "bool" in kinds else ""
+        raise ValueError(f"--set {key}={raw}: {key} must be {rule[1]}{accepted}, got {value!r} "
+                         f"(type {type(value).__name__}); e.g. --set {key}={_example(key)}")
+    return value
+
+
+def _example(key: str) -> str:
+    """The field's default as a --set value."""
+    default = getattr(EmerDiffConfig(), key)
+    return default if isinstance(default, str) else json.dumps(default)
+
+
+def _json_or_text(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+
+
 def parse_sets(items: Sequence[str]) -> dict[str, Any]:
-    """``--set FIELD=VALUE`` items -> {field: value}; values are JSON (numbers, true, null) or bare strings
-    (layer names). Field names are checked when the config is built (the error lists the valid ones)."""
+    """``--set FIELD=VALUE`` items -> {field: value}, each value read for its field's type and refused
+    (ValueError naming the item) if it does not fit it (:func:`_set_value`). Field names are checked
+    when the config is built (the error lists the valid ones)."""
     out: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ValueError(f"--set expects FIELD=VALUE, got {item!r} (e.g. --set blur_sigma=2)")
         key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
+        out[key.strip()] = _set_value(key.strip(), value)
     return out
 
 
@@ -138,7 +181,9 @@ def config_from_args(args: argparse.Namespace) -> EmerDiffConfig:
     """The EmerDiffConfig of the flags, the one command line -> config path (`segment`, `refine`,
     `evaluate`): ``EmerDiffConfig.for_model(args.model, **user_changes(args))``, so the flags
     override only what the user gave and the rest is the model's preset, as in the Python API."""
-    return EmerDiffConfig.for_model(args.model, **user_changes(args))
+    config = EmerDiffConfig.for_model(args.model, **user_changes(args))
+    config.check_types()  # every field's type, before any model load or output (ranges: check_values)
+    return config
 
 
 def settings_line(args: argparse.Namespace, config: Any) -> str:
@@ -152,3 +197,71 @@ def settings_line(args: argparse.Namespace, config: Any) -> str:
             continue
         parts.append(f"{name}={getattr(config, name)}" + (" (given)" if name in given else ""))
     return f"settings for model {args.model!r} ({model_kind(args.model)} preset): " + ", ".join(parts)
+
+
+# --------------------------------------------------------------------------- no traceback reaches a user
+DEBUG_ENV = "EMERDIFF_DEBUG"
+DEBUG_FLAG = "--debug"
+
+
+def debug_requested(flag: bool = False) -> bool:
+    """True with ``--debug`` or ``EMERDIFF_DEBUG`` set to anything but empty/0/false/no: errors re-raise."""
+    return flag or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def pop_debug_flag(argv: Sequence[str] | None) -> tuple[list[str], bool]:
+    """``argv`` (default: ``sys.argv[1:]``) without ``--debug``, wherever it stands before ``--``; and
+    whether it was there. So ``emerdiff --debug segment ...`` and ``emerdiff segment ... --debug`` both work."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    end = args.index("--") if "--" in args else len(args)
+    found = DEBUG_FLAG in args[:end]
+    return [a for i, a in enumerate(args) if not (i < end and a == DEBUG_FLAG)], found
+
+
+def _hint(err: BaseException) -> str:
+    """The fix for the OSErrors a user can cause (full disk, permissions, a read-only disk)."""
+    if isinstance(err, OSError):
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return "; the disk is full: free space or pass an --out on another disk"
+        if err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return "; fix the permissions or pass another --out"
+    return ""
+
+
+def one_line(text: object) -> str:
+    """``text`` on one line (newlines and runs of spaces become one space)."""
+    return " ".join(str(text).split())
+
+
+def run_guarded(command: str, inputs: str, func: Callable[[], int | None], debug: bool = False) -> int:
+    """Run one command's body so that no traceback reaches a user; returns the exit code.
+
+    A refusal (ValueError, ImageError, ModelLoadError: the message names the input and the fix) prints
+    ``error: MESSAGE`` and gives 2, as argparse does for bad arguments; any other exception prints one
+    line with the command, its input, the exception's type and message and how to get the full trace
+    (``--debug`` or ``EMERDIFF_DEBUG=1``, which re-raise instead) and gives 1; Ctrl-C prints one line
+    and gives 130.
+    """
+    from emerdiff.sd.images import ImageError
+    from emerdiff.sd.loading import ModelLoadError
+
+    debug = debug_requested(debug)
+    try:
+        return int(func() or 0)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"emerdiff {command}: interrupted (Ctrl-C) during {inputs}; outputs written before are complete, "
+              "the one being written was not kept", file=sys.stderr)
+        return 130
+    except (ModelLoadError, ImageError, ValueError) as err:
+        if debug:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:
+        if debug:
+            raise
+        print(f"error: emerdiff {command} failed on {inputs}: {type(err).__name__}: {one_line(err)}{_hint(err)} "
+              f"(full trace: rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr)
+        return 1
