@@ -103,14 +103,18 @@ def test_run_writes_results_with_fake(tmp_path):
         assert by[(p, "bilinear")]["miou"] < 100.0
         assert by[(p, "emerdiff")]["locality"] == pytest.approx(0.75)
         assert by[(p, "nearest")]["locality"] is None
-        for m in ("emerdiff", "nearest", "bilinear"):
-            assert by[(p, m)]["miou_lo"] <= by[(p, m)]["miou"] <= by[(p, m)]["miou_hi"]
+        assert by[(p, "bilinear")]["miou_lo"] <= by[(p, "bilinear")]["miou"] <= by[(p, "bilinear")]["miou_hi"]
+        for m in ("emerdiff", "nearest"):  # 100 on every image: zero spread, so no (zero-width) interval
+            assert by[(p, m)]["miou_lo"] is None and by[(p, m)]["miou_hi"] is None
+            assert "zero spread" in by[(p, m)]["interval_note"]
     csv_lines = (out / "results.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("protocol,method,miou,miou_lo,miou_hi") and len(csv_lines) == 13
+    assert csv_lines[0].startswith("protocol,method,miou,miou_lo,miou_hi,interval_note") and len(csv_lines) == 13
     payload = json.loads((out / "results.json").read_text())
     # paired intervals of every difference between methods
     assert payload["intervals"]["concept"]["emerdiff-bilinear"]["lo"] > 0
-    assert payload["intervals"]["concept"]["emerdiff-nearest"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    same = payload["intervals"]["concept"]["emerdiff-nearest"]  # identical methods: the difference has no spread
+    assert (same["value"], same["lo"], same["hi"]) == (0.0, None, None) and "zero spread" in same["note"]
+    assert any(n.startswith("concept emerdiff-nearest: no interval") for n in payload["notes"])
     assert payload["config"]["bootstrap"]["resamples"] == 100
     assert payload["config"]["image_ids"] == [f"im{i:02d}" for i in range(6)]
     # per-class IoU with the dataset's class names, in results.json and per_class.csv
@@ -443,7 +447,8 @@ def test_compare_prints_a_paired_table(tmp_path, capsys):
     result = json.loads(report.read_text())
     rows = {(r["protocol"], r["method"]): r for r in result["rows"]}
     assert rows[("dataset_hungarian", "emerdiff")]["a-b"]["lo"] > 0
-    assert rows[("concept", "nearest")]["a-b"] == {"value": 0.0, "lo": 0.0, "hi": 0.0}
+    same = rows[("concept", "nearest")]["a-b"]  # both runs' nearest labels agree on every image: no spread
+    assert (same["value"], same["lo"], same["hi"]) == (0.0, None, None) and "zero spread" in same["note"]
     assert rows[("concept", "nearest")]["a"]["value"] == pytest.approx(100.0)
     # a run against itself on all its images: its own results.json values, zero differences
     assert main(["compare", str(a), str(a), "--bootstrap", "0", "--json", str(report)]) == 0

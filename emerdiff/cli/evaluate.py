@@ -111,13 +111,14 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap {args.bootstrap}: give a number of resamples >= 0 (0 disables)")
     dataset = _open_dataset(args)
-    run_evaluation(dataset, args.model if segment_fn is None else segment_fn,
-                   config if segment_fn is None else None, args.out, protocols=args.protocol,
-                   labeller=args.labeller, clip_model=args.clip_model, n_boot=args.bootstrap,
-                   bootstrap_seed=args.bootstrap_seed, protocol_seed=args.seed, limit=args.limit,
-                   device=args.device, dtype=args.dtype, quiet=args.quiet, model=args.model, data=args.data,
-                   layout=args.layout, split=args.split)
-    return 0
+    payload = run_evaluation(dataset, args.model if segment_fn is None else segment_fn,
+                             config if segment_fn is None else None, args.out, protocols=args.protocol,
+                             labeller=args.labeller, clip_model=args.clip_model, n_boot=args.bootstrap,
+                             bootstrap_seed=args.bootstrap_seed, protocol_seed=args.seed, limit=args.limit,
+                             device=args.device, dtype=args.dtype, quiet=args.quiet, model=args.model,
+                             data=args.data, layout=args.layout, split=args.split)
+    # as `segment`: images that failed (reported one by one, and in the summary) make the exit code 1
+    return 1 if payload.get("config", {}).get("failed_images") else 0
 
 
 def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:

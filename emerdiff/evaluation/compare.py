@@ -16,21 +16,49 @@ from emerdiff.evaluation.records import RecordError, load_record, record_path, s
 
 
 def _run_summary(folder: Path) -> dict[str, Any]:
-    """``config`` of a finished run's results.json; a ValueError saying what is missing otherwise."""
+    """``config`` of a finished run's results.json, checked for what :func:`compare_runs` reads;
+    a ValueError naming the file, what is wrong and the fix otherwise."""
     if not folder.is_dir():
         raise ValueError(f"{folder}: no such folder; pass the --out folder of an `emerdiff evaluate` run")
     path = folder / "results.json"
-    if not path.exists():
+    if not path.is_file():
         raise ValueError(f"{folder} has no results.json: not an `emerdiff evaluate` output folder, or its run "
                          f"did not finish; run `emerdiff evaluate ... --out {folder}` to completion first")
+    fix = f"rerun `emerdiff evaluate` into {folder} (its per-image records are reused) to write it again"
     try:
-        return json.loads(path.read_text())["config"]
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path} is unreadable ({err}); rerun `emerdiff evaluate` into {folder}") from err
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:  # truncated, empty, not JSON, unreadable
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
+    problem = _summary_problem(payload)
+    if problem:
+        raise ValueError(f"{path} is not the results.json of an `emerdiff evaluate` run: {problem}; {fix}")
+    return payload["config"]
 
 
-def _run_images(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Path, str]]:
-    """image id -> (record path, labels hash) of the images a run evaluated."""
+def _summary_problem(payload: Any) -> str | None:
+    """What is wrong with a results.json payload for a comparison (None: nothing)."""
+    if not isinstance(payload, dict):
+        return f"it holds a JSON {type(payload).__name__}, not an object with a 'config'"
+    config = payload.get("config")
+    if not isinstance(config, dict):
+        return "it has no 'config' object" if config is None else f"its 'config' is a {type(config).__name__}"
+    names = config.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        return f"config.class_names is {names!r}, not a non-empty list of class names"
+    ids = config.get("image_ids")
+    if ids is not None and (not isinstance(ids, list) or not all(isinstance(i, str) and i for i in ids)):
+        return f"config.image_ids is {str(ids)[:80]}, not a list of image ids"
+    if ids is not None and len(set(ids)) != len(ids):
+        return "config.image_ids lists an image twice"
+    for key in ("ignore_index", "protocol_seed"):
+        value = config.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"config.{key} is {value!r}, not an integer"
+    return None
+
+
+def _run_images(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Path, dict[str, str]]]:
+    """image id -> (record path, stored key: image, labels and settings hashes) of the images a run evaluated."""
     ids = config.get("image_ids")
     if ids is None:  # results.json of an older version: every record in the cache
         paths = sorted((folder / "per_image").glob("*.npz"))
@@ -42,10 +70,29 @@ def _run_images(folder: Path, config: dict[str, Any]) -> dict[str, tuple[Path, s
             raise ValueError(f"{path} is missing; rerun `emerdiff evaluate` into {folder} to restore it")
         try:
             key = stored_key(path)
+            image_id = key.get("image_id") or load_record(path).image_id
         except RecordError as err:
             raise ValueError(f"{err}; rerun `emerdiff evaluate` into {folder} to recompute it") from err
-        out[key.get("image_id") or load_record(path).image_id] = (path, key.get("labels_sha256", ""))
+        lacking = [k for k in ("image_sha256", "labels_sha256") if not key.get(k)]
+        if lacking:
+            raise ValueError(f"{path} holds no {' or '.join(lacking)}, so its image cannot be matched to the other "
+                             f"run's; rerun `emerdiff evaluate` into {folder} to recompute it")
+        out[image_id] = (path, key)
     return out
+
+
+def _check_same_content(a: Path, b: Path, img_a: dict[str, tuple[Path, dict[str, str]]],
+                        img_b: dict[str, tuple[Path, dict[str, str]]], shared: list[str]) -> None:
+    """Paired means the same image: refuse shared ids whose pixels or labels differ between the runs."""
+    for field, what, why in (("image_sha256", "image pixels", "the runs evaluated different image files "
+                              "under the same ids"),
+                             ("labels_sha256", "labels", "the runs used different ground truth")):
+        differ = [i for i in shared if img_a[i][1][field] != img_b[i][1][field]]
+        if differ:
+            raise ValueError(
+                f"{len(differ)} of the {len(shared)} shared image id(s) have different {what} in {a} and {b}, "
+                f"first {differ[0]!r} ({img_a[differ[0]][0]} vs {img_b[differ[0]][0]}): {why}, so they cannot "
+                "be compared as paired; rerun one of them on the other's dataset")
 
 
 def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] = PROTOCOLS,
@@ -53,7 +100,7 @@ def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] 
     """Compare two ``evaluate`` output folders on the images both evaluated.
 
     Checks that both score the same classes (names, ignore value) and that every shared image
-    has the same labels in both; then :func:`emerdiff.evaluation.bootstrap.compare_records`. Each run's
+    has the same pixels and the same labels in both (the SHA-256 hashes the records hold); then :func:`emerdiff.evaluation.bootstrap.compare_records`. Each run's
     dataset k-means uses its own protocol seed. Returns ``{"a", "b", "shared_images",
     "only_a", "only_b", "rows", "bootstrap"}``.
     """
@@ -68,12 +115,12 @@ def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] 
     if not shared:
         raise ValueError(f"{a} ({len(img_a)} images, e.g. {list(img_a)[:2]}) and {b} ({len(img_b)} images, e.g. "
                          f"{list(img_b)[:2]}) share no images; compare runs over the same dataset")
-    relabelled = [i for i in shared if img_a[i][1] != img_b[i][1]]
-    if relabelled:
-        raise ValueError(f"{len(relabelled)} shared image(s) have different labels in {a} and {b}, e.g. "
-                         f"{relabelled[:3]}; the runs used different ground truth (rerun one on the other's data)")
-    recs_a = [load_record(img_a[i][0], i) for i in shared]
-    recs_b = [load_record(img_b[i][0], i) for i in shared]
+    _check_same_content(a, b, img_a, img_b, shared)
+    try:
+        recs_a = [load_record(img_a[i][0], i) for i in shared]
+        recs_b = [load_record(img_b[i][0], i) for i in shared]
+    except RecordError as err:
+        raise ValueError(f"{err}; rerun `emerdiff evaluate` into that run's folder to recompute it") from err
     rows = compare_records(recs_a, recs_b, len(cfg_a["class_names"]), protocols, n_boot, level, seed,
                            int(cfg_a.get("ignore_index", 255)),
                            (int(cfg_a.get("protocol_seed", 0)), int(cfg_b.get("protocol_seed", 0))))
@@ -87,12 +134,17 @@ def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] 
 def comparison_table(result: dict[str, Any]) -> str:
     """Plain-text table of :func:`compare_runs`: A, B and A - B per protocol x method; ``*`` marks a
     difference whose interval excludes 0."""
-    def cell(v: dict[str, float] | None, sign: str = "") -> str:
-        if v is None or v["value"] is None or not math.isfinite(v["value"]):
+    def finite(x: Any) -> bool:
+        return x is not None and math.isfinite(x)
+
+    def cell(v: dict[str, Any] | None, sign: str = "") -> str:
+        if v is None or not finite(v["value"]):
             return "-"
         text = f"{v['value']:{sign}.1f}"
-        if math.isfinite(v["lo"]):
+        if finite(v["lo"]):
             text += f" [{v['lo']:{sign}.1f}, {v['hi']:{sign}.1f}]"
+        elif v.get("note"):
+            text += " (no interval)"
         return text
 
     level = round(result["bootstrap"]["level"] * 100)
@@ -108,12 +160,15 @@ def comparison_table(result: dict[str, Any]) -> str:
     for row in result["rows"]:
         diff = cell(row["a-b"], "+")
         d = row["a-b"]
-        if d is not None and math.isfinite(d["lo"]) and (d["lo"] > 0 or d["hi"] < 0):
+        if d is not None and finite(d["lo"]) and (d["lo"] > 0 or d["hi"] < 0):
             diff += " *"
         table.append((row["protocol"], row["method"], cell(row["a"]), cell(row["b"]), diff))
     widths = [max(len(r[j]) for r in table) for j in range(len(header))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.append("* the interval of A - B excludes 0")
+    notes = dict.fromkeys(v["note"] for row in result["rows"] for v in (row["a"], row["b"], row["a-b"])
+                          if v is not None and v.get("note"))
+    lines += [f"(no interval): {note.removeprefix('no interval: ')}" for note in notes]
     return "\n".join(lines) + "\n"
 

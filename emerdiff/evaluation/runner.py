@@ -185,6 +185,8 @@ def _compare_signature(out: Path, signature: dict[str, Any]) -> None:
         return
     try:
         old = json.loads(path.read_text())
+        if not isinstance(old, dict):
+            raise ValueError(f"it holds a JSON {type(old).__name__}, not the settings object an evaluate run writes")
     except (OSError, ValueError) as err:
         raise ValueError(f"{path} is unreadable ({err}); delete it (the per-image records verify "
                          "themselves) or use another --out") from err
@@ -196,22 +198,66 @@ def _compare_signature(out: Path, signature: dict[str, Any]) -> None:
         )
 
 
-def _write_signature(out: Path, signature: dict[str, Any]) -> None:
-    """Write ``run.json`` (only once the settings have been validated)."""
+def _write_signature(out: Path, signature: dict[str, Any]) -> bool:
+    """Write ``run.json`` (only once the settings have been validated); True if this call wrote it."""
     path = out / "run.json"
-    if not path.exists():
-        write_atomic_bytes(path, (json.dumps(signature, indent=2) + "\n").encode())
+    if path.exists():
+        return False
+    write_atomic_bytes(path, (json.dumps(signature, indent=2) + "\n").encode())
+    return True
 
+
+def _undo_empty_run(out: Path, created_out: bool) -> None:
+    """After a run that stopped before caching any image: remove the ``run.json`` it wrote and the
+    folders it left empty, so nothing in ``out`` claims a run took place. Records of a partial run
+    stay (they verify themselves and let a rerun resume), and so does run.json with them."""
+    per_image = out / "per_image"
+    if per_image.is_dir() and any(per_image.glob("*.npz")):
+        return
+    (out / "run.json").unlink(missing_ok=True)
+    for folder in [per_image, *out.glob("openvocab_*")]:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    if created_out and out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+
+
+def check_labelled(dataset: SegmentationDataset, indices: Sequence[int]) -> None:
+    """Refuse, before any image is segmented, a dataset whose label maps are all void.
+
+    Every protocol scores pixels with a ground-truth class; if each pixel of the evaluated images is
+    ``ignore_index`` there is nothing to score. Stops at the first labelled pixel (one label read
+    in the usual case).
+    """
+    for i in indices:
+        if np.any(dataset.load_label(i) != dataset.ignore_index):
+            return
+    where = f" under {dataset.root}" if dataset.root is not None else ""
+    raise ValueError(
+        f"every pixel of the {len(indices)} evaluated label map(s){where} is the ignore index "
+        f"{dataset.ignore_index} (void), so no class can be scored; check that the label files hold class ids "
+        f"0..{dataset.num_classes - 1} and that --ignore-index (now {dataset.ignore_index}) is their void value")
+
+
+
+def _failure(err: BaseException) -> str:
+    """One line for an image that failed: the exception's type and message."""
+    return f"{type(err).__name__}: {err}"
 
 
 def _pending(dataset: SegmentationDataset, share: Sequence[int], out: Path, settings: str,
-             labeller: str | None) -> tuple[list[int], list[str]]:
-    """Images of ``share`` whose cached files are missing or cannot be trusted, and one line per
-    image whose existing cache is recomputed (unreadable, another image's, stale)."""
-    todo, notes = [], []
+             labeller: str | None) -> tuple[list[int], list[str], dict[int, str]]:
+    """Images of ``share`` whose cached files are missing or cannot be trusted, one line per
+    image whose existing cache is recomputed (unreadable, another image's, stale), and the images
+    whose files cannot even be read (index -> error), which fail alone."""
+    todo, notes, failed = [], [], {}
     for i in share:
         sample = dataset[i]
-        key = content_key(sample, settings)
+        try:
+            key = content_key(sample, settings)
+        except OSError as err:  # the image file cannot be read: that image fails, the run goes on
+            failed[i] = _failure(err)
+            continue
         paths = [record_path(out, sample.image_id)]
         if labeller is not None:
             paths.append(openvocab_path(out, labeller, sample.image_id))
@@ -221,7 +267,7 @@ def _pending(dataset: SegmentationDataset, share: Sequence[int], out: Path, sett
             stale = [pr for pr in problems if pr != "missing"]
             if stale:
                 notes.append(f"recomputing {sample.image_id}: {stale[0]}")
-    return todo, notes
+    return todo, notes, failed
 
 
 def _partial_state(device: str | None) -> Any:
@@ -252,12 +298,17 @@ def _default_device(state: Any) -> str | None:
 
 def _segment_share(state: Any, dataset: SegmentationDataset, todo: Sequence[int], share_size: int, out: Path,
                    segment_fn: SegmentFn, quiet: bool, settings: str,
-                   openvocab: tuple[str, Any] | None = None) -> int:
+                   openvocab: tuple[str, Any] | None = None) -> dict[int, str]:
     """Segment the images ``todo`` (this process's share that has no trusted cache) and cache each.
 
     ``openvocab`` = (labeller name, labeller): also label the masks with the
     dataset's class names and cache the result per image.
+
+    An error while one image is segmented, scored or labelled, of any type, fails that image
+    alone: one line names the image and the error, no record is written, the loop goes on.
+    Errors writing the cache (a full disk) stop the run. Returns the failed images (index -> error).
     """
+    failed: dict[int, str] = {}
     from tqdm.auto import tqdm
 
     bar = tqdm(total=share_size, initial=share_size - len(todo), desc=f"evaluate[{state.process_index}]",
@@ -266,41 +317,54 @@ def _segment_share(state: Any, dataset: SegmentationDataset, todo: Sequence[int]
         for i in todo:
             sample = dataset[i]
             key = content_key(sample, settings)
-            seg = segment_fn(sample.image)
-            record = build_record(sample.image_id, seg, sample.label, dataset.num_classes,
-                                  dataset.ignore_index, METHODS)
-            maps = {m: np.asarray(segmentation_field(seg, METHOD_FIELDS[m])) for m in METHODS}
-            for name, item in extra_method_items(seg).items():
-                maps[name] = np.asarray(item["labels"])
-            maps["gt"] = sample.label
-            if openvocab is not None:
-                name, labeller = openvocab
-                res = labeller.label(sample.image, seg, list(dataset.class_names))
-                dense = confusion_matrix(res.dense_class_map, np.asarray(sample.label), dataset.num_classes,
-                                         dataset.ignore_index)
+            try:
+                seg = segment_fn(sample.image)
+                record = build_record(sample.image_id, seg, sample.label, dataset.num_classes,
+                                      dataset.ignore_index, METHODS)
+                maps = {m: np.asarray(segmentation_field(seg, METHOD_FIELDS[m])) for m in METHODS}
+                for name, item in extra_method_items(seg).items():
+                    maps[name] = np.asarray(item["labels"])
+                maps["gt"] = sample.label
+                vocab = None
+                if openvocab is not None:
+                    res = openvocab[1].label(sample.image, seg, list(dataset.class_names))
+                    dense = confusion_matrix(res.dense_class_map, np.asarray(sample.label), dataset.num_classes,
+                                             dataset.ignore_index)
+                    vocab = (res.mask_classes.astype(np.int64), dense)
+            except Exception as err:  # noqa: BLE001  (one image's failure, of any kind, is reported, not fatal)
+                failed[i] = _failure(err)
+                print(f"failed {sample.image_id} ({sample.image}): {failed[i]}; going on with the other images",
+                      file=sys.stderr)
+                bar.update(1)
+                continue
+            if vocab is not None:
                 buf = io.BytesIO()
-                np.savez_compressed(buf, mask_classes=res.mask_classes.astype(np.int64), dense_confusion=dense,
+                np.savez_compressed(buf, mask_classes=vocab[0], dense_confusion=vocab[1],
                                     version=np.array(RECORD_VERSION), **{k: np.array(v) for k, v in key.items()})
-                write_atomic_bytes(openvocab_path(out, name, sample.image_id), buf.getvalue())
+                write_atomic_bytes(openvocab_path(out, openvocab[0], sample.image_id), buf.getvalue())
             # the record last: its presence marks the image done for the mask protocols
             save_record(record_path(out, sample.image_id), record, maps, key)
             bar.update(1)
     finally:
         bar.close()
-    return len(todo)
+    return failed
 
 
 def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int],
                   protocols: Sequence[str], seed: int, run_info: dict[str, Any],
                   labeller: str | None = None, n_boot: int = 0, bootstrap_seed: int = 0,
-                  level: float = 0.95) -> dict[str, Any]:
+                  level: float = 0.95, failed: dict[str, str] | None = None) -> dict[str, Any]:
     """Run the protocols on the cached per-image records and write results.json, results.csv
     and per_class.csv.
 
     Every method the records hold is scored under every protocol in ``protocols``; with
     ``n_boot`` > 0 each mask protocol's mIoU and every difference between two methods get a
     paired percentile bootstrap interval over the images (``payload["intervals"]``, and
-    ``miou_lo`` / ``miou_hi`` in the rows).
+    ``miou_lo`` / ``miou_hi`` in the rows). An interval that cannot carry meaning (fewer than 2
+    images, zero spread: :func:`emerdiff.evaluation.bootstrap.interval`) is absent: its row has
+    ``interval_note`` (a results.csv column then), and ``payload["notes"]`` lists each.
+    ``failed``: image id -> error of the images that could not be segmented (left out of
+    ``indices``; recorded as ``config["failed_images"]``).
     """
     paths = [record_path(out, dataset.image_ids[i]) for i in indices]
     missing = [str(p) for p in paths if not p.exists()]
@@ -319,11 +383,16 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
         locality = mean_locality(records)
         scored = {p: protocol_result(p, totals[p], info[p], dataset.class_names, locality) for p in mask_protocols}
         if n_boot > 0:
-            intervals = {p: summarize_draws({m: miou_rows(t) for m, t in totals[p].items()}, level)
+            intervals = {p: summarize_draws({m: miou_rows(t) for m, t in totals[p].items()}, level, len(records))
                          for p in mask_protocols}
     results = [openvocab_result(out, dataset, indices, labeller) if protocol == "openvocab" else scored[protocol]
                for protocol in protocols]
     rows = [row for res in results for row in summary_rows(res, intervals)]
+    for row in rows:
+        note = intervals.get(row["protocol"], {}).get(row["method"], {}).get("note")
+        if note:
+            row["interval_note"] = note
+    notes = [f"{p} {name}: {v['note']}" for p, per in intervals.items() for name, v in per.items() if v.get("note")]
     class_rows = [row for res in results for row in per_class_rows(res)]
     payload = {
         "rows": rows,
@@ -342,13 +411,21 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
                           "paired": True},
         },
     }
-    text = json.dumps(json_safe(payload), indent=2) + "\n"
+    # only when there is something to say: a run without either writes exactly the files it always did
+    if notes:
+        payload["notes"] = notes
+    if failed:
+        payload["config"]["failed_images"] = dict(failed)
+    payload = json_safe(payload)  # what results.json holds (NaN -> None), returned as written
+    text = json.dumps(payload, indent=2) + "\n"
     write_atomic_bytes(out / "results.json", text.encode())
     cfg = payload["config"]["segmentation_config"] or {}
     run_columns = {"model": run_info["model"], "dataset": run_info["data"], "layout": run_info["layout"],
                    "num_clusters": cfg.get("num_clusters", ""), "resolution": cfg.get("resolution", "")}
     fields = ["protocol", "method", "miou", "miou_lo", "miou_hi", "pixel_accuracy", "num_classes_present",
               "num_images", "locality", *run_columns]
+    if notes:
+        fields.insert(fields.index("miou_hi") + 1, "interval_note")
     write_atomic_bytes(out / "results.csv", _csv_text(fields, rows, run_columns))
     write_atomic_bytes(out / "per_class.csv",
                        _csv_text(["protocol", "method", "class_id", "class", "iou"], class_rows, {}))
@@ -450,6 +527,12 @@ def run_evaluation(dataset: SegmentationDataset | str | os.PathLike, segmenter: 
         The ``results.json`` payload: ``rows`` (protocol x method mIoU with intervals),
         ``protocols``, ``intervals`` and ``config`` (the run's settings); on processes other than
         the main one (under ``accelerate launch``), an empty dict.
+
+    An image that fails (its file unreadable, or any error while it is segmented or labelled) is
+    reported with its error and left out; the others are scored, and ``config["failed_images"]``
+    (image id -> error) says which. If every image fails, or the run is refused after it started,
+    no ``run.json`` is left unless some image's record was cached. Labels that are all void are
+    refused before any image is segmented.
     """
     out = Path(out)
     check_output_dir(out)
@@ -458,8 +541,10 @@ def run_evaluation(dataset: SegmentationDataset | str | os.PathLike, segmenter: 
     unknown = [p for p in chosen if p not in (*KNOWN_PROTOCOLS, "openvocab")]
     if unknown:
         raise ValueError(f"unknown protocol(s) {unknown}; choose from {[*KNOWN_PROTOCOLS, 'all', 'openvocab']}")
-    if n_boot < 0:
-        raise ValueError(f"n_boot={n_boot}: give a number of resamples >= 0 (0 disables)")
+    if isinstance(n_boot, bool) or not isinstance(n_boot, int) or n_boot < 0:
+        raise ValueError(f"n_boot={n_boot!r}: give a whole number of resamples >= 0 (0 disables)")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit={limit!r}: give a whole number of images >= 1, or None for all")
     if labeller not in LABELLERS:
         raise ValueError(f"unknown labeller {labeller!r}; choose from {list(LABELLERS)}")
     state = _partial_state(device)
@@ -472,7 +557,10 @@ def run_evaluation(dataset: SegmentationDataset | str | os.PathLike, segmenter: 
                              "pass the dataset root (folder layout: images/, labels/ and classes.txt)")
         dataset = folder_dataset(root)
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError(f"dataset {dataset!r} holds no images; nothing to evaluate")
     indices = list(range(n))
+    check_labelled(dataset, indices)  # all-void labels: refused before any model load, write or segmentation
     labeller_name = labeller if "openvocab" in chosen else None
     method_config = config.to_dict() if config is not None else None
     if source is None and loaded is None and model is not None:  # an injected segmenter: the labeller's model
@@ -489,32 +577,71 @@ def run_evaluation(dataset: SegmentationDataset | str | os.PathLike, segmenter: 
     state.wait_for_everyone()
 
     share = indices[state.process_index::state.num_processes]
-    todo, notes = _pending(dataset, share, out, settings, labeller_name)
+    todo, notes, failed = _pending(dataset, share, out, settings, labeller_name)
     for note in notes:
         print(note, file=sys.stderr)
+    for i, err in failed.items():
+        print(f"failed {dataset.image_ids[i]}: {err}; going on with the other images", file=sys.stderr)
     if todo and segment_fn is None and source is not None:  # load the model only when there is work left
         segment_fn, _, loaded = _default_segmenter(source, device)  # validates the config against it
     openvocab = ((labeller_name, _labeller(labeller_name, clip_model, loaded, source_for_labeller, config, device))
                  if todo and labeller_name else None)
-    if state.is_main_process:
-        _write_signature(out, signature)
-    done = 0
-    if todo and segment_fn is not None:
-        done = _segment_share(state, dataset, todo, len(share), out, segment_fn, quiet, settings, openvocab)
+    created_out = not out.exists()
+    wrote_signature = state.is_main_process and _write_signature(out, signature)
+    try:
+        done = 0
+        if todo and segment_fn is not None:
+            new_failures = _segment_share(state, dataset, todo, len(share), out, segment_fn, quiet, settings,
+                                          openvocab)
+            done = len(todo) - len(new_failures)
+            failed.update(new_failures)
+        state.wait_for_everyone()
+        payload: dict[str, Any] = {}
+        if state.is_main_process:
+            payload = _finish(out, dataset, indices, chosen, protocols, protocol_seed, config, signature, limit,
+                              state, labeller_name, n_boot, bootstrap_seed, failed, done, quiet)
+    except BaseException:
+        if wrote_signature:  # a run refused or stopped before caching anything leaves no run.json behind
+            _undo_empty_run(out, created_out)
+        raise
     state.wait_for_everyone()
+    return payload
 
-    payload: dict[str, Any] = {}
-    if state.is_main_process:
-        seed = protocol_seed if protocol_seed is not None else (config.seed if config is not None else 0)
-        run_info = {**signature, "protocol": protocols if isinstance(protocols, str) else list(protocols),
-                    "limit": limit, "num_processes": state.num_processes}
-        payload = merge_results(out, dataset, indices, chosen, seed, run_info, labeller_name,
-                                n_boot=n_boot, bootstrap_seed=bootstrap_seed)
-        if not quiet:
-            print(f"segmented {done} new image(s) here; {n} evaluated -> {out / 'results.json'}", file=sys.stderr)
-            for row in payload["rows"]:
-                span = "" if row["miou_lo"] is None else f" [{row['miou_lo']:6.2f}, {row['miou_hi']:6.2f}]"
-                print(f"  {row['protocol']:<19} {row['method']:<17} mIoU {row['miou']:6.2f}{span}  "
-                      f"pixel acc {row['pixel_accuracy']:6.2f}", file=sys.stderr)
-    state.wait_for_everyone()
+
+def _finish(out: Path, dataset: SegmentationDataset, indices: Sequence[int], chosen: Sequence[str],
+            protocols: str | Sequence[str], protocol_seed: int | None, config: EmerDiffConfig | None,
+            signature: dict[str, Any], limit: int | None, state: Any, labeller_name: str | None, n_boot: int,
+            bootstrap_seed: int, failed_here: dict[int, str], done: int, quiet: bool) -> dict[str, Any]:
+    """The main process's end of a run: merge the records of the images that did not fail, print the table."""
+    failed = {dataset.image_ids[i]: err for i, err in failed_here.items()}
+    for i in indices:  # another process's failures: its records are missing (its output names the error)
+        image_id = dataset.image_ids[i]
+        if image_id not in failed and not record_path(out, image_id).exists():
+            failed[image_id] = "no record: it failed in another process (see that process's output)"
+    scored = [i for i in indices if dataset.image_ids[i] not in failed]
+    if not scored:
+        first = next(iter(failed.items()))
+        raise ValueError(f"all {len(indices)} image(s) failed, nothing to score; the first, {first[0]}: {first[1]}")
+    seed = protocol_seed if protocol_seed is not None else (config.seed if config is not None else 0)
+    run_info = {**signature, "protocol": protocols if isinstance(protocols, str) else list(protocols),
+                "limit": limit, "num_processes": state.num_processes}
+    payload = merge_results(out, dataset, scored, chosen, seed, run_info, labeller_name,
+                            n_boot=n_boot, bootstrap_seed=bootstrap_seed, failed=failed)
+    if not quiet:
+        print(f"segmented {done} new image(s) here; {len(scored)} evaluated -> "
+              f"{out / 'results.json'}", file=sys.stderr)
+        for row in payload["rows"]:
+            lo, hi = row["miou_lo"], row["miou_hi"]
+            if row.get("interval_note"):
+                span = " [no interval]"
+            else:
+                span = "" if lo is None or not math.isfinite(lo) else f" [{lo:6.2f}, {hi:6.2f}]"
+            print(f"  {row['protocol']:<19} {row['method']:<17} mIoU {row['miou']:6.2f}{span}  "
+                  f"pixel acc {row['pixel_accuracy']:6.2f}", file=sys.stderr)
+        for note in dict.fromkeys(n.split(": ", 1)[1] for n in payload.get("notes", [])):
+            print(f"  note: {note}", file=sys.stderr)
+    if failed:  # always said, quiet or not: the table covers fewer images than asked for
+        print(f"{len(failed)} of {len(indices)} image(s) failed and are left out of the scores "
+              f"(config.failed_images in {out / 'results.json'}); the first, {next(iter(failed))}: "
+              f"{next(iter(failed.values()))}", file=sys.stderr)
     return payload
