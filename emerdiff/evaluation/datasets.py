@@ -126,14 +126,19 @@ def apply_lut(raw: np.ndarray, lut: np.ndarray, ignore_index: int = IGNORE_INDEX
 
 
 def read_label_png(path: str | Path) -> np.ndarray:
-    """Raw values of a label PNG (palette indices for 'P' images, not colours)."""
-    with Image.open(path) as im:
-        if im.mode in ("RGB", "RGBA"):
-            raise ValueError(
-                f"{path}: label PNGs must be single-channel (L, P, I) holding class ids, "
-                f"got mode {im.mode}"
-            )
-        return np.asarray(im).astype(np.int32)
+    """Raw values of a label PNG (palette indices for 'P' images, not colours); a file that is not
+    a readable image is a ValueError naming it."""
+    try:
+        with Image.open(path) as im:
+            if im.mode in ("RGB", "RGBA"):
+                raise ValueError(
+                    f"{path}: label PNGs must be single-channel (L, P, I) holding class ids, "
+                    f"got mode {im.mode}"
+                )
+            return np.asarray(im).astype(np.int32)
+    except (OSError, SyntaxError) as err:  # PIL: unidentified, truncated or unreadable file
+        raise ValueError(f"label file {path} cannot be read ({type(err).__name__}: {err}); "
+                         "replace it with a single-channel PNG of class ids") from err
 
 
 # --------------------------------------------------------------------------- dataset
@@ -184,9 +189,12 @@ class SegmentationDataset(Sequence[Sample]):
             return apply_lut(raw, self.lut, self.ignore_index)
         bad = (raw != self.ignore_index) & ((raw < 0) | (raw >= self.num_classes))
         if bad.any():
+            listed = f" ({self.root / 'classes.txt'} lists {self.num_classes})" if self.name == "folder" and \
+                self.root is not None else ""
             raise ValueError(
                 f"{label_path}: label values {sorted(np.unique(raw[bad]).tolist())[:10]} are neither "
-                f"class ids 0..{self.num_classes - 1} nor the ignore index {self.ignore_index}"
+                f"class ids 0..{self.num_classes - 1}{listed} nor the ignore index {self.ignore_index}; "
+                "name every class id in the class list, or pass the label files' void value as the ignore index"
             )
         return raw.astype(np.int32)
 
@@ -263,12 +271,45 @@ def folder_dataset(root: str | Path, ignore_index: int = IGNORE_INDEX,
         raise FileNotFoundError(
             f"folder layout: {cls} is missing; write one class name per line (line i = class id i)"
         )
-    names = [s.strip() for s in cls.read_text().splitlines() if s.strip()]
-    if not names:
-        raise ValueError(f"{cls} lists no classes")
+    names = read_class_names(cls)
     items = _pair_files(root / "images", root / "labels", lambda rel: rel.with_suffix(".png"),
                         "folder layout")
     return SegmentationDataset(items, names, ignore_index, None, "folder", root)
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """The class names of a folder layout's ``classes.txt``: line i (from 0) names class id i.
+
+    Names are stripped of surrounding spaces. Blank lines at the end are ignored; a blank line
+    before the last name is refused, since dropping it would shift every later class id (and
+    keeping it would leave a class without a name). Two lines naming the same class (compared
+    ignoring case and spacing, as a labeller would read them) are refused, naming both lines.
+    Every error names the file and says how to fix it.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")  # a BOM some editors write is not part of the first name
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err}); save it as UTF-8, one class name per line") from err
+    lines = [line.strip() for line in text.splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise ValueError(f"{path} lists no classes; write one class name per line (line i = class id i)")
+    blank = [n for n, line in enumerate(lines, 1) if not line]
+    if blank:
+        raise ValueError(f"{path}: line(s) {blank} are blank, between class names; line i names class id i-1, "
+                         "so remove the blank line(s) (then the later ids move up: check the label files agree) "
+                         "or write the missing class name there")
+    seen: dict[str, int] = {}
+    for n, name in enumerate(lines, 1):
+        key = " ".join(name.split()).casefold()
+        if key in seen:
+            raise ValueError(f"{path}: class name {name!r} appears twice, on lines {seen[key]} and {n} (class ids "
+                             f"{seen[key] - 1} and {n - 1}); each line must name a different class: rename or "
+                             "merge one (and its label values)")
+        seen[key] = n
+    return lines
 
 
 def cocostuff(root: str | Path, num_classes: int = 27, split: str = "val2017",
