@@ -72,7 +72,7 @@ def test_pascal_context_459_mapping():
 def test_folder_layout(tmp_path):
     root = tmp_path / "ds"
     (root).mkdir()
-    (root / "classes.txt").write_text("sky\nroad\n\ncar\n")
+    (root / "classes.txt").write_text("sky\n road \ncar\n\n")  # spaces stripped, trailing blank lines ignored
     _write(root / "images" / "a.jpg", _rgb())
     _write(root / "images" / "sub" / "b.png", _rgb(seed=1))
     _write(root / "labels" / "a.png", _raw([0, 1, 2, 255]))
