@@ -281,6 +281,92 @@ def check_architecture(unet: Any, source: str = "model") -> None:
         )
 
 
+# diffusers' / transformers' defaults of the config keys below, for a config.json that leaves one out
+_CONFIG_DEFAULTS = {"unet": {"in_channels": 4, "out_channels": 4, "cross_attention_dim": 1280},
+                    "vae": {"in_channels": 3, "out_channels": 3, "latent_channels": 4},
+                    "text_encoder": {"hidden_size": 512}, "text_encoder_2": {"hidden_size": 512}}
+
+
+def _config_value(config: Any, part: str, key: str) -> Any:
+    value = config.get(key) if isinstance(config, dict) else getattr(config, key, None)
+    return _CONFIG_DEFAULTS[part][key] if value is None else value
+
+
+def check_component_configs(unet: Any, vae: Any, text_encoder: Any, text_encoder_2: Any = None,
+                            source: str = "model") -> None:
+    """Refuse components that cannot work together, from their configs alone (dicts or config objects).
+
+    Each check is one a UNet call would otherwise fail later with a shape traceback:
+    the UNet's ``cross_attention_dim`` must equal the text encoder's ``hidden_size`` (SDXL: the sum of
+    both encoders'); the VAE's ``latent_channels`` must equal the UNet's ``in_channels`` and
+    ``out_channels`` (the UNet denoises the VAE's latents and predicts noise of their shape; an
+    inpainting UNet's extra mask channels are refused here); the VAE must take and give 3-channel RGB.
+    Raises :class:`ModelLoadError` naming both numbers and ``source`` (the folder or name).
+    """
+    sdxl = unet_family(unet) == "sdxl"
+    width = int(_config_value(text_encoder, "text_encoder", "hidden_size"))
+    what = f"the text encoder's hidden_size {width}"
+    if sdxl and text_encoder_2 is not None:
+        second = int(_config_value(text_encoder_2, "text_encoder_2", "hidden_size"))
+        what = f"the text encoders' hidden sizes ({width} + {second} = {width + second})"
+        width += second
+    cross = _config_value(unet, "unet", "cross_attention_dim")
+    dims = [int(d) for d in cross] if isinstance(cross, (list, tuple)) else [int(cross)]
+    if any(d != width for d in dims):
+        same = ("text_encoder and text_encoder_2 must come from the same SDXL model as the UNet" if sdxl
+                else "the UNet and text_encoder must come from the same model")
+        raise ModelLoadError(
+            f"{source}: the UNet's cross_attention_dim {cross} does not match {what}: the UNet attends to the "
+            f"text encoder's hidden states, so they must be equal; {same} (replace the mismatched component "
+            "folder with the one the UNet was trained with)")
+    latent = int(_config_value(vae, "vae", "latent_channels"))
+    for key in ("in_channels", "out_channels"):
+        channels = int(_config_value(unet, "unet", key))
+        if channels != latent:
+            extra = (" (an inpainting or other image-conditioned UNet, which EmerDiff does not support)"
+                     if key == "in_channels" and channels > latent else "")
+            raise ModelLoadError(
+                f"{source}: the UNet's {key} {channels} does not match the VAE's latent_channels {latent}{extra}; "
+                "the UNet denoises the VAE's latents, so both must be equal: use the UNet and VAE of one "
+                "text-to-image model")
+    for key in ("in_channels", "out_channels"):
+        channels = int(_config_value(vae, "vae", key))
+        if channels != 3:
+            raise ModelLoadError(f"{source}: the VAE's {key} is {channels}, but EmerDiff encodes and decodes RGB "
+                                 "images (3 channels); use the VAE of a Stable Diffusion model")
+
+
+def check_model_configs(model: str | os.PathLike) -> None:
+    """:func:`check_component_configs` of a model folder (or ``'reference'``) from its config.json files,
+    before any weights are read; nothing is checked when the configs are not on disk or not readable
+    JSON (the loader then reports what is wrong), nor for the built-in ``'tiny'``."""
+    name = str(model)
+    if name == "tiny":
+        return
+    try:
+        if name == "reference":
+            from emerdiff.assets import weights_dir
+
+            folder = Path(weights_dir())
+        else:
+            folder = Path(name).expanduser()
+        if not folder.is_dir():
+            return
+        configs = {part: json.loads((folder / part / "config.json").read_text())
+                   for part in ("unet", "vae", "text_encoder")}
+        second = folder / "text_encoder_2" / "config.json"
+        configs["text_encoder_2"] = json.loads(second.read_text()) if second.is_file() else None
+    except (OSError, ValueError):
+        return
+    if not all(isinstance(c, dict) for c in (configs["unet"], configs["vae"], configs["text_encoder"])):
+        return
+    try:
+        check_component_configs(configs["unet"], configs["vae"], configs["text_encoder"],
+                                configs["text_encoder_2"], str(folder))
+    except (TypeError, ValueError):  # a value of a foreign type: the loader reports the config
+        return
+
+
 def schedule_timesteps(scheduler: Any, num_inference_steps: int) -> list[int]:
     """Descending timesteps of the schedule (981, 961, ..., 1 for SD at 50 steps)."""
     scheduler.set_timesteps(num_inference_steps)

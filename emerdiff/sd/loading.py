@@ -28,6 +28,8 @@ from emerdiff.sd.layers import (  # noqa: F401  (re-exported: the loader's publi
     _looks_like_hub_id,
     attention_layers,
     check_architecture,
+    check_component_configs,
+    check_model_configs,
     component_configs,
     default_layers,
     family_defaults,
@@ -346,6 +348,7 @@ def load_pipeline(
     looks_local = local.exists() or not _looks_like_hub_id(path)
     if looks_local:
         _check_folder(local)
+        check_model_configs(local)  # mismatched components refused before any weights are read
         path = str(local)
         offline = True
     kw: dict[str, Any] = dict(local_files_only=offline)
@@ -376,6 +379,9 @@ def load_pipeline(
         if looks_local:
             raise ModelLoadError(f"could not load the model in {path}: {err}") from err
         raise _hub_error(name, err, offline) from err
+    # the loaded configs again: a hub model's were not on disk before the download
+    check_component_configs(unet.config, vae.config, text_encoder.config,
+                            extra["text_encoder_2"].config if family == "sdxl" else None, name)
     check_architecture(unet, name)
     if family == "sdxl":
         _check_sdxl_conditioning(unet, text_encoder, extra["text_encoder_2"], name)

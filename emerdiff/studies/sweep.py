@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -123,14 +125,40 @@ def stage_segmentation_maps(files: FileSet, out_dir: Path, stem: str, seg: Any, 
 
 
 # --------------------------------------------------------------------------- the sweep
-def _as_list(values: Any, default: Any) -> list[Any]:
+def _as_list(values: Any, default: Any, name: str = "values") -> list[Any]:
     if values is None:
         return [default]
-    if isinstance(values, (str, int, float)):
+    if isinstance(values, (str, bytes, numbers.Number, np.generic)):
         return [values]
+    if isinstance(values, (dict, set, frozenset)) or not isinstance(values, Iterable):
+        raise ValueError(f"{name}={values!r}: give one value or a list of values")
     out = list(values)
     if not out:
-        raise ValueError("an empty list of settings sweeps nothing; give at least one value (or None: the config's)")
+        raise ValueError(f"{name}=[]: an empty list of settings sweeps nothing; give at least one value "
+                         "(or None: the config's)")
+    return out
+
+
+def _checked(name: str, values: list[Any], kind: str) -> list[Any]:
+    """``values`` of a swept setting, each of its field's type, or a ValueError naming it.
+
+    ``kind``: ``"layer"`` (a module name), ``"int"`` (an integer: no bool, no float, not even 201.0,
+    as the config's integer fields), ``"number"`` (a finite real number, no bool). Nothing is rounded.
+    """
+    out = []
+    for v in values:
+        if kind == "layer":
+            ok = isinstance(v, str) and bool(v.strip())
+            want = "a layer name (a string such as 'up_blocks.1.attentions.2.transformer_blocks.0.attn2')"
+        elif kind == "int":
+            ok = isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+            want = "an integer timestep on the schedule (e.g. 201); floats and booleans are not rounded"
+        else:
+            ok = (isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_)) and math.isfinite(v))
+            want = "a finite number"
+        if not ok:
+            raise ValueError(f"{name}: {v!r} ({type(v).__name__}) is not {want}; fix that value")
+        out.append(int(v) if kind == "int" else float(v) if kind == "number" else v)
     return out
 
 
@@ -163,18 +191,49 @@ def _resolve(ed: EmerDiff | None, model: Any, config: Any) -> EmerDiff:
     return EmerDiff(model, config)
 
 
+def _read_meta(folder: Path) -> dict[str, Any]:
+    """``sweep.json`` of a streamed sweep: ``{"request", "mask_ids", "lowres_labels"}``; a file that is
+    truncated, empty, not JSON or not of this shape is a ValueError naming it and the fix."""
+    path = folder / META
+    fix = (f"delete {folder} (or pass another out= folder) and rerun the sweep; the maps already there "
+           "cannot be matched to their settings without it")
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        raise ValueError(f"{path} is unreadable ({type(err).__name__}: {err}); {fix}") from err
+    problem = None
+    if not isinstance(stored, dict):
+        problem = f"it holds a JSON {type(stored).__name__}, not the object a sweep writes"
+    elif not isinstance(stored.get("request"), dict):
+        problem = "its 'request' (what was swept) is missing or not an object"
+    elif not (isinstance(stored.get("mask_ids"), list) and stored["mask_ids"]
+              and all(isinstance(i, int) and not isinstance(i, bool) for i in stored["mask_ids"])):
+        problem = f"its 'mask_ids' is {str(stored.get('mask_ids'))[:60]}, not a list of segment ids"
+    elif not isinstance(stored.get("lowres_labels"), list):
+        problem = "its 'lowres_labels' is missing or not a list"
+    if problem:
+        raise ValueError(f"{path} is not a sweep's sweep.json: {problem}; {fix}")
+    return stored
+
+
 def _read_records(out: Path) -> list[dict[str, Any]]:
-    """The complete lines of records.jsonl (a line cut by a kill is dropped; the file is rewritten
-    without it, so the next append starts on a line of its own)."""
+    """The complete rows of records.jsonl (a line cut by a kill, or any line that is not a row
+    object naming its setting and mask, is dropped; the file is rewritten without it, so the next
+    append starts on a line of its own, and that setting is computed again)."""
     path = out / RECORDS
     if not path.exists():
         return []
     good, bad = [], 0
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8", errors="replace")
     for line in text.splitlines():
         try:
-            good.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("setting"), str) and isinstance(row.get("mask"), int):
+            good.append(row)
+        else:
             bad += 1
     if bad or (text and not text.endswith("\n")):
         write_atomic_bytes(path, "".join(json.dumps(r) + "\n" for r in good).encode())
@@ -255,9 +314,11 @@ def sweep(
     bad = sorted(set(overrides) - set(MODULATION_FIELDS))
     if bad:
         raise ValueError(f"cannot fix {bad} for a sweep; allowed: {[f for f in MODULATION_FIELDS if f not in SWEPT]}")
-    grid = [(layer, int(t), float(s)) for layer in _as_list(layers, cfg.modulation_layer)
-            for t in _as_list(timesteps, cfg.modulation_timestep)
-            for s in _as_list(strengths, cfg.modulation_strength)]
+    grid = [(layer, t, s) for layer in _checked("layers", _as_list(layers, cfg.modulation_layer, "layers"), "layer")
+            for t in _checked("timesteps", _as_list(timesteps, cfg.modulation_timestep, "timesteps"), "int")
+            for s in _checked("strengths", _as_list(strengths, cfg.modulation_strength, "strengths"), "number")]
+    if masks is not None:
+        masks = _checked("masks", _as_list(masks, None, "masks"), "int")
     if len(set(grid)) != len(grid):
         raise ValueError("a setting is repeated in the grid; give each layer, timestep and strength once")
     settings = {}
@@ -283,7 +344,7 @@ def sweep(
         folder.mkdir(parents=True, exist_ok=True)
         clean_stale_temps([folder])
         if (folder / META).exists():
-            stored = json.loads((folder / META).read_text())
+            stored = _read_meta(folder)
             diff = sorted(k for k in set(request) | set(stored["request"]) if request.get(k) != stored["request"].get(k))
             if diff:
                 raise ValueError(f"{folder} holds a sweep of another image or other settings (differs in {diff}); "
