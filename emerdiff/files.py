@@ -12,6 +12,7 @@ running process is still writing, and ``glob('*.png')`` never matches one.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import secrets
@@ -46,6 +47,7 @@ def _unlink_quietly(path: Path) -> None:
 def write_atomic(path: Path, write: Callable[[str], Any]) -> None:
     """Call ``write(temp_path)``, then rename the temp file to ``path``: never a half-written output."""
     path = Path(path)
+    check_output_file(path)  # a folder in the way: refused before writing, not after
     tmp = _create_temp(path)
     try:
         write(str(tmp))
@@ -93,13 +95,25 @@ class FileSet:
         return path
 
     def commit(self) -> list[Path]:
-        """Rename every staged file into place, the marker last; returns the final paths."""
+        """Rename every staged file into place, the marker last; returns the final paths.
+
+        Every target is checked before the first rename (a folder or other non-file where an output
+        goes raises IsADirectoryError naming it, and nothing is renamed). Should a rename still fail
+        mid-way (a full disk, a folder created meanwhile), the files this commit already renamed are
+        removed again: the marker is gone, so they would be a partial set.
+        """
+        done: list[Path] = []
         try:
+            for _, path in self.staged:
+                check_output_file(path)
             _unlink_quietly(self.marker)
             ordered = sorted(self.staged, key=lambda item: item[1] == self.marker)
             for tmp, path in ordered:
                 os.replace(tmp, path)
+                done.append(path)
         except BaseException:
+            for path in done:
+                _unlink_quietly(path)
             self.abort()
             raise
         paths = [path for _, path in self.staged]
@@ -111,6 +125,16 @@ class FileSet:
         for tmp, _ in self.staged:
             _unlink_quietly(tmp)
         self.staged = []
+
+
+def check_output_file(path: Path) -> None:
+    """Refuse (IsADirectoryError naming ``path`` and the fix) a folder, or any other non-file, standing
+    where an output file goes: renaming over it would fail after the earlier outputs were written."""
+    path = Path(path)
+    if path.is_dir() or (path.exists() and not path.is_file()):
+        kind = "a folder" if path.is_dir() else "not a regular file"
+        raise IsADirectoryError(errno.EISDIR, f"{path} is {kind}, where an output file goes; remove or rename it, "
+                                "or pass another --out", str(path))
 
 
 def _pid_alive(pid: int) -> bool:

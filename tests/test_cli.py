@@ -362,8 +362,10 @@ def test_segment_save_maps_writes_maps_and_contact_sheet(tiny_dir, tmp_path):
     assert json.loads(str(seg["meta"]))["faithfulness"]["locality"] == pytest.approx(float(seg["locality"].mean()))
 
 
-def test_save_maps_failure_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
+def test_save_maps_failure_leaves_no_output(tiny_dir, tmp_path, monkeypatch, capsys):
     import sys
+
+    import emerdiff.studies.sweep  # noqa: F401  (loaded, so that its contact_sheet can be replaced)
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk on fire")
@@ -371,8 +373,10 @@ def test_save_maps_failure_leaves_no_output(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules["emerdiff.studies.sweep"], "contact_sheet", broken)
     img = _photo(tmp_path / "good.png", seed=5)
     out = tmp_path / "o"
-    with pytest.raises(RuntimeError, match="disk on fire"):
-        main(["segment", str(img), "--model", str(tiny_dir), "--out", str(out), *FAST, "--save-maps"])
+    monkeypatch.delenv("EMERDIFF_DEBUG", raising=False)
+    assert main(["segment", str(img), "--model", str(tiny_dir), "--out", str(out), *FAST, "--save-maps"]) == 1
+    err = capsys.readouterr().err
+    assert "RuntimeError: disk on fire" in err and "Traceback" not in err  # one line, not a trace
     assert list(out.iterdir()) == []  # neither the labels nor a temp file: the set is all or nothing
 
 

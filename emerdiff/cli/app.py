@@ -11,13 +11,20 @@ from typing import Any
 import numpy as np
 
 from emerdiff.cli.options import (  # noqa: F401
+    DEBUG_ENV,
+    DEBUG_FLAG,
     DEFAULT_LABELLER,
     add_config_args,
     add_labeller_args,
     config_from_args,
+    debug_requested,
+    error_hint,
+    one_line,
+    pop_debug_flag,
+    run_guarded,
     settings_line,
 )
-from emerdiff.files import FileSet, write_atomic  # noqa: F401  (write_atomic: kept importable from here)
+from emerdiff.files import FileSet, check_output_file, write_atomic  # noqa: F401  (write_atomic: kept importable)
 
 EPILOG = """examples:
   emerdiff segment photo.jpg                 # the reference model, sized for it (128 px, K 8)
@@ -69,10 +76,20 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_layers(args: argparse.Namespace) -> int:
-    from emerdiff.sd.loading import default_layers, layer_table
+    from emerdiff.config import EmerDiffConfig
+    from emerdiff.sd.loading import default_layers, layer_table, model_geometry, unet_downsampling
 
+    if args.resolution is not None:  # segment's rule: refused before the load if the configs are on disk
+        config = EmerDiffConfig.for_model(args.model, resolution=args.resolution)
+        config.check_values()
+        geometry = model_geometry(args.model)
+        if geometry is not None:
+            config.check_resolution(*geometry)
     model = load_model_from_args(args)
-    latent = args.resolution // model.vae_scale_factor if args.resolution else None
+    latent = None
+    if args.resolution is not None:
+        config.check_resolution(model.vae_scale_factor, unet_downsampling(model.unet.config))
+        latent = args.resolution // model.vae_scale_factor
     rows = layer_table(model.unet, latent)
     print(f"{'layer':58s} {'kind':5s} {'block':13s} {'grid':>7s} {'channels':>8s} {'heads':>5s}")
     for r in rows:
@@ -81,6 +98,40 @@ def cmd_layers(args: argparse.Namespace) -> int:
     print(f"{model.family} defaults (first and last cross-attention of the lowest-resolution decoder block): "
           f"query_layer {query}, modulation_layer {modulation}")
     return 0
+
+
+# What one image's output set holds, by option (save_outputs, save_openvocab, --save-maps, refine's ids).
+OUTPUT_SUFFIXES = ("_labels.png", "_overlay.png", ".npz")
+VOCAB_SUFFIXES = ("_classes.png", "_classes.json", "_legend.png")
+MAPS_SUFFIXES = ("_maps.npz", "_maps.png")
+IDS_SUFFIX = "_ids.json"
+
+
+def output_paths(out_dir: Path, stem: str, vocab: bool = False, maps: bool = False, ids: bool = False) -> list[Path]:
+    """Every file one image's outputs will take: checked up front, before any work or write."""
+    suffixes = [*OUTPUT_SUFFIXES, *(VOCAB_SUFFIXES if vocab else ()), *(MAPS_SUFFIXES if maps else ()),
+                *((IDS_SUFFIX,) if ids else ())]
+    return [Path(out_dir) / f"{stem}{suffix}" for suffix in suffixes]
+
+
+def check_targets(targets: list[Path], inputs: list[tuple[str, str]]) -> None:
+    """Refuse, before any work, an output path with a folder (or other non-file) in the way, or one that is
+    an input of the run (``inputs``: (option or role, path) pairs), which the run would write over."""
+    sources = {}
+    for role, path in inputs:
+        try:
+            sources[Path(path).resolve()] = (role, path)
+        except OSError:  # an unresolvable input is reported when it is read
+            continue
+    for target in targets:
+        try:
+            check_output_file(target)
+        except OSError as err:
+            raise ValueError(f"cannot write the outputs: {err.strerror}") from None
+        hit = sources.get(target.resolve())
+        if hit is not None:
+            raise ValueError(f"{hit[0]} {hit[1]} is also an output of this run ({target}): it would be written "
+                             "over; pass another --out (e.g. a new folder) or move the input first")
 
 
 def _output_set(out_dir: Path, stem: str) -> FileSet:
@@ -100,9 +151,10 @@ def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str, files: FileSet 
     own = files is None
     files = _output_set(out_dir, stem) if files is None else files
     rgb = image.permute(1, 2, 0).numpy()
-    paths = [files.add(out_dir / f"{stem}_labels.png", lambda p: label_png(seg.labels).save(p, format="PNG"))]
+    labels_png, overlay_png, npz = output_paths(out_dir, stem)
+    paths = [files.add(labels_png, lambda p: label_png(seg.labels).save(p, format="PNG"))]
     over = (overlay(rgb, seg.labels) * 255).astype(np.uint8)
-    paths.append(files.add(out_dir / f"{stem}_overlay.png", lambda p: Image.fromarray(over).save(p, format="PNG")))
+    paths.append(files.add(overlay_png, lambda p: Image.fromarray(over).save(p, format="PNG")))
 
     def write_npz(p: str) -> None:
         import dataclasses
@@ -110,7 +162,7 @@ def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str, files: FileSet 
         with open(p, "wb") as f:  # the maps, if any, go to STEM_maps.npz (--save-maps)
             dataclasses.replace(seg, difference_maps=None).save_npz(f)
 
-    paths.append(files.add(out_dir / f"{stem}.npz", write_npz))
+    paths.append(files.add(npz, write_npz))
     if own:
         files.commit()
     return paths
@@ -214,7 +266,12 @@ def cmd_segment(args: argparse.Namespace) -> int:
 
 
 def cmd_refine(args: argparse.Namespace) -> int:
-    """`emerdiff refine IMAGE --masks LABELS.png`: EmerDiff.refine with segments from a file."""
+    """`emerdiff refine IMAGE --masks LABELS.png`: EmerDiff.refine with segments from a file.
+
+    The output labels are numbered 0..K-1 like `segment`'s; ``IMAGE_ids.json`` maps each back to its id
+    in ``--masks`` and lists the ids that won no token of the grid (a segment smaller than a token). A
+    map with more segments than the grid has tokens is refused before any work: some would be dropped.
+    """
     from emerdiff.sd.images import ImageError, load_image
 
     try:  # both files checked before the (slow) model load
@@ -226,12 +283,44 @@ def cmd_refine(args: argparse.Namespace) -> int:
     return _segment_images(args, [(args.image, labels)], refine_segments=len(np.unique(labels)))
 
 
+def mask_ids(lowres_labels: np.ndarray, masks: np.ndarray) -> tuple[list[int], list[int]]:
+    """Refine's way back to the user's ids: for each segment 0..K-1 on the token grid, the id of
+    ``masks`` covering most of it (the grid brought to the map's size by nearest neighbour); and the
+    ids of ``masks`` that no segment carries (they won no token: smaller than one)."""
+    from emerdiff.sd.images import resize_labels
+
+    grid = resize_labels(lowres_labels, masks.shape)
+    values, inverse = np.unique(masks, return_inverse=True)
+    k = int(lowres_labels.max()) + 1
+    counts = np.zeros((k, len(values)), dtype=np.int64)
+    np.add.at(counts, (grid.ravel(), inverse.ravel()), 1)
+    ids = [int(values[i]) for i in counts.argmax(1)]
+    return ids, sorted(int(v) for v in set(values.tolist()) - set(ids))
+
+
+def _refine_grid_check(model: Any, config: Any, refine_segments: int, masks: str) -> Any:
+    """The config for refine (K = the number of segments in --masks); refused if the query grid has
+    fewer tokens than --masks has segments (each segment needs a token, or it would be dropped)."""
+    from emerdiff.sd.loading import feature_resolution
+
+    h, w = feature_resolution(model.unet, config.query_layer, config.resolution // model.vae_scale_factor)
+    if refine_segments > h * w:
+        raise ValueError(f"--masks {masks} has {refine_segments} segments but the query layer's grid holds only {h * w} "
+                         f"tokens ({h}x{w} at resolution {config.resolution}): every segment needs a token, so "
+                         f"{refine_segments - h * w} or more would be dropped; merge segments to at most {h * w}, "
+                         "or raise --resolution")
+    return config.replace(num_clusters=max(2, refine_segments))
+
+
 def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray | None]],
                     refine_segments: int | None = None) -> int:
     """segment (labels None: k-means) or refine (given low-res labels) each image; write its outputs.
 
-    ``refine_segments``: the number of segments in the given labels, recorded as the config's K
-    (up to the query grid's token count; K is not used when the segments are given).
+    ``refine_segments``: the number of segments in the given labels, recorded as the config's K.
+    Everything checkable is checked before the model load and any write: the settings, --out, and every
+    output path (no folder in the way, no input written over). An image that fails is reported and
+    skipped; a write that fails (a full disk) stops the run with one line, keeping earlier images'
+    outputs and leaving no part of the failed image's set.
     """
     from emerdiff.files import check_output_dir, clean_stale_temps, unique_stems
     from emerdiff.method.pipeline import EmerDiff
@@ -245,19 +334,23 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         torch.set_num_threads(args.threads)
     if not args.quiet:
         print(settings_line(args, config), file=sys.stderr)
+    out = Path(args.out)
+    items = [item for item, _ in jobs]
+    stems = unique_stems(items)
+    refine = refine_segments is not None
     try:
         # everything checkable without the model, before the (slow) load and before any write
         config.check_for_segmentation()
         geometry = model_geometry(args.model)
         if geometry is not None:
             config.check_resolution(*geometry)
-        check_output_dir(Path(args.out))
+        check_output_dir(out)
+        inputs = [("IMAGE", item) for item in items] + ([("--masks", args.masks)] if refine else [])
+        check_targets([p for stem in stems for p in output_paths(out, stem, vocab=bool(args.vocab),
+                                                                    maps=args.save_maps, ids=refine)], inputs)
         model = load_model_from_args(args)
-        if refine_segments is not None:
-            from emerdiff.sd.loading import feature_resolution
-
-            h, w = feature_resolution(model.unet, config.query_layer, config.resolution // model.vae_scale_factor)
-            config = config.replace(num_clusters=max(2, min(refine_segments, h * w)))
+        if refine:
+            config = _refine_grid_check(model, config, refine_segments, args.masks)
         segmenter = EmerDiff(model, config)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -276,12 +369,10 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         except (ValueError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
-    out = Path(args.out)
     for leftover in clean_stale_temps([out]):
         print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
-    items = [item for item, _ in jobs]
-    stems = unique_stems(items)
-    failed = 0
+    debug = debug_requested(getattr(args, "debug", False))
+    failed = written = 0
     for i, ((item, lowres), stem) in enumerate(zip(jobs, stems), 1):
         if not args.quiet:
             print(f"[{i}/{len(items)}] {item}", file=sys.stderr)
@@ -292,9 +383,12 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
             image = load_image(item)
             seg = segmenter.segment(image, progress=not args.quiet, lowres_labels=lowres,
                                     return_difference_maps=args.save_maps)
-        except (ImageError, ValueError) as err:
+        except Exception as err:  # any failure of one image: report it, go on with the next
+            if debug:
+                raise
             failed += 1
-            print(f"skipped {item}: {err}", file=sys.stderr)
+            what = "" if isinstance(err, (ImageError, ValueError)) else f"{type(err).__name__}: "
+            print(f"skipped {item}: {what}{one_line(err) if what else err}", file=sys.stderr)
             continue
         files = _output_set(out, stem)
         try:
@@ -305,14 +399,38 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
                 from emerdiff.studies.sweep import stage_segmentation_maps
 
                 paths += stage_segmentation_maps(files, out, stem, seg, image, model.source)
+            if refine:
+                paths.append(_stage_ids(files, out, stem, seg, lowres, args.masks))
             files.commit()
+        except OSError as err:  # a full disk, a folder made meanwhile: the next image would fail alike
+            files.abort()
+            if debug:
+                raise
+            print(f"error: writing the outputs of {item} into {out} failed: {type(err).__name__}: {one_line(err)}"
+                  f"{error_hint(err)}; nothing of {item} was kept, the {written} image(s) before it are complete; "
+                  f"stopped (full trace: {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr)
+            return 1
         except BaseException:
             files.abort()
             raise
+        written += 1
         print(f"{item}: {seg.num_segments} segments, {seg.timings['total']:.1f} s -> {', '.join(map(str, paths))}")
     if failed:
         print(f"{failed} of {len(items)} image(s) failed", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _stage_ids(files: FileSet, out: Path, stem: str, seg: Any, masks: np.ndarray, masks_path: str) -> Path:
+    """refine: stage ``STEM_ids.json`` (output label -> its id in --masks, and the ids dropped)."""
+    ids, dropped = mask_ids(seg.lowres_labels, masks)
+    if dropped:
+        print(f"note: --masks {masks_path}: id(s) {', '.join(map(str, dropped))} won no token of the "
+              f"{'x'.join(map(str, seg.lowres_labels.shape))} grid (each is smaller than a token) and are not in "
+              f"the output; {stem}{IDS_SUFFIX} maps each output label to its --masks id", file=sys.stderr)
+    info = dict(masks=str(masks_path), mask_ids=ids, dropped_ids=dropped,
+                note="mask_ids[i] is the --masks id (pixel value; for an RGB map the rank of its colour) of "
+                     "output label i")
+    return files.add(out / f"{stem}{IDS_SUFFIX}", lambda p: Path(p).write_text(json.dumps(info, indent=1)))
 
 
 def cmd_figures(args: argparse.Namespace) -> int:
@@ -325,12 +443,23 @@ def cmd_figures(args: argparse.Namespace) -> int:
         return 2
 
     folder = Path(args.notebooks)
-    notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
-    if args.only:
-        notebooks = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in args.only)]
-    if not notebooks:
-        print(f"error: no study notebooks (NN_name.ipynb) in {folder}", file=sys.stderr)
+    if not folder.is_dir():
+        print(f"error: --notebooks {folder} is not a folder; pass the folder of the study notebooks "
+              "(NN_name.ipynb, default: notebooks)", file=sys.stderr)
         return 2
+    notebooks = sorted(folder.glob("[0-9][0-9]_*.ipynb"))
+    if not notebooks:
+        print(f"error: no study notebooks (NN_name.ipynb) in {folder}; pass their folder as --notebooks",
+              file=sys.stderr)
+        return 2
+    if args.only is not None:
+        chosen = [nb for nb in notebooks if any(nb.stem.startswith(o) for o in args.only)]
+        if not chosen:
+            print(f"error: --only {' '.join(args.only) or '(nothing)'} matches none of the {len(notebooks)} study "
+                  f"notebooks in {folder}: {', '.join(nb.stem for nb in notebooks)}; pass name prefixes of these "
+                  f"(e.g. --only {notebooks[0].stem[:2]}), or leave --only out to run them all", file=sys.stderr)
+            return 2
+        notebooks = chosen
     # no settings here: each notebook's lab.setup takes the model's preset (EmerDiffConfig.for_model)
     # for every setting left None, the same path as `segment` and the Python API
     params: dict[str, Any] = dict(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
@@ -370,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Training-free pixel-level segmentation from a frozen Stable Diffusion (EmerDiff, ICLR 2024).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    # read by main() wherever it stands (pop_debug_flag); declared here for --help
+    parser.add_argument(DEBUG_FLAG, action="store_true",
+                        help=f"show the full trace of an unexpected error instead of one line (also {DEBUG_ENV}=1; "
+                        "may also follow the command) (default: off)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("segment", help="segment images: label PNG, overlay PNG and .npz per image",
@@ -449,24 +582,40 @@ def quiet_libraries() -> None:
         lib.set_verbosity_error()
 
 
+def _inputs(args: argparse.Namespace) -> str:
+    """What a command worked on, for its one-line error: the images, the model, the data folder ..."""
+    command = args.command
+    if command == "segment":
+        images = list(args.images)
+        return ", ".join(images[:3]) + (f" and {len(images) - 3} more" if len(images) > 3 else "")
+    if command == "refine":
+        return f"{args.image} with --masks {args.masks}"
+    if command == "layers":
+        return f"model {args.model}"
+    if command == "figures":
+        return f"the notebooks in {args.notebooks}"
+    if command == "evaluate":
+        return f"--data {args.data}"
+    if command == "compare":
+        return f"{args.run_a} and {args.run_b}"
+    return "its arguments"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the `emerdiff` command; returns the exit code."""
+    """Entry point of the `emerdiff` command; returns the exit code.
+
+    No traceback reaches a user (:func:`emerdiff.cli.options.run_guarded`): a refusal is one ``error:``
+    line and exit 2, any other failure one line naming the command, its input, the exception and how to
+    see the trace (``--debug`` anywhere on the line, or ``EMERDIFF_DEBUG=1``, which re-raise), exit 1;
+    Ctrl-C exits 130.
+    """
+    argv, debug = pop_debug_flag(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.debug = debug
     if getattr(args, "quiet", False):
         quiet_libraries()
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:  # a clear one-line error for known failures
-        from emerdiff.sd.images import ImageError
-        from emerdiff.sd.loading import ModelLoadError
-
-        if isinstance(err, (ModelLoadError, ImageError, ValueError)):
-            print(f"error: {err}", file=sys.stderr)
-            return 2
-        raise
+    return run_guarded(args.command, _inputs(args), lambda: args.func(args), debug)
 
 
 if __name__ == "__main__":

@@ -218,7 +218,7 @@ def pop_debug_flag(argv: Sequence[str] | None) -> tuple[list[str], bool]:
     return [a for i, a in enumerate(args) if not (i < end and a == DEBUG_FLAG)], found
 
 
-def _hint(err: BaseException) -> str:
+def error_hint(err: BaseException) -> str:
     """The fix for the OSErrors a user can cause (full disk, permissions, a read-only disk)."""
     if isinstance(err, OSError):
         if err.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -262,6 +262,6 @@ def run_guarded(command: str, inputs: str, func: Callable[[], int | None], debug
     except Exception as err:
         if debug:
             raise
-        print(f"error: emerdiff {command} failed on {inputs}: {type(err).__name__}: {one_line(err)}{_hint(err)} "
+        print(f"error: emerdiff {command} failed on {inputs}: {type(err).__name__}: {one_line(err)}{error_hint(err)} "
               f"(full trace: rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr)
         return 1

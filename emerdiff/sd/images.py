@@ -96,6 +96,9 @@ def check_pixels(width: int, height: int, where: str, limit: int | None = None) 
 
 def _from_array(arr: np.ndarray) -> np.ndarray:
     a = np.asarray(arr)
+    if a.size == 0:  # checked first: numpy's min/max of an empty array raise a bare ValueError
+        raise ImageError(f"image array is empty (shape {a.shape}); pass an image of at least "
+                         f"{MIN_SIZE}x{MIN_SIZE} pixels")
     if a.ndim == 2:
         a = a[..., None]
     if a.ndim != 3:
@@ -120,6 +123,25 @@ def _from_array(arr: np.ndarray) -> np.ndarray:
         alpha = f[..., 3:]
         f = f[..., :3] * alpha + (1.0 - alpha)  # composite on white
     return f
+
+
+def _tensor_to_numpy(image: torch.Tensor) -> np.ndarray:
+    """A tensor as an HxWxC (or HxW) numpy array; float types numpy lacks (bfloat16, float8) become float32."""
+    t = image.detach()
+    if t.layout != torch.strided:
+        raise ImageError(f"image tensor has layout {t.layout}; pass a dense tensor (tensor.to_dense())")
+    t = t.cpu()
+    if t.is_floating_point() and t.dtype not in (torch.float16, torch.float32, torch.float64):
+        t = t.float()  # bfloat16 / float8: no numpy dtype; float32 holds their values exactly
+    elif t.is_complex():
+        raise ImageError(f"unsupported image tensor dtype {t.dtype}; use uint8, uint16 or float in [0, 1]")
+    if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[2] not in (1, 3, 4):
+        t = t.permute(1, 2, 0)
+    try:
+        return t.numpy()
+    except (TypeError, RuntimeError) as err:  # a dtype numpy cannot hold (quantized, uint32 on old torch)
+        raise ImageError(f"unsupported image tensor dtype {t.dtype} ({err}); use uint8, uint16 or float "
+                         "in [0, 1]") from err
 
 
 def load_image(image: ImageInput, min_size: int = MIN_SIZE, max_pixels: int | None = None) -> torch.Tensor:
@@ -171,10 +193,7 @@ def load_image(image: ImageInput, min_size: int = MIN_SIZE, max_pixels: int | No
         check_pixels(*image.size, where, max_pixels)
         arr = _from_pil(image, where)
     elif isinstance(image, torch.Tensor):
-        t = image.detach().cpu()
-        if t.ndim == 3 and t.shape[0] in (1, 3, 4) and t.shape[2] not in (1, 3, 4):
-            t = t.permute(1, 2, 0)
-        arr = _from_array(t.numpy())
+        arr = _from_array(_tensor_to_numpy(image))
     elif isinstance(image, np.ndarray):
         arr = _from_array(image)
     else:
