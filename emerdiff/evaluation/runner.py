@@ -465,13 +465,14 @@ def _segmenter_parts(segmenter: Any, config: EmerDiffConfig | None, dtype: str |
                      ) -> tuple[SegmentFn | None, ModelSource | None, Any, EmerDiffConfig | None, str | None]:
     """``(segment_fn, lazy model source, loaded model, config, model name)`` of a segmenter argument."""
     from emerdiff.method.pipeline import EmerDiff
-    from emerdiff.sd.loading import SDPipeline, model_geometry
+    from emerdiff.sd.loading import SDPipeline, check_model_configs, model_geometry
 
     if isinstance(segmenter, (str, os.PathLike)):
         if config is None:
             raise ValueError("run_evaluation: a model name needs a config; pass EmerDiffConfig.for_model(...) or "
                              "EmerDiffConfig(...)")
         config.check_for_segmentation()
+        check_model_configs(segmenter)  # mismatched components refused from their configs, before any write
         geometry = model_geometry(str(segmenter))
         if geometry is not None:
             config.check_resolution(*geometry)
