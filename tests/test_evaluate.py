@@ -517,3 +517,37 @@ def evaluate_records_of(out: Path, protocol: str) -> dict:
     cfg = json.loads((out / "results.json").read_text())["config"]
     records = [load_record(record_path(out, i), i) for i in cfg["image_ids"]]
     return evaluate_records(records, protocol, len(cfg["class_names"]))["methods"]
+
+
+def test_boundary_metrics_of_every_protocol_in_results_csv_and_the_printed_table(tmp_path, capsys):
+    """Boundary IoU, boundary F and the trimap curve of each protocol's labelling (the oracle too), with
+    paired intervals; the majority values are those of the saved maps labelled by hand."""
+    from emerdiff.evaluation.boundary import BoundaryMetrics
+    from emerdiff.evaluation.runner import run_evaluation
+
+    data = make_folder(tmp_path / "data")
+    out = tmp_path / "out"
+    payload = run_evaluation(data, fake_segment, None, out, protocols=["all", "majority"], n_boot=100)
+    metrics = BoundaryMetrics()
+    by = {(r["protocol"], r["method"]): r for r in payload["rows"]}
+    for p in ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean", "majority"):
+        # the fake's EmerDiff map is the GT's blocks: perfect boundaries; its "bilinear" is shifted 3 px
+        for name in metrics.names:
+            assert by[(p, "emerdiff")][name] == pytest.approx(100.0), (p, name)
+        assert by[(p, "bilinear")]["boundary_iou"] < 60.0 and by[(p, "bilinear")]["boundary_f"] < 80.0
+        ci = payload["boundary_intervals"][p]["boundary_iou"]["emerdiff-bilinear"]
+        assert ci["lo"] > 0 and ci["lo"] <= ci["value"] <= ci["hi"]
+        assert by[(p, "bilinear")]["boundary_f_lo"] <= by[(p, "bilinear")]["boundary_f"]
+    counts = 0
+    for image_id in payload["config"]["image_ids"]:
+        rec = load_record(record_path(out, image_id), image_id)
+        with np.load(record_path(out, image_id)) as z:
+            counts = counts + metrics.counts(rec.counts["bilinear"].argmax(axis=1)[z["map_bilinear"]], z["map_gt"], 4)
+    for name, value in metrics.scores(counts).items():
+        assert by[("majority", "bilinear")][name] == pytest.approx(value), name
+    header = (out / "results.csv").read_text().splitlines()[0].split(",")
+    assert {"boundary_iou", "boundary_iou_lo", "boundary_f_hi", "trimap_iou_16"} <= set(header)
+    assert payload["config"]["boundary"]["trimap_widths_px"] == [1, 2, 4, 8, 16]
+    printed = capsys.readouterr().err
+    assert "boundary metrics" in printed and any(
+        line.split()[:3] == ["majority", "bilinear", "bIoU"] for line in printed.splitlines())

@@ -42,6 +42,9 @@ def test_heldout_main_end_to_end(tmp_path, tiny_dir):
             v = intervals[protocol][name]
             assert v["lo"] <= v["hi"] and np.isfinite(v["value"]), (protocol, name)
     assert "| dataset_hungarian | emerdiff - nearest |" in table
+    boundary = json.loads((out / "results.json").read_text())["boundary_intervals"]
+    assert np.isfinite(boundary["majority"]["boundary_iou"]["emerdiff"]["value"])  # the oracle's labelling too
+    assert "| majority | emerdiff - nearest | " in table.split("Boundary metrics")[1]
 
 
 def test_heldout_folder_of_validation_scenes_never_holds_test_scenes(tmp_path):
@@ -78,3 +81,25 @@ def test_learning_curve_probe_reports_every_curve(tiny_dir):
                 "acc_emerdiff", "acc_nearest", "acc_bilinear", "acc_emerdiff_t_m=101"):
         assert 0.0 <= out[key] <= 1.0, key
     assert out["locality_chance"] == pytest.approx(1 / 3, abs=0.2) and out["world"] == "textured"
+
+
+def test_heldout_table_adds_boundary_metrics_after_the_existing_lines():
+    """results_table with boundary intervals keeps every line it wrote without them, in order, and adds
+    the boundary table (every protocol x method, EmerDiff's differences) before the settings line."""
+    from training.heldout import results_table
+
+    rows = [{"protocol": "concept", "method": m, "miou": v, "pixel_accuracy": 50.0, "locality": None}
+            for m, v in (("emerdiff", 40.0), ("nearest", 35.0))]
+    ci = {"value": 1.0, "lo": 0.5, "hi": 2.0}
+    intervals = {"concept": {"emerdiff": ci, "nearest": ci, "emerdiff-nearest": ci}}
+    metric = {"emerdiff": {"value": 30.0, "lo": 20.0, "hi": 40.0}, "nearest": {"value": 25.0, "lo": 15.0, "hi": 35.0},
+              "emerdiff-nearest": {"value": 5.0, "lo": -1.0, "hi": 9.0}}
+    boundary = {"concept": {"boundary_iou": metric, "boundary_f": metric, "trimap_iou_1": metric,
+                            "trimap_iou_4": metric}}
+    plain = results_table(rows, {"k": 8}, intervals).splitlines()
+    table = results_table(rows, {"k": 8}, intervals, boundary, {"band_px": 4, "tolerance_px": 2}).splitlines()
+    assert table[:len(plain) - 2] == plain[:-2] and table[-2:] == plain[-2:]  # ... then blank + settings
+    added = table[len(plain) - 2:-2]
+    assert "| concept | emerdiff | 30.0 | [20.0, 40.0] | 30.0 | [20.0, 40.0] | 30.0 / 30.0 |" in added
+    assert any("d = 4 px" in line and "2 px" in line for line in added)
+    assert "| concept | emerdiff - nearest | +5.0 | [-1.0, +9.0] | +5.0 | [-1.0, +9.0] |" in added

@@ -133,10 +133,14 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
 
 
 def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
-                  intervals: dict[str, dict[str, dict[str, float]]] | None = None) -> str:
+                  intervals: dict[str, dict[str, dict[str, float]]] | None = None,
+                  boundary: dict[str, dict[str, dict[str, dict[str, float]]]] | None = None,
+                  boundary_settings: dict[str, Any] | None = None) -> str:
     """Markdown table of evaluation rows (from results.json files); with ``intervals``
     (:func:`emerdiff.evaluation.bootstrap.bootstrap_protocols`) a 95 % interval column and a second table
-    of EmerDiff's differences to each baseline."""
+    of EmerDiff's differences to each baseline; with ``boundary``
+    (:func:`emerdiff.evaluation.bootstrap.bootstrap_with_boundaries`) the boundary metrics after those
+    (:func:`boundary_table`), every earlier line unchanged."""
     intervals = intervals or {}
     lines = ["| protocol | method | mIoU | 95 % interval | pixel acc. | locality |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -157,21 +161,74 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
             excludes = "yes" if v["lo"] > 0 or v["hi"] < 0 else "no"
             lines.append(f"| {protocol} | {name.replace('-', ' - ')} | {v['value']:+.1f} | "
                          f"[{v['lo']:+.1f}, {v['hi']:+.1f}] | {excludes} |")
+    if boundary:
+        lines += ["", *boundary_table(boundary, boundary_settings or {})]
     lines.append("")
     lines.append("settings: " + json.dumps(settings, sort_keys=True))
     return "\n".join(lines) + "\n"
 
 
-def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0) -> dict[str, Any]:
-    """Bootstrap intervals over the ``n`` held-out scenes (from index ``start``) of an ``evaluate`` output folder."""
-    from emerdiff.evaluation.bootstrap import bootstrap_protocols
+def _fmt(value: float | None, spec: str) -> str:
+    return "n/a" if value is None or not np.isfinite(value) else format(value, spec)
+
+
+def _span(v: dict[str, float], spec: str) -> str:
+    return "" if not np.isfinite(v.get("lo", np.nan)) else f"[{v['lo']:{spec}}, {v['hi']:{spec}}]"
+
+
+def boundary_table(boundary: dict[str, dict[str, dict[str, dict[str, float]]]], settings: dict[str, Any]) -> list[str]:
+    """Markdown lines of the boundary metrics (``{protocol: {metric: {method or "a-b": interval}}}``): per
+    protocol x method Boundary IoU and boundary F with 95 % intervals and the trimap IoU curve, then
+    EmerDiff's paired differences to every other method in both (results.json holds every pair)."""
+    widths = [name[len("trimap_iou_"):] for name in next(iter(boundary.values())) if name.startswith("trimap_iou_")]
+    band, tol = settings.get("band_px", settings.get("band")), settings.get("tolerance_px", settings.get("tolerance"))
+    lines = [f"Boundary metrics of each protocol's labelling of the label maps (Boundary IoU at d = {band} px, "
+             f"boundary F at {tol} px, trimap IoU within w px of a GT boundary):", "",
+             f"| protocol | method | boundary IoU | 95 % interval | boundary F | 95 % interval | "
+             f"trimap IoU at {' / '.join(widths)} px |", "|---|---|---|---|---|---|---|"]
+    for protocol, per in boundary.items():
+        for m, biou in per["boundary_iou"].items():
+            if "-" in m:
+                continue
+            bf = per["boundary_f"][m]
+            curve = " / ".join(_fmt(per[f"trimap_iou_{w}"][m]["value"], ".1f") for w in widths)
+            lines.append(f"| {protocol} | {m} | {_fmt(biou['value'], '.1f')} | {_span(biou, '.1f')} | "
+                         f"{_fmt(bf['value'], '.1f')} | {_span(bf, '.1f')} | {curve} |")
+    lines += ["", "| protocol | difference (boundary) | boundary IoU | 95 % interval | boundary F | 95 % interval |",
+              "|---|---|---|---|---|---|"]
+    for protocol, per in boundary.items():
+        for name, biou in per["boundary_iou"].items():
+            if name.startswith("emerdiff-"):
+                bf = per["boundary_f"][name]
+                lines.append(f"| {protocol} | {name.replace('-', ' - ')} | {_fmt(biou['value'], '+.1f')} | "
+                             f"{_span(biou, '+.1f')} | {_fmt(bf['value'], '+.1f')} | {_span(bf, '+.1f')} |")
+    return lines
+
+
+def heldout_bootstrap(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0,
+                      ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Bootstrap intervals over the ``n`` held-out scenes (from index ``start``) of an ``evaluate`` output
+    folder, every protocol and the oracle ``majority``: ``(mIoU intervals, boundary metrics' intervals,
+    boundary settings)``, on the same resamples (:func:`emerdiff.evaluation.bootstrap.bootstrap_with_boundaries`)."""
+    from emerdiff.evaluation.bootstrap import bootstrap_with_boundaries
+    from emerdiff.evaluation.boundary import BoundaryMetrics
     from emerdiff.evaluation.protocols import KNOWN_PROTOCOLS
-    from emerdiff.evaluation.records import load_record, record_path
+    from emerdiff.evaluation.records import load_maps, load_record, record_path
 
     ids = [f"scene_{seed[1]:05d}" for seed in heldout_scene_seeds(n, start)]
-    records = [load_record(record_path(Path(evaluate_dir), i), i) for i in ids]
+    paths = [record_path(Path(evaluate_dir), i) for i in ids]
+    records = [load_record(path, i) for path, i in zip(paths, ids)]
+    maps = [load_maps(path, i) for path, i in zip(paths, ids)]
+    metrics = BoundaryMetrics()
     # the oracle "majority" protocol too: the readout's label map apart from any mask labelling
-    return bootstrap_protocols(records, len(CLASSES), n_boot=n_boot, protocols=KNOWN_PROTOCOLS)
+    miou, boundary = bootstrap_with_boundaries(records, maps, len(CLASSES), n_boot=n_boot, protocols=KNOWN_PROTOCOLS,
+                                               metrics=metrics)
+    return miou, boundary, metrics.settings(maps[0]["gt"].shape)
+
+
+def heldout_intervals(evaluate_dir: str | Path, n: int, n_boot: int = 1000, start: int = 0) -> dict[str, Any]:
+    """The mIoU intervals of :func:`heldout_bootstrap`."""
+    return heldout_bootstrap(evaluate_dir, n, n_boot, start)[0]
 
 
 def run_heldout(model: str, out: str | Path, n: int = 100, start: int = 0, world: str | None = None,
@@ -209,10 +266,11 @@ def run_heldout(model: str, out: str | Path, n: int = 100, start: int = 0, world
     settings = {"model": model, "world": world, "scenes": n, "first_scene": start, "k": k,
                 **{name: getattr(reference, name) for name in TABLE_FIELDS},
                 "set": list(set_items), "device": device, "dtype": dtype}
-    intervals = heldout_intervals(out / "evaluate", n, n_boot=bootstrap, start=start)
-    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals},
-                                                 indent=2))
-    table = results_table(rows, settings, intervals)
+    intervals, boundary, boundary_settings = heldout_bootstrap(out / "evaluate", n, n_boot=bootstrap, start=start)
+    (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals,
+                                                  "boundary_intervals": boundary,
+                                                  "boundary_settings": boundary_settings}, indent=2))
+    table = results_table(rows, settings, intervals, boundary, boundary_settings)
     (out / "results.md").write_text(table)
     return table
 

@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from emerdiff.evaluation.protocols import PROTOCOLS, protocol_draws
+from emerdiff.evaluation.boundary import BoundaryMetrics
+from emerdiff.evaluation.metrics import miou_rows
+from emerdiff.evaluation.protocols import PROTOCOLS, boundary_draws, protocol_boundary_totals, protocol_draws
 from emerdiff.evaluation.records import ImageRecord, record_methods
 
 
@@ -51,7 +53,7 @@ def interval(draws: np.ndarray, level: float = 0.95, num_images: int | None = No
                 f"{MIN_INTERVAL_IMAGES} to have any spread")
     elif float(np.ptp(rest)) <= ZERO_SPREAD:
         note = ("no interval: every resample of the images gives the same value (zero spread), so a "
-                f"{level:.0%} interval would have zero width")
+                f"{level * 100:g} % interval would have zero width")
     if note is not None:
         return {"value": float(draws[0]), "lo": float("nan"), "hi": float("nan"), "note": note}
     return {"value": float(draws[0]), "lo": float(np.percentile(rest, tail)),
@@ -86,6 +88,30 @@ def bootstrap_protocols(records: Sequence[ImageRecord], num_classes: int, method
     weights = bootstrap_weights(len(records), n_boot, seed)
     draws = protocol_draws(records, num_classes, weights, protocols, methods, ignore_index, seed=cluster_seed)
     return {p: summarize_draws(d, level, len(records)) for p, d in draws.items()}
+
+
+def boundary_intervals(boundary: Mapping[str, Mapping[str, np.ndarray]], metrics: BoundaryMetrics,
+                       level: float = 0.95, num_images: int | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """Intervals of the boundary metrics from :func:`protocol_boundary_totals`'s counts (row 0 the data,
+    the rest resamples): ``{protocol: {metric: {method or "a-b": interval}}}``, as :func:`summarize_draws`."""
+    return {p: {name: summarize_draws(d, level, num_images) for name, d in per.items()}
+            for p, per in boundary_draws(boundary, metrics).items()}
+
+
+def bootstrap_with_boundaries(records: Sequence[ImageRecord], maps: Sequence[Mapping[str, np.ndarray]],
+                              num_classes: int, methods: Sequence[str] | None = None, n_boot: int = 1000,
+                              level: float = 0.95, seed: int = 0, ignore_index: int = 255,
+                              protocols: Sequence[str] = PROTOCOLS, cluster_seed: int = 0,
+                              metrics: BoundaryMetrics | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """:func:`bootstrap_protocols` (equal values) and, on the same resamples, :func:`boundary_intervals`
+    of the label maps ``maps`` (one per record, :func:`protocol_boundary_totals`)."""
+    metrics = metrics or BoundaryMetrics(ignore_index=ignore_index)
+    weights = bootstrap_weights(len(records), n_boot, seed)
+    totals, _, boundary = protocol_boundary_totals(records, maps, num_classes, weights, protocols, methods,
+                                                   ignore_index, seed=cluster_seed, metrics=metrics)
+    miou = {p: summarize_draws({m: miou_rows(t) for m, t in per.items()}, level, len(records))
+            for p, per in totals.items()}
+    return miou, boundary_intervals(boundary, metrics, level, len(records))
 
 
 def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageRecord], num_classes: int,

@@ -34,11 +34,12 @@ map's boundaries apart from any assignment step.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from emerdiff.evaluation.boundary import BoundaryMetrics
 from emerdiff.evaluation.metrics import (
     confusion_totals,
     hungarian_match,
@@ -47,6 +48,7 @@ from emerdiff.evaluation.metrics import (
     scores_from_totals,
 )
 from emerdiff.evaluation.records import ImageRecord, check_record, resolve_methods
+from emerdiff.sd.images import resize_labels
 
 PROTOCOLS: tuple[str, ...] = ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean")
 # Oracle protocols: computed on request (they use GT labels to assign masks), never by default.
@@ -220,8 +222,9 @@ def _few_blas_threads(size: int) -> Any:
 def protocol_totals(records: Sequence[ImageRecord], num_classes: int, weights: np.ndarray,
                     protocols: Sequence[str] = PROTOCOLS, methods: Sequence[str] | None = None,
                     ignore_index: int = 255, seed: int = 0, criterion: str = "iou",
-                    num_clusters: int | None = None, normalize: bool = True,
-                    n_init: int = 10) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, Any]]]:
+                    num_clusters: int | None = None, normalize: bool = True, n_init: int = 10,
+                    on_labels: Callable[[str, str, np.ndarray, np.ndarray], None] | None = None,
+                    ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, Any]]]:
     """Every protocol of every method, once per row of image weights.
 
     Args:
@@ -233,6 +236,11 @@ def protocol_totals(records: Sequence[ImageRecord], num_classes: int, weights: n
         methods: default every method the records hold.
         seed, normalize, n_init: the dataset k-means (fitted once, on all images, unweighted).
         criterion: matching criterion of :func:`~emerdiff.evaluation.metrics.hungarian_match`.
+        on_labels: called once per protocol and method, after every row, with ``(protocol, method,
+            classes, owner)``: ``classes`` ``(B, masks)`` the class each mask of the method takes in
+            each row (-1: no class), ``(1, masks)`` where the labelling does not depend on the weights
+            (``per_image_hungarian``, ``majority``); ``owner`` ``(masks,)`` the image index of each
+            mask (ascending). The boundary metrics label the maps with it.
     Per row, everything data-dependent is redone on the weighted images: per-image matchings
     are summed with the weights; the dataset Hungarian matching is redone on the weighted
     confusion; the concept embeddings and every mask's nearest concept are recomputed.
@@ -261,6 +269,7 @@ def protocol_totals(records: Sequence[ImageRecord], num_classes: int, weights: n
     owner: dict[str | None, list[np.ndarray]] = {s: [] for s in groups}
     emb: dict[str | None, list[np.ndarray]] = {s: [] for s in groups}
     per_image = {m: np.zeros((n, 3, c)) for m in methods} if "per_image_hungarian" in protocols else {}
+    matched: dict[str, list[np.ndarray]] = {m: [] for m in per_image}  # per-image Hungarian classes of each mask
     tokens = _token_sums(records, ignore_index) if "concept_token_mean" in protocols else None
     for i, rec in enumerate(records):
         check_record(rec, methods)
@@ -274,8 +283,8 @@ def protocol_totals(records: Sequence[ImageRecord], num_classes: int, weights: n
         for m in methods:
             counts[m].append(np.asarray(rec.counts[m], dtype=np.float64))
             if per_image:
-                per_image[m][i] = confusion_totals(
-                    remap_confusion(rec.counts[m].T, per_image_match(rec.counts[m], criterion), c))
+                matched[m].append(per_image_match(rec.counts[m], criterion))
+                per_image[m][i] = confusion_totals(remap_confusion(rec.counts[m].T, matched[m][-1], c))
     cnt = {m: np.concatenate(v) for m, v in counts.items()}  # (masks, C) per method
     own = {s: np.concatenate(v) for s, v in owner.items()}
     raw = {s: np.concatenate(v) for s, v in emb.items()}
@@ -287,20 +296,25 @@ def protocol_totals(records: Sequence[ImageRecord], num_classes: int, weights: n
     if "per_image_hungarian" in protocols:
         for m in methods:
             totals["per_image_hungarian"][m] = np.stack([weights @ per_image[m][:, j] for j in range(3)], axis=1)
-    clusters: dict[str | None, tuple[Any, int]] = {}
+    clusters: dict[str | None, tuple[Any, int, np.ndarray]] = {}
     if "dataset_hungarian" in protocols:
         for s in groups:
             ids, k = _kmeans_ids(raw[s], num_clusters or c, seed, normalize, n_init)
-            clusters[s] = (_onehot(ids, k), k)
+            clusters[s] = (_onehot(ids, k), k, ids)
             if s is None or "num_masks" not in info["dataset_hungarian"]:
                 info["dataset_hungarian"].update(num_masks=len(ids), num_clusters=int(k))
             for m in groups[s]:
                 if s is not None:
                     info["dataset_hungarian"]["methods"][m]["num_clusters"] = int(k)
     majority = {m: np.argmax(cnt[m], axis=1) for m in methods} if "majority" in protocols else {}
+    drawn = ("dataset_hungarian", "concept", "concept_token_mean")  # labellings redone on each row
+    labels = ({(p, m): np.empty((rows, len(cnt[m])), np.int64) for p in protocols if p in drawn for m in methods}
+              if on_labels is not None else {})
 
-    def score(p: str, m: str, b: int, conf: np.ndarray) -> None:
+    def score(p: str, m: str, b: int, conf: np.ndarray, classes: np.ndarray | None = None) -> None:
         totals[p][m][b] = confusion_totals(conf)
+        if labels and classes is not None:
+            labels[(p, m)][b] = classes
 
     def draw(b: int, w: np.ndarray) -> None:
         token_assign = {}
@@ -315,28 +329,116 @@ def protocol_totals(records: Sequence[ImageRecord], num_classes: int, weights: n
             if "majority" in protocols:
                 score("majority", m, b, (_onehot(majority[m], c) @ weighted).T)
             if "dataset_hungarian" in protocols:
-                onehot, k = clusters[s]
+                onehot, k, ids = clusters[s]
                 conf = np.rint((onehot @ weighted).T).astype(np.int64)  # (C, k)
                 mapping = hungarian_match(conf, criterion)
-                score("dataset_hungarian", m, b, remap_confusion(conf, mapping, c))
+                score("dataset_hungarian", m, b, remap_confusion(conf, mapping, c), mapping[ids])
                 if b == 0:
                     info["dataset_hungarian"]["methods"][m]["cluster_to_class"] = mapping.tolist()
             if "concept" in protocols:  # the paper's concepts: from this method's own label map
                 pixels = weighted.sum(axis=0)
                 assign = _nearest_concept(unit[s], _class_means(weighted.T @ raw[s], pixels))
-                score("concept", m, b, (_onehot(assign, c) @ weighted).T)
+                score("concept", m, b, (_onehot(assign, c) @ weighted).T, assign)
                 if b == 0:
                     found = int((pixels > 0).sum())
                     info["concept"]["methods"][m]["num_concepts"] = found
                     info["concept"].setdefault("num_concepts", found)
             if tokens is not None:
-                score("concept_token_mean", m, b, (_onehot(token_assign[s], c) @ weighted).T)
+                score("concept_token_mean", m, b, (_onehot(token_assign[s], c) @ weighted).T, token_assign[s])
 
     if any(p != "per_image_hungarian" for p in protocols):
         with _few_blas_threads(sum(len(v) for v in raw.values()) * raw[next(iter(raw))].shape[1]):
             for b, w in enumerate(weights):
                 draw(b, w)
+    if on_labels is not None:
+        fixed = {"per_image_hungarian": {m: np.concatenate(v) for m, v in matched.items()}, "majority": majority}
+        for p in protocols:
+            for m in methods:
+                classes = labels[(p, m)] if p in drawn else fixed[p][m][None]
+                on_labels(p, m, classes, own[source_of[m]])
     return totals, info
+
+
+def protocol_boundary_totals(records: Sequence[ImageRecord], maps: Sequence[Mapping[str, np.ndarray]],
+                             num_classes: int, weights: np.ndarray, protocols: Sequence[str] = PROTOCOLS,
+                             methods: Sequence[str] | None = None, ignore_index: int = 255, seed: int = 0,
+                             criterion: str = "iou", num_clusters: int | None = None, normalize: bool = True,
+                             n_init: int = 10, metrics: BoundaryMetrics | None = None,
+                             ) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, dict[str, Any]],
+                                        dict[str, dict[str, np.ndarray]]]:
+    """:func:`protocol_totals` plus the boundary metrics (:mod:`emerdiff.evaluation.boundary`) of every
+    method's label map as each protocol labels its masks, once per row of ``weights``.
+
+    Args:
+        maps: per image (in the order of ``records``; a lazy Sequence is fine, read once) its label
+            maps: ``"gt"`` and one mask-id map per method (``map_<method>`` of the record files,
+            :class:`~emerdiff.evaluation.records.MapFiles`); a method's map is resized (nearest) to
+            the GT's shape, as its counts were.
+        metrics: the boundary settings (default ``BoundaryMetrics(ignore_index=ignore_index)``).
+        The rest: as :func:`protocol_totals`.
+    Each row labels the masks as that row's protocol run did (the dataset Hungarian matching and
+    the concepts are redone per resample), so the boundary metrics' bootstrap is paired with the
+    mIoU's. An image's counts are computed once per distinct labelling of its masks.
+
+    Returns:
+        ``(totals, info, boundary)``: the first two as :func:`protocol_totals`;
+        ``boundary[protocol][method]`` is ``(B, S, C)`` summed counts
+        (:meth:`~emerdiff.evaluation.boundary.BoundaryMetrics.counts`), scored by
+        :meth:`~emerdiff.evaluation.boundary.BoundaryMetrics.scores`.
+    """
+    metrics = metrics or BoundaryMetrics(ignore_index=ignore_index)
+    if metrics.ignore_index != ignore_index:
+        raise ValueError(f"metrics.ignore_index={metrics.ignore_index} != ignore_index={ignore_index}; "
+                         "give the dataset's void value to both")
+    labelled: dict[tuple[str, str], tuple[np.ndarray, np.ndarray]] = {}
+    totals, info = protocol_totals(records, num_classes, weights, protocols, methods, ignore_index, seed, criterion,
+                                   num_clusters, normalize, n_init,
+                                   on_labels=lambda p, m, classes, owner: labelled.__setitem__((p, m), (classes, owner)))
+    weights = np.asarray(weights, dtype=np.float64)
+    c, s = num_classes, metrics.num_rows
+    boundary = {p: {m: np.zeros((len(weights), s, c)) for m in totals[p]} for p in totals}
+    starts = {key: np.searchsorted(owner, np.arange(len(records) + 1)) for key, (_, owner) in labelled.items()}
+    seen = 0
+    for i, image_maps in enumerate(maps):
+        seen += 1
+        if "gt" not in image_maps:
+            raise ValueError(f"label maps of image {i} ({records[i].image_id!r}) lack 'gt'; re-run evaluate so that "
+                             "the per-image files hold their maps")
+        gt = metrics.gt_geometry(np.asarray(image_maps["gt"]))
+        for (p, m), (classes, _) in labelled.items():
+            if m not in image_maps:
+                raise ValueError(f"label maps of image {i} ({records[i].image_id!r}) lack method {m!r} "
+                                 f"(they hold {sorted(image_maps)}); re-run evaluate so that every image has them")
+            ids = np.asarray(image_maps[m])
+            if ids.shape != gt[0].shape:
+                ids = resize_labels(ids, gt[0].shape)
+            lo, hi = starts[(p, m)][i], starts[(p, m)][i + 1]
+            if ids.size and (ids.min() < 0 or ids.max() >= hi - lo):
+                raise ValueError(f"image {records[i].image_id!r}, method {m!r}: mask ids {int(ids.min())}.."
+                                 f"{int(ids.max())} outside its {hi - lo} masks; its label map and record disagree, "
+                                 "re-run evaluate into a fresh --out")
+            drawn = np.flatnonzero(weights[:, i] > 0)  # rows where this image counts
+            if len(classes) == 1:  # one labelling for every row
+                distinct, which = classes[:, lo:hi], np.zeros(len(drawn), np.int64)
+            else:
+                distinct, which = np.unique(classes[drawn, lo:hi], axis=0, return_inverse=True)
+            for j, mapping in enumerate(distinct):
+                class_map = np.where(mapping < 0, c, mapping)[ids]  # -1 (no class) -> C
+                rows = drawn[np.reshape(which, -1) == j]
+                boundary[p][m][rows] += weights[rows, i][:, None, None] * metrics.counts(class_map, gt, c)
+    if seen != len(records):
+        raise ValueError(f"{seen} images of label maps for {len(records)} records; give one per record, in order")
+    return totals, info, boundary
+
+
+def boundary_draws(boundary: Mapping[str, Mapping[str, np.ndarray]], metrics: BoundaryMetrics,
+                   ) -> dict[str, dict[str, dict[str, np.ndarray]]]:
+    """Scores of :func:`protocol_boundary_totals`'s counts per row: ``{protocol: {metric: {method: (B,)}}}``."""
+    out: dict[str, dict[str, dict[str, np.ndarray]]] = {}
+    for p, per in boundary.items():
+        scored = {m: metrics.scores(t) for m, t in per.items()}
+        out[p] = {name: {m: np.asarray(v[name]) for m, v in scored.items()} for name in metrics.names}
+    return out
 
 
 def protocol_draws(records: Sequence[ImageRecord], num_classes: int, weights: np.ndarray,
@@ -359,11 +461,19 @@ def mean_locality(records: Iterable[ImageRecord]) -> float | None:
 
 def protocol_result(protocol: str, totals: Mapping[str, np.ndarray], info: Mapping[str, Any],
                     class_names: Sequence[str] | None = None, locality: float | None = None,
-                    criterion: str = "iou") -> dict[str, Any]:
+                    criterion: str = "iou", boundary: Mapping[str, np.ndarray] | None = None,
+                    metrics: BoundaryMetrics | None = None) -> dict[str, Any]:
     """The result of one protocol (as results.json stores it) from row 0 of :func:`protocol_totals`:
     ``{"protocol", "methods": {method: scores + details}, "num_images", ...}``; ``locality``
-    goes on EmerDiff's row (a property of its difference maps)."""
+    goes on EmerDiff's row (a property of its difference maps). With ``boundary`` (this protocol's
+    counts from :func:`protocol_boundary_totals`) and its ``metrics``, each method gets
+    ``"boundary": {metric: value}``."""
     methods = {m: {**scores_from_totals(t[0], class_names), **info["methods"][m]} for m, t in totals.items()}
+    if boundary is not None:
+        if metrics is None:
+            raise ValueError("protocol_result: boundary counts need the BoundaryMetrics that made them (metrics=)")
+        for m, counts in boundary.items():
+            methods[m]["boundary"] = {k: float(v) for k, v in metrics.scores(counts[0]).items()}
     if locality is not None and "emerdiff" in methods:
         methods["emerdiff"]["locality"] = locality
     out: dict[str, Any] = {"protocol": protocol}
@@ -433,11 +543,16 @@ def majority_protocol(records: Sequence[ImageRecord], num_classes: int, class_na
 
 
 def summary_rows(result: Mapping[str, Any],
-                 intervals: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None) -> list[dict[str, Any]]:
+                 intervals: Mapping[str, Mapping[str, Mapping[str, float]]] | None = None,
+                 boundary_intervals: Mapping[str, Mapping[str, Mapping[str, Mapping[str, float]]]] | None = None,
+                 ) -> list[dict[str, Any]]:
     """Flat rows (protocol, method, miou, miou_lo, miou_hi, pixel_accuracy, ..., locality) of a
-    protocol result; ``miou_lo``/``miou_hi`` from ``intervals`` (bootstrap), None without."""
+    protocol result; ``miou_lo``/``miou_hi`` from ``intervals`` (bootstrap), None without. A method
+    with boundary metrics gets, after those, ``<metric>``, ``<metric>_lo``, ``<metric>_hi`` for each
+    (``boundary_intervals``: ``{protocol: {metric: {method: interval}}}``)."""
     rows = []
     per = (intervals or {}).get(result["protocol"], {})
+    per_boundary = (boundary_intervals or {}).get(result["protocol"], {})
     for method, res in result["methods"].items():
         ci = per.get(method) or {}
         rows.append({
@@ -451,6 +566,9 @@ def summary_rows(result: Mapping[str, Any],
             "num_images": result["num_images"],
             "locality": res.get("locality"),
         })
+        for name, value in res.get("boundary", {}).items():
+            ci = per_boundary.get(name, {}).get(method) or {}
+            rows[-1].update({name: value, f"{name}_lo": ci.get("lo"), f"{name}_hi": ci.get("hi")})
     return rows
 
 

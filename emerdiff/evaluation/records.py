@@ -1,7 +1,8 @@
 """Per-image records: what the protocols need from one segmented image, and their on-disk cache.
 
 Every image contributes an :class:`ImageRecord`: per method (EmerDiff,
-nearest and bilinear upsampling, and any other method a record holds) the
+nearest and bilinear upsampling, the image-guided upsamplings (guided filter,
+joint bilateral), and any other method a record holds) the
 joint histogram ``counts[m, c]`` (pixels of mask m with GT class c, at GT
 resolution) of that method's per-pixel mask-id map, plus the masks'
 embeddings. EmerDiff and the two upsamplings label pixels with the same K'
@@ -34,13 +35,18 @@ from emerdiff.evaluation.metrics import confusion_matrix
 from emerdiff.files import write_atomic_bytes
 from emerdiff.sd.images import resize_labels
 
-METHODS: tuple[str, ...] = ("emerdiff", "nearest", "bilinear")
+METHODS: tuple[str, ...] = ("emerdiff", "nearest", "bilinear", "guided_filter", "joint_bilateral")
 # Segmentation attribute holding each method's per-pixel mask-id map.
 METHOD_FIELDS: dict[str, str] = {
     "emerdiff": "labels",
     "nearest": "nearest_labels",
     "bilinear": "bilinear_labels",
+    "guided_filter": "guided_filter_labels",
+    "joint_bilateral": "joint_bilateral_labels",
 }
+# Methods a segmentation may lack (results and segmenters from before they existed, injected segmenters):
+# its record then does not hold them (marked missing) instead of refusing the image.
+OPTIONAL_METHODS: tuple[str, ...] = ("guided_filter", "joint_bilateral")
 RECORD_VERSION = 2  # 2: image id + image/labels/settings hashes, verified on every run
 
 
@@ -129,7 +135,8 @@ def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
     ``seg`` needs ``labels``, ``nearest_labels``, ``bilinear_labels`` (mask
     ids, any size: resized to the GT with nearest if different),
     ``lowres_labels``, ``mask_embeddings``, ``query_features`` and optionally
-    ``locality``, ``config``, ``model``.
+    ``guided_filter_labels``, ``joint_bilateral_labels`` (:data:`OPTIONAL_METHODS`: absent or None,
+    the record does not hold that method), ``locality``, ``config``, ``model``.
 
     Further methods are scored too: ``seg``'s ``extra_labels`` (name -> mask-id
     map in the shared low-res mask ids, as ``Segmentation.extra_labels``) and
@@ -150,6 +157,8 @@ def build_record(image_id: str, seg: Any, gt: np.ndarray, num_classes: int,
     counts = {}
     for m in methods:
         ids = segmentation_field(seg, METHOD_FIELDS[m])
+        if ids is None and m in OPTIONAL_METHODS:
+            continue
         if ids is None:
             raise ValueError(f"segmentation lacks {METHOD_FIELDS[m]!r} needed for method {m!r}")
         counts[m] = mask_class_counts(ids, gt, k, num_classes, ignore_index)
@@ -302,7 +311,8 @@ def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | N
                 key: dict[str, str] | None = None) -> None:
     """Store a record (+ optional full-size label maps and GT for inspection) as one .npz.
 
-    ``key`` (:func:`content_key`) is stored with it so a later run can verify it.
+    ``key`` (:func:`content_key`) is stored with it so a later run can verify it. A map that is None
+    (an :data:`OPTIONAL_METHODS` map the segmentation lacks) is not stored.
     """
     arrays: dict[str, np.ndarray] = {
         **{k: np.array(v) for k, v in (key or {}).items()},
@@ -321,6 +331,9 @@ def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | N
     if record.locality is not None:
         arrays["locality"] = np.asarray(record.locality, dtype=np.float64)
     for name, value in (maps or {}).items():
+        if value is None or (isinstance(value, np.ndarray) and value.dtype == object and value.ndim == 0
+                             and value.item() is None):
+            continue
         # mask ids and class ids are small: int32 keeps any ignore index exact
         arrays[f"map_{name}"] = np.asarray(value).astype(np.int32)
     buf = io.BytesIO()
@@ -361,6 +374,25 @@ def _load_record(path: Path) -> ImageRecord:
         )
 
 
+def load_maps(path: Path, image_id: str | None = None) -> dict[str, np.ndarray]:
+    """The label maps :func:`save_record` stored with a record: ``{"gt": ..., method: mask ids, ...}``
+    (the boundary metrics need them; the region protocols do not)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            stored = str(z["image_id"])
+            maps = {k[len("map_"):]: z[k] for k in z.files if k.startswith("map_")}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as err:
+        raise RecordError(f"per-image record {path} is unreadable ({type(err).__name__}: {err}); "
+                          "run evaluate again to recompute it") from err
+    if image_id is not None and stored != image_id:
+        raise RecordError(f"per-image record {path} holds image {stored!r}, not {image_id!r}; "
+                          "run evaluate again to recompute it")
+    if "gt" not in maps:
+        raise RecordError(f"per-image record {path} holds no label maps (map_gt, map_<method>); "
+                          "run evaluate again into a fresh --out to store them")
+    return maps
+
+
 class RecordFiles(Sequence[ImageRecord]):
     """Lazy sequence of records on disk: the protocols read it twice without holding it all."""
 
@@ -377,3 +409,10 @@ class RecordFiles(Sequence[ImageRecord]):
     def __iter__(self) -> Iterator[ImageRecord]:
         for i in range(len(self.paths)):
             yield self[i]
+
+
+class MapFiles(RecordFiles):
+    """Lazy sequence of the label maps stored with records on disk (:func:`load_maps`)."""
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:  # type: ignore[override]
+        return load_maps(self.paths[i], self.image_ids[i])

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 
 from emerdiff.config import EmerDiffConfig
-from emerdiff.evaluation.bootstrap import bootstrap_weights, summarize_draws
+from emerdiff.evaluation.bootstrap import bootstrap_weights, boundary_intervals, summarize_draws
+from emerdiff.evaluation.boundary import BoundaryMetrics
 from emerdiff.evaluation.datasets import SegmentationDataset, folder_dataset
 from emerdiff.evaluation.metrics import confusion_matrix, miou_rows, scores
 from emerdiff.evaluation.protocols import (
@@ -50,14 +51,15 @@ from emerdiff.evaluation.protocols import (
     PROTOCOLS,
     mean_locality,
     per_class_rows,
+    protocol_boundary_totals,
     protocol_result,
-    protocol_totals,
     summary_rows,
 )
 from emerdiff.evaluation.records import (
     METHOD_FIELDS,
     METHODS,
     RECORD_VERSION,
+    MapFiles,
     RecordFiles,
     build_record,
     content_key,
@@ -375,19 +377,24 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
     mask_protocols = [p for p in protocols if p in KNOWN_PROTOCOLS]
     scored: dict[str, dict[str, Any]] = {}
     intervals: dict[str, Any] = {}
+    edges: dict[str, Any] = {}  # boundary metrics' intervals: {protocol: {metric: {method: interval}}}
+    metrics = BoundaryMetrics(ignore_index=dataset.ignore_index)
     if mask_protocols:
         # row 0 of the weights is every image once (the protocols' values), the rest the resamples
         weights = bootstrap_weights(len(records), max(n_boot, 0), bootstrap_seed)
-        totals, info = protocol_totals(records, dataset.num_classes, weights, mask_protocols,
-                                       ignore_index=dataset.ignore_index, seed=seed)
+        totals, info, boundary = protocol_boundary_totals(
+            records, MapFiles(paths, records.image_ids), dataset.num_classes, weights, mask_protocols,
+            ignore_index=dataset.ignore_index, seed=seed, metrics=metrics)
         locality = mean_locality(records)
-        scored = {p: protocol_result(p, totals[p], info[p], dataset.class_names, locality) for p in mask_protocols}
+        scored = {p: protocol_result(p, totals[p], info[p], dataset.class_names, locality, boundary=boundary[p],
+                                     metrics=metrics) for p in mask_protocols}
         if n_boot > 0:
             intervals = {p: summarize_draws({m: miou_rows(t) for m, t in totals[p].items()}, level, len(records))
                          for p in mask_protocols}
+            edges = boundary_intervals(boundary, metrics, level, len(records))
     results = [openvocab_result(out, dataset, indices, labeller) if protocol == "openvocab" else scored[protocol]
                for protocol in protocols]
-    rows = [row for res in results for row in summary_rows(res, intervals)]
+    rows = [row for res in results for row in summary_rows(res, intervals, edges)]
     for row in rows:
         note = intervals.get(row["protocol"], {}).get(row["method"], {}).get("note")
         if note:
@@ -398,6 +405,7 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
         "rows": rows,
         "protocols": results,
         "intervals": intervals,
+        "boundary_intervals": edges,
         "config": {
             **run_info,
             "class_names": list(dataset.class_names),
@@ -407,6 +415,7 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
             "segmentation_config": first.meta.get("config"),
             "segmentation_model": first.meta.get("model"),
             "protocol_seed": seed,
+            "boundary": metrics.settings(),
             "bootstrap": {"resamples": n_boot, "seed": bootstrap_seed, "level": level, "unit": "image",
                           "paired": True},
         },
@@ -426,10 +435,36 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
               "num_images", "locality", *run_columns]
     if notes:
         fields.insert(fields.index("miou_hi") + 1, "interval_note")
+    fields += [f"{name}{end}" for name in (metrics.names if mask_protocols else ()) for end in ("", "_lo", "_hi")]
     write_atomic_bytes(out / "results.csv", _csv_text(fields, rows, run_columns))
     write_atomic_bytes(out / "per_class.csv",
                        _csv_text(["protocol", "method", "class_id", "class", "iou"], class_rows, {}))
     return payload
+
+
+def boundary_lines(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """The printed table's boundary block: per protocol x method, Boundary IoU and boundary F with their
+    intervals and the trimap IoU curve (rows as :func:`~emerdiff.evaluation.protocols.summary_rows` gives)."""
+    def span(row: dict[str, Any], name: str) -> str:
+        lo, hi = row.get(f"{name}_lo"), row.get(f"{name}_hi")
+        return "" if lo is None or not math.isfinite(lo) else f" [{lo:6.2f}, {hi:6.2f}]"
+
+    def num(v: Any) -> str:
+        return "   n/a" if v is None or not math.isfinite(v) else f"{v:6.2f}"
+
+    lines = []
+    for row in rows:
+        if "boundary_iou" not in row:
+            continue
+        trimap = [k for k in row if k.startswith("trimap_iou_") and not k.endswith(("_lo", "_hi"))]
+        if not lines:
+            widths = "/".join(k[len("trimap_iou_"):] for k in trimap)
+            lines.append(f"  boundary metrics (Boundary IoU, boundary F, trimap IoU at {widths} px of a GT boundary):")
+        curve = "/".join(num(row[k]).strip() for k in trimap)
+        lines.append(f"  {row['protocol']:<19} {row['method']:<17} bIoU {num(row['boundary_iou'])}"
+                     f"{span(row, 'boundary_iou')}  bF {num(row['boundary_f'])}{span(row, 'boundary_f')}  "
+                     f"trimap {curve}")
+    return lines
 
 
 def _csv_text(fields: Sequence[str], rows: Sequence[dict[str, Any]], extra: dict[str, Any]) -> bytes:
@@ -639,6 +674,8 @@ def _finish(out: Path, dataset: SegmentationDataset, indices: Sequence[int], cho
                 span = "" if lo is None or not math.isfinite(lo) else f" [{lo:6.2f}, {hi:6.2f}]"
             print(f"  {row['protocol']:<19} {row['method']:<17} mIoU {row['miou']:6.2f}{span}  "
                   f"pixel acc {row['pixel_accuracy']:6.2f}", file=sys.stderr)
+        for line in boundary_lines(payload["rows"]):
+            print(line, file=sys.stderr)
         for note in dict.fromkeys(n.split(": ", 1)[1] for n in payload.get("notes", [])):
             print(f"  note: {note}", file=sys.stderr)
     if failed:  # always said, quiet or not: the table covers fewer images than asked for
