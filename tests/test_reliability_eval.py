@@ -381,3 +381,16 @@ def test_sweep_records_that_are_not_rows_are_dropped(tmp_path):
                                     + "\n")
     assert _read_records(tmp_path) == [good]
     assert (tmp_path / RECORDS).read_text() == json.dumps(good) + "\n"  # rewritten without them
+
+
+@pytest.mark.parametrize("kwargs", [dict(timesteps=[201.7]), dict(timesteps=[True]), dict(strengths=["10"])])
+def test_sweep_refuses_a_wrong_type_before_loading_a_named_model(monkeypatch, kwargs):
+    import emerdiff.sd.loading
+    from emerdiff.studies.sweep import sweep
+
+    def refuse(*args, **kw):
+        raise AssertionError("the model was loaded although a swept value has the wrong type")
+
+    monkeypatch.setattr(emerdiff.sd.loading, "load_pipeline", refuse)
+    with pytest.raises(ValueError, match="is not"):
+        sweep("photo.png", model="tiny", progress=False, **kwargs)

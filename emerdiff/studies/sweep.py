@@ -306,6 +306,10 @@ def sweep(
     from emerdiff.method.pipeline import MODULATION_FIELDS, EmerDiff, PreparedImage
     from emerdiff.studies.probes import perturb_images, short_layer
 
+    for name, values, kind in (("layers", layers, "layer"), ("timesteps", timesteps, "int"),
+                               ("strengths", strengths, "number"), ("masks", masks, "int")):
+        if values is not None:  # a value of the wrong type is refused before a named model is loaded
+            _checked(name, _as_list(values, None, name), kind)
     ed = _resolve(ed, model, config)
     cfg = ed.config
     swept = sorted(set(overrides) & set(SWEPT))
