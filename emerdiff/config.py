@@ -108,6 +108,15 @@ class EmerDiffConfig:
     # None: the paper's argmax over every mask; r: each pixel chooses among the masks found within
     # r tokens of its own token (docs/DEPARTURES.md; r = 0 gives nearest upsampling)
     assign_radius: int | None = None
+    # image-guided upsampling baselines (Segmentation.guided_filter_labels / joint_bilateral_labels): the
+    # per-cluster score maps of the bilinear baseline filtered guided by the image at `resolution`, pixels at
+    # `resolution`. Chosen on the reference model's validation scenes at 128 px (concept mIoU, the best grid point
+    # of each, on the grid's edge: docs/reference/guided_upsampling_validation.md); not validated at 512 px,
+    # and not scaled up there: kornia's filters cost grows with the window's area.
+    guided_radius: int = 24  # guided filter (He et al.): box radius, pixels
+    guided_eps: float = 1e-5  # guided filter regulariser, squared RGB units in [0, 1]
+    bilateral_sigma_space: float = 16.0  # joint bilateral (Kopf et al.): spatial sigma, pixels
+    bilateral_sigma_color: float = 0.01  # joint bilateral: colour sigma, RGB distance in [0, 1]
     # execution
     seed: int = 0
     max_batch: int = 16  # UNet batch in the modulated denoising (reference included)
@@ -206,9 +215,25 @@ class EmerDiffConfig:
                 f"modulation_strength (--strength, lambda) must lie in [-{MAX_STRENGTH:g}, {MAX_STRENGTH:g}], "
                 f"got {self.modulation_strength}; the paper uses 10"
             )
+        self.check_guided()
         if self.readout_steps is not None and self.readout_steps < 1:
             raise ValueError("readout_steps must be None (full schedule) or >= 1")
         self.check_diffseg()
+
+    def check_guided(self) -> None:
+        """The image-guided upsampling baselines' parameters (guided_radius, guided_eps,
+        bilateral_sigma_space, bilateral_sigma_color); a ValueError names the field, value and range."""
+        _check_int("guided_radius", self.guided_radius)
+        if not 1 <= self.guided_radius <= self.resolution // 2:
+            raise ValueError(f"guided_radius must lie in [1, resolution/2 = {self.resolution // 2}] pixels, got "
+                             f"{self.guided_radius}; the default is {EmerDiffConfig.guided_radius}")
+        for name, top in (("guided_eps", 1.0), ("bilateral_sigma_space", self.resolution / 4),
+                          ("bilateral_sigma_color", 2.0)):
+            value = getattr(self, name)
+            _check_number(name, value)
+            if not 0 < value <= top:
+                raise ValueError(f"{name} must lie in (0, {top:g}], got {value}; "
+                                 f"the default is {getattr(EmerDiffConfig, name)}")
 
     def check_diffseg(self) -> None:
         """The Step A source and DiffSeg's constants (checked even when k-means is used, so a bad

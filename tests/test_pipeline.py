@@ -84,6 +84,28 @@ def test_segment_outputs(tiny_model, fast_config, photo):
     assert seg.nearest_labels[-1, -1] == seg.lowres_labels[-1, -1]
 
 
+def test_segment_image_guided_baselines(tiny_model, fast_config, photo):
+    """The guided filter and joint bilateral baselines read the same segments, guided by the image at the
+    model resolution with the config's parameters, and come back at the input's size."""
+    from emerdiff.method.readout import guided_filter_upsample, joint_bilateral_upsample
+    from emerdiff.sd.images import load_image, resize_labels, to_model_input
+
+    cfg = fast_config.replace(guided_radius=6, guided_eps=1e-3, bilateral_sigma_space=3.0, bilateral_sigma_color=0.2)
+    seg = EmerDiff(tiny_model, cfg).segment(photo, progress=False)
+    guide = (to_model_input(load_image(photo), 128)[0] + 1) / 2
+    args = (seg.query_features, seg.centroids, (4, 4), guide)
+    expected_gf = resize_labels(guided_filter_upsample(*args, 6, 1e-3), (512, 512))
+    expected_jb = resize_labels(joint_bilateral_upsample(*args, 3.0, 0.2), (512, 512))
+    np.testing.assert_array_equal(seg.guided_filter_labels, expected_gf)
+    np.testing.assert_array_equal(seg.joint_bilateral_labels, expected_jb)
+    for labels in (seg.guided_filter_labels, seg.joint_bilateral_labels):
+        assert labels.shape == (512, 512) and set(np.unique(labels)) <= set(range(seg.num_segments))
+    # the parameters reach the readout: another radius changes the guided filter's labels
+    other = EmerDiff(tiny_model, cfg.replace(guided_radius=20)).segment(photo, progress=False)
+    assert not np.array_equal(other.guided_filter_labels, seg.guided_filter_labels)
+    np.testing.assert_array_equal(other.bilinear_labels, seg.bilinear_labels)
+
+
 def test_same_seed_bit_identical(tiny_model, fast_config, photo):
     a = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
     b = EmerDiff(tiny_model, fast_config).segment(photo, return_difference_maps=True, progress=False)
@@ -100,6 +122,7 @@ def test_labels_have_input_size(tiny_model, fast_config, h, w):
     img = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     seg = EmerDiff(tiny_model, fast_config.replace(num_clusters=3)).segment(img, progress=False)
     assert seg.labels.shape == (h, w) and seg.bilinear_labels.shape == (h, w)
+    assert seg.guided_filter_labels.shape == seg.joint_bilateral_labels.shape == (h, w)
     assert seg.image_size == (h, w)
 
 

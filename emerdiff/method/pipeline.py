@@ -35,11 +35,13 @@ from emerdiff.method.modulation import (
 from emerdiff.method.readout import (
     bilinear_upsample,
     check_difference_maps,
+    guided_filter_upsample,
+    joint_bilateral_upsample,
     locality,
     nearest_upsample,
     readout_labels,
 )
-from emerdiff.sd.images import ImageInput, load_image, resize_labels
+from emerdiff.sd.images import ImageInput, load_image, resize_labels, to_model_input
 from emerdiff.sd.loading import SDPipeline, feature_resolution
 
 
@@ -51,6 +53,10 @@ class Segmentation:
         labels: (H, W) EmerDiff labels at the original image size.
         lowres_labels: (h, w) k-means labels on the query layer's token grid.
         nearest_labels, bilinear_labels: (H, W) upsampling baselines of the same segments.
+        guided_filter_labels, joint_bilateral_labels: (H, W) image-guided upsampling baselines of the same
+            segments: the bilinear baseline's score maps filtered guided by the image at ``resolution``
+            (:func:`emerdiff.method.readout.guided_filter_upsample`, ``joint_bilateral_upsample``), then
+            resized (nearest) to the image's size; None in results made before they existed.
         mask_embeddings: (K', C) mean query vector inside each low-res mask.
         query_features: (h*w, C) the clustered query vectors (unit length when
             ``feature_normalization="l2"``; embeddings and centroids are in the same space).
@@ -86,6 +92,8 @@ class Segmentation:
     extra_labels: dict[str, np.ndarray] = field(default_factory=dict)
     faithfulness: dict[str, float] = field(default_factory=dict)
     symmetry: np.ndarray | None = None
+    guided_filter_labels: np.ndarray | None = None
+    joint_bilateral_labels: np.ndarray | None = None
 
     @property
     def num_segments(self) -> int:
@@ -453,6 +461,13 @@ class EmerDiff:
         with clock("baselines"):
             nearest = nearest_upsample(segs.labels, size)
             bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, size)
+            # the image as the model sees it, so the filters' pixel parameters mean the same at any input size
+            guide = (to_model_input(prepared.image, cfg.resolution)[0] + 1) / 2
+            guided = resize_labels(guided_filter_upsample(segs.features, segs.centroids, prepared.grid, guide,
+                                                          cfg.guided_radius, cfg.guided_eps), size)
+            bilateral = resize_labels(joint_bilateral_upsample(segs.features, segs.centroids, prepared.grid, guide,
+                                                               cfg.bilateral_sigma_space, cfg.bilateral_sigma_color),
+                                      size)
         clock.timings["total"] = time.perf_counter() - t_start
         return Segmentation(
             labels=labels,
@@ -475,6 +490,8 @@ class EmerDiff:
             {"diffseg": prepared.diffseg.pixel_labels(size, cfg.resolution, segs.labels)},
             faithfulness=faithfulness,
             symmetry=sym,
+            guided_filter_labels=guided,
+            joint_bilateral_labels=bilateral,
         )
 
     def refine(self, image: ImageInput, lowres_labels: np.ndarray, **kwargs: Any) -> Segmentation:

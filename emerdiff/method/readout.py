@@ -1,4 +1,5 @@
-"""Step D: difference maps -> pixel labels; the upsampling baselines; locality.
+"""Step D: difference maps -> pixel labels; the upsampling baselines (nearest, bilinear, and the
+image-guided guided filter and joint bilateral upsampling); locality.
 
 :func:`readout_labels` is Step D, the one entry every caller uses (``EmerDiff.segment`` and
 ``EmerDiff.readout``, the inspector, the probes, the diagnosis, the sweep, the benchmarks): it reads
@@ -8,6 +9,7 @@ every Step D setting (:data:`READOUT_FIELDS`) from the config, so no caller can 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -159,6 +161,17 @@ def nearest_upsample(lowres_labels: np.ndarray, size: tuple[int, int]) -> np.nda
     return resize_labels(lowres_labels, size)
 
 
+def cluster_score_maps(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int],
+                       size: tuple[int, int]) -> torch.Tensor:
+    """``(1, K, H, W)`` per-cluster score maps upsampled bilinearly to ``size``: the score of cluster k at
+    a token is minus the squared distance of its query vector to centroid k (what every upsampling
+    baseline reads; only the step after this differs)."""
+    f = torch.as_tensor(features, dtype=torch.float32)
+    c = torch.as_tensor(centroids, dtype=torch.float32)
+    scores = -torch.cdist(f, c).pow(2).T.reshape(1, c.shape[0], *grid)
+    return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
+
+
 def bilinear_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
     """Baseline: bilinear upsampling of the per-cluster score maps, then argmax.
 
@@ -167,11 +180,84 @@ def bilinear_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[i
     ``size`` and each pixel takes the best cluster. (Cheaper than upsampling
     the C-dimensional features and close to it.)
     """
-    f = torch.as_tensor(features, dtype=torch.float32)
-    c = torch.as_tensor(centroids, dtype=torch.float32)
-    scores = -torch.cdist(f, c).pow(2).T.reshape(1, c.shape[0], *grid)
-    up = F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
-    return up[0].argmax(0).numpy()
+    return cluster_score_maps(features, centroids, grid, size)[0].argmax(0).numpy()
+
+
+def guide_image(image: torch.Tensor | np.ndarray) -> torch.Tensor:
+    """``(1, C, H, W)`` float guide in [0, 1] from a ``(3, H, W)`` tensor in [0, 1] (the pipeline's
+    image) or an ``(H, W, 3)`` / ``(H, W)`` array (uint8 in 0-255, float in [0, 1])."""
+    if isinstance(image, torch.Tensor):
+        x = image.detach().float().cpu()
+        if x.ndim == 2:
+            x = x[None]
+        if x.ndim != 3:
+            raise ValueError(f"guide image tensor has shape {tuple(image.shape)}; give (3, H, W) or (H, W) in [0, 1]")
+        return x[None]
+    arr = np.asarray(image)
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"guide image array has shape {arr.shape}; give (H, W, 3) or (H, W)")
+    x = torch.from_numpy(arr.astype(np.float32) / (255.0 if arr.dtype == np.uint8 else 1.0))
+    return (x[None] if x.ndim == 2 else x.permute(2, 0, 1))[None]
+
+
+def _border(radius: int, size: tuple[int, int]) -> str:
+    # reflect padding needs pad < size (as gaussian_blur); tiny images fall back to replicate
+    return "reflect" if radius < min(size) else "replicate"
+
+
+def _positive(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def guided_filter_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int],
+                           image: torch.Tensor | np.ndarray, radius: int, eps: float) -> np.ndarray:
+    """Baseline: the guided filter (He et al., ECCV 2010 / TPAMI 2013) of the upsampled score maps, then argmax.
+
+    The per-cluster score maps of :func:`bilinear_upsample`, upsampled bilinearly to the image's size,
+    are each filtered guided by the RGB ``image`` (:func:`guide_image`; colour guide, a 3x3 solve per
+    pixel, ``kornia.filters.guided_blur``): inside a (2 radius + 1)^2 box every output is locally an
+    affine function of the image's colour, so score edges snap to colour edges. ``eps`` (in squared
+    [0, 1] colour units) is the regulariser: a box whose colour variance is far below ``eps`` gets
+    the box mean of the scores, one far above it follows the colour.
+
+    Returns ``(H, W)`` int64 cluster ids at the image's size.
+    """
+    from kornia.filters import guided_blur
+
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
+        raise ValueError(f"guided filter radius must be an integer >= 1 pixel, got {radius!r}")
+    _positive("guided filter eps", eps)
+    guide = guide_image(image)
+    size = tuple(guide.shape[-2:])
+    scores = cluster_score_maps(features, centroids, grid, size)
+    out = guided_blur(guide, scores, 2 * int(radius) + 1, float(eps), border_type=_border(int(radius), size))
+    return out[0].argmax(0).numpy().astype(np.int64)
+
+
+def joint_bilateral_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int],
+                             image: torch.Tensor | np.ndarray, sigma_space: float, sigma_color: float) -> np.ndarray:
+    """Baseline: joint bilateral upsampling (Kopf et al., SIGGRAPH 2007) of the score maps, then argmax.
+
+    The per-cluster score maps of :func:`bilinear_upsample`, upsampled bilinearly to the image's size,
+    are each averaged with weights exp(-d^2 / 2 sigma_space^2) exp(-||I_p - I_q||^2 / 2 sigma_color^2)
+    (d in pixels, the colour distance Euclidean in RGB in [0, 1]; ``kornia.filters.joint_bilateral_blur``
+    over a window of radius ceil(2 sigma_space)), so no score crosses a colour edge.
+
+    Returns ``(H, W)`` int64 cluster ids at the image's size.
+    """
+    from kornia.filters import joint_bilateral_blur
+
+    _positive("joint bilateral sigma_space", sigma_space)
+    _positive("joint bilateral sigma_color", sigma_color)
+    guide = guide_image(image)
+    size = tuple(guide.shape[-2:])
+    scores = cluster_score_maps(features, centroids, grid, size)
+    radius = math.ceil(2 * sigma_space)
+    out = joint_bilateral_blur(scores, guide, 2 * radius + 1,
+                               float(sigma_color), (float(sigma_space), float(sigma_space)),
+                               border_type=_border(radius, size), color_distance_type="l2")
+    return out[0].argmax(0).numpy().astype(np.int64)
 
 
 def locality(difference_maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
