@@ -5,7 +5,8 @@
 
 writes ``OUT/data`` (images/, labels/, classes.txt), the ordinary
 ``emerdiff evaluate`` outputs, and ``OUT/results.md``: one table with mIoU of
-EmerDiff, bilinear and nearest upsampling under both protocols, the open-
+EmerDiff, bilinear and nearest upsampling and the image-guided upsamplings (guided filter,
+joint bilateral) under both protocols, the open-
 vocabulary rows of the cross-attention labeller, the mean locality, and the
 settings used.
 """
