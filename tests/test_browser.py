@@ -4,7 +4,9 @@ Run with `make test-browser` (the `browser` marker is deselected in the default 
 It starts JupyterLab on a free local port over a temporary copy of notebooks/05_inspector.ipynb
 (parameters set to a small size of the reference model, the same save hook as `make lab`), runs it,
 drags the lambda slider, picks another layer, clicks a segment on the image, and checks that the
-figure and the widgets changed and that no error output appeared. Screenshots go to
+figure and the widgets changed and that no error output appeared. At a 1400x900 window it checks the fit
+(the sliders and the figure inside the visible notebook area together) and the colours (a segment's colour in
+the segment panel is its colour in the labels panel, read from the canvas pixels). Screenshots go to
 runs/browser-test/ (ignored by git). Server, kernel and browser are stopped by PID at the end.
 """
 
@@ -34,7 +36,7 @@ SHOTS = ROOT / "runs" / "browser-test"
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--window-size=1500,1200"]
+                  "--window-size=1400,900"]  # the issue's window
 # Small enough for a 2-core CPU: each recompute is a fraction of a second.
 PARAMETERS = dict(model="reference", images=["scene:100"], resolution=128, num_clusters=4, num_inference_steps=10,
                   modulation_timestep=201, max_batch=9, slider_timesteps=[201, 101], torch_threads=1)
@@ -201,6 +203,44 @@ def idle(driver: Any) -> bool:
     return status == "idle" and any(t.strip() == "ready" for t in page_text(driver, ".widget-html"))
 
 
+def visible_area(driver: Any, element: Any) -> dict[str, float]:
+    """The element's box and the box of the notebook area that shows it (scroll container within the window)."""
+    return js(driver, """
+        const el = arguments[0], r = el.getBoundingClientRect();
+        // what a click at the element's centre would hit: the element itself unless something covers or clips it
+        const hit = document.elementFromPoint((r.left + r.right) / 2, (r.top + r.bottom) / 2);
+        const own = el.closest('.jupyter-matplotlib-figure') || el;
+        const box = (el.closest('.jp-WindowedPanel-outer') || el.closest('.jp-Notebook')).getBoundingClientRect();
+        return {top: r.top, bottom: r.bottom, left: r.left, right: r.right,
+                area_top: Math.max(box.top, 0), area_bottom: Math.min(box.bottom, window.innerHeight),
+                area_left: Math.max(box.left, 0), area_right: Math.min(box.right, window.innerWidth),
+                window_height: window.innerHeight, on_top: !!hit && own.contains(hit),
+                width: r.width, height: r.height};""", element)
+
+
+def canvas_image(driver: Any) -> Any:
+    """The figure canvas' pixels as an (H, W, 3) uint8 array."""
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = js(driver, "return document.querySelector('.jupyter-matplotlib-figure canvas').toDataURL('image/png');")
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(data.split(",", 1)[1]))).convert("RGB"))
+
+
+def panel_pixels(pixels: Any, rect: tuple[float, float, float, float], n: int = 21) -> Any:
+    """An n x n grid of pixel colours inside a panel given as a figure-fraction rect (inset by 5 %)."""
+    import numpy as np
+
+    h, w = pixels.shape[:2]
+    left, bottom, width, height = rect
+    fx = left + width * np.linspace(0.05, 0.95, n)
+    fy = 1 - (bottom + height * np.linspace(0.95, 0.05, n))  # figure fractions count from the bottom
+    return pixels[np.ix_((fy * h).astype(int), (fx * w).astype(int))].reshape(-1, 3)
+
+
 def shot(driver: Any, name: str) -> Path:
     SHOTS.mkdir(parents=True, exist_ok=True)
     path = SHOTS / f"{name}.png"
@@ -229,13 +269,49 @@ def test_inspector_in_jupyterlab(lab, browser):
     d.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas[0])
     shot(d, "1_started")
     assert errors_on_page(d) == [], errors_on_page(d)
+
+    # 0a. the fit: with the inspector scrolled to its top, each slider and the figure are in view together
+    from emerdiff.notebook.inspector import panel_rects
+    from emerdiff.viz import palette
+
+    d.execute_script("arguments[0].closest('.widget-hbox').scrollIntoView({block: 'start'});", canvas[0])
+    time.sleep(0.5)
+    shot(d, "0_fit_1400x900")
+    sliders = d.find_elements(By.CSS_SELECTOR, ".widget-slider")
+    assert len(sliders) == 2  # lambda and t_m
+    for element in [canvas[0], *sliders]:
+        box = visible_area(d, element)
+        assert box["window_height"] <= 900 and box["on_top"] and box["width"] > 100 and box["height"] > 10, box
+        assert box["area_top"] - 1 <= box["top"] and box["bottom"] <= box["area_bottom"] + 1, box
+        assert box["area_left"] - 1 <= box["left"] and box["right"] <= box["area_right"] + 1, box
+
+    # 0b. the colours: at the same place in the segment panel and in the labels panel (the labels follow
+    # the segments away from boundaries) the pixels are mostly the very same palette colour
+    pixels = canvas_image(d)
+    rects = panel_rects()
+    seg_px, lab_px = panel_pixels(pixels, rects["image"]), panel_pixels(pixels, rects["labels"])
+    pal = palette(PARAMETERS["num_clusters"])
+    in_palette = (seg_px[:, None, :] == pal[None]).all(-1).any(-1)
+    assert in_palette.mean() > 0.8, in_palette.mean()  # solid segment colours (black outline aside)
+    same = (seg_px == lab_px).all(-1)
+    assert same[in_palette].mean() > 0.6, same[in_palette].mean()
     start = canvas_digest(d)
     status0 = " ".join(page_text(d, ".widget-html"))
 
     # 1. drag the lambda slider's handle (a real pointer drag; the value is sent on release)
+    d.execute_script("arguments[0].scrollIntoView({block: 'center'});", canvas[0])
     handle = d.find_element(By.CSS_SELECTOR, ".widget-slider .noUi-handle")
     ActionChains(d).click_and_hold(handle).move_by_offset(-25, 0).release().perform()
-    wait_for("the recompute after the lambda drag", lambda: idle(d) and canvas_digest(d) != start, 90)
+    dragged = time.monotonic()
+    # the chosen segment's pair is drawn first, with the labels marked stale (screenshot it if caught) ...
+    wait_for("the first redraw after the lambda drag", lambda: canvas_digest(d) != start, 90, every=0.05)
+    print(f"lambda drag -> first redraw: {time.monotonic() - dragged:.2f} s")
+    if any("stale" in t for t in page_text(d, ".widget-html")):
+        shot(d, "2a_lambda_preview_stale")
+    # ... then the other segments follow on the kernel's event loop and the labels turn current
+    wait_for("the labels to catch up", lambda: idle(d) and any("labels: current" in t
+                                                                for t in page_text(d, ".widget-html")), 90)
+    print(f"lambda drag -> labels current: {time.monotonic() - dragged:.2f} s")
     readout = d.find_element(By.CSS_SELECTOR, ".widget-slider .widget-readout").text
     assert float(readout.replace("\u2212", "-")) < 10.0, readout  # left of the starting lambda 10
     after_lambda = canvas_digest(d)
@@ -260,8 +336,10 @@ def test_inspector_in_jupyterlab(lab, browser):
     chosen = segment.first_selected_option.text
     canvas = d.find_element(By.CSS_SELECTOR, ".jupyter-matplotlib-figure canvas")
     w, h = canvas.size["width"], canvas.size["height"]
-    for fx, fy in [(0.06, 0.12), (0.28, 0.42), (0.06, 0.42), (0.28, 0.12), (0.17, 0.27)]:
-        # offsets from the canvas centre; the image panel spans about x 1-33 %, y 8-48 % of the figure
+    left, bottom, width, height = rects["image"]
+    for px, py in [(0.15, 0.15), (0.85, 0.85), (0.15, 0.85), (0.85, 0.15), (0.5, 0.5)]:
+        # offsets from the canvas centre to a point of the image panel (figure fractions from panel_rects)
+        fx, fy = left + px * width, 1 - (bottom + (1 - py) * height)
         ActionChains(d).move_to_element_with_offset(canvas, int((fx - 0.5) * w), int((fy - 0.5) * h)).click().perform()
         time.sleep(1.0)
         if Select(widget_select(d, "segment")).first_selected_option.text != chosen:

@@ -51,16 +51,19 @@ def test_initial_display(inspector, fast_config):
 
 def test_slider_moves_cost_only_modulated_steps(inspector):
     ins = inspector
+    k = ins.num_segments
     before = snapshot(ins)
+    assert ins.calls["runs"] == 2 * k  # the first display: every pair, one batch
     ins.timestep_slider.value = 101
     after = snapshot(ins)
     assert not np.array_equal(before["difference"], after["difference"])
-    assert ins.cache_info()["prepare"] == 1 and ins.calls["perturb"] == 2
+    # a t_m move runs the chosen segment's pair only, on the cached preparation
+    assert ins.cache_info()["prepare"] == 1 and ins.calls["perturb"] == 2 and ins.calls["runs"] == 2 * k + 2
     ins.layer_dropdown.value = "up_blocks.1.attentions.1.transformer_blocks.0.attn2"
     assert not np.array_equal(after["difference"], ins.displayed["difference"])
     assert ins.cache_info()["prepare"] == 1 and ins.calls["perturb"] == 3
     ins.timestep_slider.value = 201  # (t=201, new layer) was never computed -> one new batch
-    assert ins.calls["perturb"] == 4
+    assert ins.calls["perturb"] == 4 and ins.calls["runs"] == 2 * k + 6
     assert ins.errors == []
 
 
@@ -68,8 +71,9 @@ def test_lambda_sign_swaps_plus_and_minus(inspector):
     ins = inspector
     before = snapshot(ins)
     ins.lambda_slider.value = -ins.lambda_slider.value
-    np.testing.assert_allclose(ins.displayed["plus"], before["minus"], atol=1e-5)
-    np.testing.assert_allclose(ins.displayed["minus"], before["plus"], atol=1e-5)
+    # before: a batch of 2K + 1 runs; after: 3 (the chosen pair), so float sums differ in the last bits
+    np.testing.assert_allclose(ins.displayed["plus"], before["minus"], atol=1e-4)
+    np.testing.assert_allclose(ins.displayed["minus"], before["plus"], atol=1e-4)
     # ||I- - I+|| is symmetric in the sign, so the labels do not move
     np.testing.assert_allclose(ins.displayed["difference"], before["difference"], atol=1e-4)
     ins.lambda_slider.value = 0.0
@@ -132,14 +136,116 @@ def test_bad_timesteps_fail_early(tiny_model, fast_config):
         Inspector(EmerDiff(tiny_model, fast_config), {"x": np.zeros((64, 64, 3), np.uint8)}, timesteps=[250])
 
 
-def test_fits_1000_px_in_two_rows(inspector):
+def test_controls_beside_a_figure_that_fits(inspector):
+    """Controls in a column beside the figure, both inside 1000 x 560 px: a 1400x900 window shows them together."""
+    from emerdiff.notebook.inspector import CONTROLS_WIDTH
+
     ins = inspector
     width, height = ins.fig.get_size_inches() * ins.fig.dpi
-    assert width <= 1000 and height <= 700
-    rows = {round(ax.get_position().y0, 2) for ax in ins.axes.values()}
-    assert len(rows) == 2 and len(ins.axes) == 6
-    assert ins.widget.layout.max_width == "1000px"
+    assert width + int(CONTROLS_WIDTH.removesuffix("px")) <= 1000 and height <= 560
+    row = ins.widget.children[0]
+    controls, view = row.children
+    assert type(row).__name__ == "HBox" and view is ins.view
+    for w in (ins.lambda_slider, ins.timestep_slider, ins.layer_dropdown, ins.segment_select, ins.busy):
+        assert w in controls.children
+    # two rows of three square, non-overlapping panels
+    ins.fig.canvas.draw()
+    boxes = [ax.get_window_extent() for ax in ins.axes.values()]
+    assert len({round(b.y0) for b in boxes}) == 2 and len(boxes) == 6
+    assert all(abs(b.width - b.height) < 1 for b in boxes)
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1:])
     assert ins.displayed["unmodulated"].shape == ins.displayed["plus"].shape
+
+
+def test_one_colour_per_segment_in_every_panel(inspector):
+    """The segment panel and the labels panel paint segment i in the same colour (palette(K)[i])."""
+    from emerdiff.sd.images import resize_labels
+    from emerdiff.viz import mask_outline
+
+    ins = inspector
+    for _ in range(2):  # and after another segment is chosen
+        res = ins.ed.config.resolution
+        lowres = resize_labels(ins.prepared.segments.labels, (res, res))
+        outline = mask_outline(lowres == ins.segment_select.value)
+        outline[1:] |= outline[:-1]
+        outline[:, 1:] |= outline[:, :-1]
+        seg_panel = ins._artists["image"].get_array()
+        label_panel = np.asarray(ins._artists["labels"].get_array())
+        labels = ins.displayed["labels"]
+        for s in np.unique(labels):
+            seen = np.unique(np.asarray(seg_panel)[(lowres == s) & ~outline], axis=0)
+            painted = np.unique(label_panel[labels == s], axis=0)
+            assert len(seen) == 1 and len(painted) == 1 and np.array_equal(seen, painted), s
+        ins.segment_select.value = (ins.segment_select.value + 1) % ins.num_segments
+
+
+def test_toolbar_header_and_footer_off_in_ipympl(tiny_model, fast_config, photo, one_thread):
+    """In JupyterLab's widget backend the canvas shows the figure only: no toolbar over the segment panel."""
+    import matplotlib.pyplot as plt
+
+    pytest.importorskip("ipympl")
+    plt.switch_backend("module://ipympl.backend_nbagg")
+    try:
+        ins = Inspector(EmerDiff(tiny_model, fast_config), {"photo": photo}, timesteps=[201])
+        canvas = ins.fig.canvas
+        assert ins.view is canvas and canvas in ins.widget.children[0].children
+        assert canvas.toolbar_visible is False and not canvas.header_visible and not canvas.footer_visible
+        assert ins.errors == []
+        plt.close(ins.fig)
+    finally:
+        plt.switch_backend("Agg")  # this module's backend (get_backend() may name ipympl's by now)
+
+
+def test_lambda_change_runs_only_the_chosen_pair(tiny_model, fast_config, photo, one_thread):
+    """A lambda move runs 2 of the 2K runs; the labels panel says it is stale until the rest exist, then
+    shows what a full recompute at that lambda gives."""
+    ed = EmerDiff(tiny_model, fast_config)
+    ins = Inspector(ed, {"photo": photo}, timesteps=[201])
+    k = ins.num_segments
+    start_labels = ins.displayed["labels"].copy()
+    assert ins.labels_current and ins.calls["runs"] == 2 * k
+    ins.segment_select.value = sid = 1
+    ins.lambda_slider.value = 4.0
+    assert ins.calls["runs"] == 2 * k + 2 and ins.missing() == [i for i in range(k) if i != sid]
+    assert not ins.labels_current
+    np.testing.assert_array_equal(ins.displayed["labels"], start_labels)  # the older labels, kept ...
+    title = ins.axes["labels"].get_title()
+    assert "STALE" in title and "lambda 10" in title and f"1/{k}" in title  # ... and said to be older
+    assert "stale" in ins.status.value
+    full = Inspector(ed, {"photo": photo}, timesteps=[201], lazy_labels=False)
+    full.lambda_slider.value = 4.0
+    assert full.calls["runs"] == 4 * k and full.labels_current  # the full recompute: every pair again
+    # the chosen segment's map equals the full batch's (up to float sums over another batch shape)
+    np.testing.assert_allclose(ins.displayed["difference"], full.result()[0].difference("pair")[sid].numpy(),
+                               atol=1e-4)
+    assert ins.complete_labels()
+    assert ins.labels_current and ins.missing() == [] and ins.calls["runs"] == 4 * k
+    assert "STALE" not in ins.axes["labels"].get_title() and "labels: current" in ins.status.value
+    assert (ins.displayed["labels"] == full.displayed["labels"]).mean() > 0.999
+    assert not ins.complete_labels()  # nothing left to run
+
+
+def test_deferred_labels_follow_and_are_superseded(tiny_model, fast_config, photo, one_thread):
+    """With a scheduler the rest follows in chunks after the callback; a newer setting drops the older work."""
+    import emerdiff.notebook.inspector as mod
+
+    queue = []
+    ins = Inspector(EmerDiff(tiny_model, fast_config), {"photo": photo}, timesteps=[201], defer=queue.append)
+    k = ins.num_segments
+    assert queue == []  # the first display is complete
+    ins.lambda_slider.value = 3.0
+    ins.lambda_slider.value = 5.0  # moved on before the deferred batch of lambda 3 ran
+    runs = ins.calls["runs"]
+    assert len(queue) == 2
+    queue.pop(0)()  # lambda 3's batch: superseded, runs nothing
+    assert ins.calls["runs"] == runs
+    batches = 0
+    while queue:
+        queue.pop(0)()
+        batches += 1
+    assert ins.labels_current and ins.missing() == [] and ins.calls["runs"] == runs + 2 * (k - 1)
+    assert batches == -(-(k - 1) // mod.LAZY_CHUNK)
+    assert "STALE" not in ins.axes["labels"].get_title()
 
 
 def test_busy_label_during_recompute(inspector, monkeypatch):
@@ -155,10 +261,12 @@ def test_busy_label_during_recompute(inspector, monkeypatch):
 
     monkeypatch.setattr(mod, "perturb_images", spy)
     ins.lambda_slider.value = 7.0
-    assert len(seen) == 1 and f"computing {2 * ins.num_segments} modulated runs" in seen[0]
+    assert len(seen) == 1 and f"computing 2 runs (segment {ins.segment_select.value})" in seen[0]
     assert ins.busy.value == mod.IDLE and "computing" in ins.busy_log[-1]
+    ins.complete_labels()  # the other segments' pairs, one batch
+    assert len(seen) == 2 and f"computing {2 * ins.num_segments - 2} runs" in seen[1]
     ins.segment_select.value = (ins.segment_select.value + 1) % ins.num_segments  # cached: no busy label
-    assert len(seen) == 1
+    assert len(seen) == 2
 
 
 def test_lambda_zero_is_explained_in_place(inspector):

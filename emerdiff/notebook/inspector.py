@@ -7,16 +7,29 @@
 Pick an image, choose a segment by clicking on the image or from the list,
 move the lambda / modulation-timestep sliders or change the modulation layer:
 I+, I-, the difference map of the chosen segment and the full-resolution
-labels of all segments update. The panels sit in two rows of three (under
-1000 px wide, so they fit beside JupyterLab's file browser); a busy label
-next to the sliders says when a recompute (a few seconds on a CPU) is running.
+labels of all segments update. The controls sit in a column beside the figure
+(two rows of three square panels), so every slider and the panels it changes
+are on screen together in a 1400x900 window with JupyterLab's file browser
+open; a busy label in that column says when a recompute is running.
 lambda = 0 perturbs nothing: the panels say so instead of showing a black map.
+Every panel colours segment ``i`` with ``viz.palette(K)[i]``: the segment
+panel shows the low-res segments in the labels panel's colours (the photo is
+the I0 panel).
 
 Cost model: :meth:`EmerDiff.prepare` (encode, inversion up to the *largest*
-timestep the slider offers, k-means) runs once per image and is cached, so a
-slider move costs only one batched modulated denoising (all segments, both
-signs) and the decodes; choosing another segment costs nothing (the results of
-the last few settings are cached too).
+timestep the slider offers, k-means) runs once per image and is cached. A
+change of lambda, t_m or layer first runs only the *chosen* segment's +/-lambda
+pair (``mask_ids=[i]``: 3 batch elements with the unmodulated run, instead of
+2K + 1) and draws it; the labels panel meanwhile shows the last complete
+labels, titled "stale" with the setting they belong to. The other segments'
+runs then follow lazily in chunks (scheduled on the kernel's event loop, so
+a slider move that arrives in between supersedes them), and the labels panel
+turns current when all K pairs of the setting exist. ``lazy_labels=False``
+restores the old behaviour (all 2K runs in one batch on every change). Without
+an event loop (plain Python, tests) nothing is deferred: call
+:meth:`complete_labels`, or pass ``defer`` (a callable taking a no-argument
+function) to schedule the completion yourself. Choosing another segment costs
+nothing once its pair exists (every pair of the last few settings is cached).
 
 For tests and scripts every widget is an attribute (``image_dropdown``,
 ``segment_select``, ``lambda_slider``, ``timestep_slider``, ``layer_dropdown``)
@@ -28,37 +41,86 @@ instead of vanishing in the kernel log.
 
 from __future__ import annotations
 
+import asyncio
 import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from emerdiff.method.pipeline import EmerDiff, PreparedImage
 from emerdiff.sd.images import resize_labels
 from emerdiff.studies.probes import Perturbation, candidate_layers, perturb_images, short_layer
-from emerdiff.viz import HEATMAP_CMAP, colorize, highlight_mask, overlay, resize_image, stamp_model
+from emerdiff.viz import HEATMAP_CMAP, highlight_mask, palette, stamp_model
 
 PANELS = ("image", "plus", "minus", "difference", "labels", "unmodulated")
-FIGSIZE = (9.0, 6.3)  # inches at 100 dpi
+# Figure geometry in inches at 100 dpi: square panels, room above each for a two-line title. 6.2 x 5.12 in
+# (620 x 512 px) plus a 300 px control column fits JupyterLab's notebook area at a 1400x900 window.
+DPI = 100
+PANEL_IN, GAP_IN, SIDE_IN, TITLE_IN, TOP_IN, BOTTOM_IN = 2.0, 0.06, 0.04, 0.34, 0.28, 0.16
+FIGSIZE = (2 * SIDE_IN + 3 * PANEL_IN + 2 * GAP_IN, TOP_IN + 2 * (TITLE_IN + PANEL_IN) + BOTTOM_IN)
+CONTROLS_WIDTH = "300px"
 IDLE = "<span style='color:#2a7a2a'>ready</span>"
+OUTLINE = (0, 0, 0)  # the chosen segment's outline: black is not a palette colour
+LAZY_CHUNK = 4  # segments per deferred labels batch: ~1.5 s on the reference model's CPU, so a queued move waits little
+LAZY_DELAY_S = 0.05  # lets the frontend fetch the preview and queued widget messages arrive before a deferred batch
 
 
 LAMBDA_ZERO_NOTE = ("lambda = 0 perturbs nothing: I+ = I- = I0, the difference map is zero and the labels "
                     "are undefined; move the slider away from 0")
 
 
+def panel_rects() -> dict[str, tuple[float, float, float, float]]:
+    """(left, bottom, width, height) of each panel in figure fractions: two rows of three squares."""
+    w, h = FIGSIZE
+    rects = {}
+    for i, name in enumerate(PANELS):
+        row, col = divmod(i, 3)
+        left = SIDE_IN + col * (PANEL_IN + GAP_IN)
+        bottom = BOTTOM_IN + (1 - row) * (PANEL_IN + TITLE_IN)
+        rects[name] = (left / w, bottom / h, PANEL_IN / w, PANEL_IN / h)
+    return rects
+
+
 def panel_titles(segment: int, strength: float) -> dict[str, str]:
     """Panel titles for a segment and lambda; at lambda 0 they say why the maps are empty."""
     if strength == 0:
-        return {"image": f"segments (chosen: {segment})", "plus": "I+ = I0 (lambda = 0: no perturbation)",
+        return {"image": f"segments (chosen: {segment})", "plus": "I+ = I0\n(lambda = 0: no perturbation)",
                 "minus": "I- = I0 (lambda = 0)", "difference": "||I- - I+|| = 0 at lambda = 0",
                 "labels": "labels undefined at lambda = 0", "unmodulated": "I0 (unperturbed reconstruction)"}
     return {"image": f"segments (chosen: {segment})", "plus": f"I+ (c = {strength:+g})",
             "minus": f"I- (c = {-strength:+g})",
             "difference": "||I- - I+||", "labels": "EmerDiff labels (all segments)",
             "unmodulated": "I0 (unperturbed reconstruction)"}
+
+
+def stale_title(shown: tuple, current: tuple, done: int, total: int) -> str:
+    """Title of a labels panel showing labels of setting ``shown`` while ``current`` is on the sliders.
+
+    Settings are (image, lambda, t_m, layer); the title names what differs and how many of the
+    current setting's segment pairs exist so far.
+    """
+    _, lam, t, layer = shown
+    diff = [f"lambda {lam:g}" if lam != current[1] else "", f"t_m {t}" if t != current[2] else "",
+            short_layer(layer) if layer != current[3] else ""]
+    return f"STALE labels of {', '.join(d for d in diff if d)}\n({done}/{total} segments at this setting)"
+
+
+@dataclass
+class SettingRuns:
+    """The decoded runs of one (image, lambda, t_m, layer) setting, filled one segment pair at a time."""
+
+    plus: dict[int, torch.Tensor] = field(default_factory=dict)  # segment -> (3, R, R) in [0, 1], unclipped
+    minus: dict[int, torch.Tensor] = field(default_factory=dict)
+    unmodulated: torch.Tensor | None = None
+    labels: np.ndarray | None = None  # set once every segment's pair exists
+
+    def perturbation(self, ids: Sequence[int]) -> Perturbation:
+        return Perturbation(plus=torch.stack([self.plus[i] for i in ids]),
+                            minus=torch.stack([self.minus[i] for i in ids]), unmodulated=self.unmodulated)
 
 
 class Inspector:
@@ -70,7 +132,11 @@ class Inspector:
         timesteps: timesteps the slider offers (default: every schedule timestep <= the config's t_m).
         layers: modulation layers of the dropdown (default: every cross-attention layer).
         strength_range: (min, max, step) of the lambda slider.
-        cache_size: number of (image, lambda, t, layer) results kept.
+        cache_size: number of (image, lambda, t, layer) settings whose runs are kept.
+        lazy_labels: a change runs the chosen segment's pair first and the rest later (True), or
+            all 2K runs at once (False, the full recompute).
+        defer: how to run the rest later, ``defer(fn)``; None: the running asyncio loop if any
+            (the Jupyter kernel's), else nothing (call :meth:`complete_labels`).
     """
 
     def __init__(
@@ -81,6 +147,8 @@ class Inspector:
         layers: Sequence[str] | None = None,
         strength_range: tuple[float, float, float] = (-100.0, 100.0, 0.5),
         cache_size: int = 8,
+        lazy_labels: bool = True,
+        defer: Callable[[Callable[[], None]], Any] | None = None,
     ) -> None:
         import ipywidgets as widgets
         import matplotlib.pyplot as plt
@@ -102,36 +170,43 @@ class Inspector:
         if cfg.modulation_layer not in self.layers:
             self.layers.append(cfg.modulation_layer)
         self.cache_size = cache_size
+        self.lazy_labels = lazy_labels
+        self.defer = defer
         self._prepared: dict[str, PreparedImage] = {}
-        self._results: OrderedDict[tuple, tuple[Perturbation, np.ndarray]] = OrderedDict()
-        self.calls = {"prepare": 0, "perturb": 0}
+        self._runs: OrderedDict[tuple, SettingRuns] = OrderedDict()
+        self._latest_labels: dict[str, tuple[tuple, np.ndarray]] = {}  # image -> last complete (setting, labels)
+        # prepare: images prepared; perturb: UNet batches run; runs: (segment, sign) runs in them
+        self.calls = {"prepare": 0, "perturb": 0, "runs": 0}
         self.errors: list[str] = []
         self.displayed: dict[str, np.ndarray] = {}
+        self.labels_current = False  # does the labels panel show the current setting's labels?
         self._suspend = False
+        self._pending: tuple | None = None  # the setting whose deferred labels batch is scheduled
 
         lo, hi, step = strength_range
-        self.image_dropdown = widgets.Dropdown(options=list(self.images), description="image")
-        self.segment_select = widgets.Dropdown(options=[("segment 0", 0)], value=0, description="segment")
+        row = {"width": CONTROLS_WIDTH}
+        self.image_dropdown = widgets.Dropdown(options=list(self.images), description="image", layout=row)
+        self.segment_select = widgets.Dropdown(options=[("segment 0", 0)], value=0, description="segment",
+                                               layout=row)
         self.lambda_slider = widgets.FloatSlider(value=float(np.clip(cfg.modulation_strength, lo, hi)), min=lo, max=hi,
-                                                 step=step, description="lambda", continuous_update=False)
+                                                 step=step, description="lambda", continuous_update=False, layout=row)
         start_t = cfg.modulation_timestep if cfg.modulation_timestep in self.timesteps else self.t_stop
         self.timestep_slider = widgets.SelectionSlider(options=self.timesteps, value=start_t, description="t_m",
-                                                       continuous_update=False)
+                                                       continuous_update=False, layout=row)
         self.layer_dropdown = widgets.Dropdown(options=[(short_layer(n), n) for n in self.layers],
-                                               value=cfg.modulation_layer, description="layer")
-        self.status = widgets.HTML()
-        self.busy = widgets.HTML(value=IDLE, layout={"min_width": "16em"})
+                                               value=cfg.modulation_layer, description="layer", layout=row)
+        self.status = widgets.HTML(layout=row)
+        self.busy = widgets.HTML(value=IDLE, layout=row)
         self.busy_log: list[str] = []
         self.log = widgets.Output(layout={"border": "1px solid #ddd", "max_height": "12em", "overflow": "auto"})
 
         with plt.ioff():
-            # two rows of three at 100 dpi: 900 px wide, fits ~1000 px with the file browser open
-            self.fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=100)
-        self.axes = dict(zip(PANELS, axes.flat))
-        for ax in axes.flat:
+            self.fig = plt.figure(figsize=FIGSIZE, dpi=DPI)
+        # fixed square rects (not subplots): the browser test maps a panel to canvas pixels with panel_rects()
+        self.axes = {name: self.fig.add_axes(rect) for name, rect in panel_rects().items()}
+        for ax in self.axes.values():
             ax.set_xticks([])
             ax.set_yticks([])
-        self.fig.subplots_adjust(left=0.01, right=0.99, bottom=0.04, top=0.9, wspace=0.04, hspace=0.14)
         stamp_model(self.fig, ed.model.source)
         self._artists: dict[str, Any] = {}
         self.fig.canvas.mpl_connect("button_press_event", self._guard(self._on_click))
@@ -145,12 +220,18 @@ class Inspector:
         self._static = not isinstance(canvas, widgets.DOMWidget)
         self.view = widgets.Output() if self._static else canvas
         if not self._static:
-            canvas.header_visible = False  # ipympl's "Figure 1" line: the suptitle already names the view
-        self.widget = widgets.VBox([
-            widgets.HBox([self.image_dropdown, self.segment_select, self.layer_dropdown]),
-            widgets.HBox([self.lambda_slider, self.timestep_slider, self.busy]),
-            self.view, self.status, self.log,
-        ], layout={"max_width": "1000px"})
+            # no "Figure 1" header (the suptitle names the view), no coordinate footer, and no toolbar:
+            # ipympl's default toolbar floats over the left edge of the clickable segment panel
+            canvas.header_visible = False
+            canvas.footer_visible = False
+            canvas.toolbar_visible = False
+            # a fixed size: beside the controls the canvas would otherwise be squeezed by the flex row
+            # (+8 px: ipympl's 2 px canvas margin would otherwise add scroll bars)
+            canvas.layout = widgets.Layout(width=f"{round(FIGSIZE[0] * DPI) + 8}px", flex="0 0 auto")
+        controls = widgets.VBox([self.image_dropdown, self.segment_select, self.layer_dropdown, self.lambda_slider,
+                                 self.timestep_slider, self.busy, self.status],
+                                layout={"width": CONTROLS_WIDTH, "flex": "0 0 auto", "overflow": "hidden"})
+        self.widget = widgets.VBox([widgets.HBox([controls, self.view]), self.log])
         self._guard(self._on_image)(None)
 
     # ------------------------------------------------------------------ state
@@ -180,28 +261,91 @@ class Inspector:
                 self.layer_dropdown.value)
 
     def cache_info(self) -> dict[str, Any]:
-        return {"prepared": list(self._prepared), "results": len(self._results), **self.calls}
+        return {"prepared": list(self._prepared), "results": len(self._runs), **self.calls}
+
+    def missing(self, key: tuple | None = None) -> list[int]:
+        """Segments whose +/-lambda pair is not computed yet for a setting (default: the current one)."""
+        key = key or self.settings()
+        runs = self._runs.get(key)
+        done = runs.plus if runs is not None else {}
+        return [i for i in range(self._prepared[key[0]].segments.num_segments) if i not in done]
 
     # ------------------------------------------------------------------ compute
+    def _entry(self, key: tuple) -> SettingRuns:
+        if key not in self._runs:
+            self._runs[key] = SettingRuns()
+        self._runs.move_to_end(key)
+        while len(self._runs) > self.cache_size:
+            self._runs.popitem(last=False)
+        return self._runs[key]
+
+    def compute(self, ids: Sequence[int], key: tuple | None = None) -> SettingRuns:
+        """Run the +/-lambda pairs of segments ``ids`` (those not cached) in one batch; the labels of
+        the setting follow once every segment's pair exists."""
+        key = key or self.settings()
+        name, lam, t, layer = key
+        prep = self._prepared[name]
+        entry = self._entry(key)
+        todo = [int(i) for i in ids if int(i) not in entry.plus]
+        if todo:
+            self.calls["perturb"] += 1
+            self.calls["runs"] += 2 * len(todo)
+            what = f"segment {todo[0]}" if len(todo) == 1 else f"{len(todo)} segments"
+            self._set_busy(f"computing {2 * len(todo)} runs ({what})...")  # short: one line in the column
+            try:
+                pert = perturb_images(self.ed, prep, todo, modulation_strength=lam, modulation_layer=layer,
+                                      modulation_timestep=t)
+            finally:
+                self._set_busy(None)
+            for j, i in enumerate(todo):
+                entry.plus[i], entry.minus[i] = pert.plus[j], pert.minus[j]
+            if entry.unmodulated is None:
+                entry.unmodulated = pert.unmodulated
+        k = prep.segments.num_segments
+        if entry.labels is None and len(entry.plus) == k:
+            entry.labels = self.ed.readout(entry.perturbation(range(k)).difference("pair"), prep)
+            self._latest_labels[name] = (key, entry.labels)
+        return entry
+
     def result(self) -> tuple[Perturbation, np.ndarray]:
-        """I+/I-/I0 of every segment and the full labels (model resolution) for the current settings."""
+        """I+/I-/I0 of every segment and the full labels (model resolution) for the current settings,
+        computing every missing pair (one batch)."""
         key = self.settings()
-        if key in self._results:
-            self._results.move_to_end(key)
-            return self._results[key]
-        _, lam, t, layer = key
-        self.calls["perturb"] += 1
-        self._set_busy(f"computing {2 * self.num_segments} modulated runs...")  # short: one line, no reflow
+        entry = self.compute(self.missing(key), key)
+        return entry.perturbation(range(self.num_segments)), entry.labels
+
+    def complete_labels(self) -> bool:
+        """Compute every missing pair of the current setting now (one batch) and redraw; True if any ran."""
+        if not self.missing():
+            return False
+        self.compute(self.missing())
+        self.update()
+        return True
+
+    def _lazy_step(self, key: tuple) -> None:
+        """One deferred chunk of the labels of setting ``key``; dropped if the sliders moved on."""
+        if self._pending == key:
+            self._pending = None
+        if key != self.settings():
+            return  # superseded: the new setting scheduled its own completion
+        todo = self.missing(key)
+        if not todo:
+            return
+        self.compute(todo[:LAZY_CHUNK], key)
+        self.update()  # redraws and, while pairs are missing, schedules the next chunk
+
+    def _schedule(self, fn: Callable[[], None]) -> bool:
+        """Run ``fn`` after the current callback has returned (so the preview reaches the browser and
+        a queued slider move is handled first); False when there is no way to defer."""
+        if self.defer is not None:
+            self.defer(fn)
+            return True
         try:
-            pert = perturb_images(self.ed, self.prepared, modulation_strength=lam, modulation_layer=layer,
-                                  modulation_timestep=t)
-            labels = self.ed.readout(pert.difference("pair"), self.prepared)
-        finally:
-            self._set_busy(None)
-        self._results[key] = (pert, labels)
-        while len(self._results) > self.cache_size:
-            self._results.popitem(last=False)
-        return pert, labels
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        loop.call_later(LAZY_DELAY_S, fn)
+        return True
 
     def _set_busy(self, message: str | None) -> None:
         """Show (or clear, with None) the busy label; a widget change reaches the browser at once,
@@ -259,44 +403,69 @@ class Inspector:
 
     # ------------------------------------------------------------------ drawing
     def update(self) -> None:
-        """Recompute (or fetch from the cache) and redraw for the current widget values."""
+        """Compute what the current widget values need (or fetch it from the cache) and redraw.
+
+        The chosen segment's pair is computed now; with ``lazy_labels`` the others are deferred and
+        the labels panel shows the image's last complete labels, marked stale, until they exist.
+        """
         if self._suspend:
             return
         res = self.ed.config.resolution
         prep = self.prepared
+        key = self.settings()
+        name, lam, t, layer = key
         sid = int(self.segment_select.value)
-        pert, labels = self.result()
-        img = resize_image(prep.image, (res, res))
+        k = prep.segments.num_segments
+        if not self.lazy_labels or name not in self._latest_labels:
+            entry = self.compute(self.missing(key), key)  # full recompute: every pair in one batch
+        else:
+            entry = self.compute([sid], key)
+        labels_key, labels = (key, entry.labels) if entry.labels is not None else self._latest_labels[name]
+        self.labels_current = labels_key == key
+        pert = entry.perturbation([sid])
         lowres = resize_labels(prep.segments.labels, (res, res))
-        diff = pert.difference("pair")[sid].numpy()
+        diff = pert.difference("pair")[0].numpy()
+        colours = palette(k)  # one palette for segment ids in every panel
         self.displayed = {
-            "image": highlight_mask(overlay(img, lowres, 0.35), prep.segments.labels == sid),
-            "plus": pert.plus[sid].clamp(0, 1).permute(1, 2, 0).numpy(),
-            "minus": pert.minus[sid].clamp(0, 1).permute(1, 2, 0).numpy(),
+            "image": highlight_mask(colours[lowres], lowres == sid, color=OUTLINE, dim=1.0),
+            "plus": pert.plus[0].clamp(0, 1).permute(1, 2, 0).numpy(),
+            "minus": pert.minus[0].clamp(0, 1).permute(1, 2, 0).numpy(),
             "difference": diff,
             "labels": labels,
-            "unmodulated": pert.unmodulated.clamp(0, 1).permute(1, 2, 0).numpy(),
+            "unmodulated": entry.unmodulated.clamp(0, 1).permute(1, 2, 0).numpy(),
         }
-        lam, t, layer = self.lambda_slider.value, self.timestep_slider.value, self.layer_dropdown.value
-        titles = panel_titles(sid, float(lam))
-        shown = dict(self.displayed, labels=colorize(labels))
-        for key, ax in self.axes.items():
-            arr = shown[key]
-            if key not in self._artists:
-                kw = {"cmap": HEATMAP_CMAP} if key == "difference" else {}
-                self._artists[key] = ax.imshow(arr, **kw)
+        titles = panel_titles(sid, lam)
+        done = k - len(self.missing(key))
+        if not self.labels_current and lam != 0:
+            titles["labels"] = stale_title(labels_key, key, done, k)
+        shown = dict(self.displayed, labels=colours[labels])
+        for panel, ax in self.axes.items():
+            arr = shown[panel]
+            if panel not in self._artists:
+                kw = {"cmap": HEATMAP_CMAP} if panel == "difference" else {}
+                self._artists[panel] = ax.imshow(arr, interpolation="nearest", **kw)
             else:
-                self._artists[key].set_data(arr)
-            ax.set_title(titles[key], fontsize=9)
+                self._artists[panel].set_data(arr)
+            stale = panel == "labels" and not self.labels_current and lam != 0
+            ax.set_title(titles[panel], fontsize=8, color="#b00" if stale else "black")
         self._artists["difference"].set_clim(0, max(float(diff.max()), 1e-6))
-        self.fig.suptitle(f"{self.image_name}  ·  t_m={t}  ·  {short_layer(layer)}", fontsize=10)
-        self.fig.canvas.draw_idle()
+        self.fig.suptitle(f"{name}  ·  t_m={t}  ·  {short_layer(layer)}", fontsize=10)
         if self._static:
+            self.fig.canvas.draw()
             self._show_static()
+        else:
+            self.fig.canvas.draw_idle()
         loc = float((diff ** 2 * (lowres == sid)).sum() / max(float((diff ** 2).sum()), 1e-12))
         note = f"<b>{LAMBDA_ZERO_NOTE}</b> · " if lam == 0 else ""
-        self.status.value = (f"{note}segment {sid}: locality {loc:.2f} · cache: {len(self._prepared)} image(s), "
-                             f"{len(self._results)} setting(s) · UNet batches so far: {self.calls['perturb']}")
+        if self.labels_current:
+            state = "labels: current"
+        else:
+            state = f"labels: <b style='color:#b00'>stale</b> ({done}/{k} segments at this setting)"
+            if lam != 0 and self._pending != key and self._schedule(lambda: self._guard(self._lazy_step)(key)):
+                self._pending = key
+        self.status.value = (f"{note}segment {sid}: locality {loc:.2f} · {state} · cache: {len(self._prepared)} "
+                             f"image(s), {len(self._runs)} setting(s) · UNet batches: {self.calls['perturb']}, "
+                             f"runs: {self.calls['runs']}")
 
     def _show_static(self) -> None:
         """Non-widget backends: re-display the figure in the Output view."""
