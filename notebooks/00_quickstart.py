@@ -19,8 +19,8 @@ device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
 # Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
-# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
-# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
+# `emerdiff segment`): the reference model 128 px, 50 steps, t_m 81, num_clusters 8, blur 1, batch 17;
+# Stable Diffusion (the paper) 512 px, 50 steps, t_m 281, num_clusters 25, blur 4, batch 16.
 resolution = None
 num_clusters = None
 num_inference_steps = None
@@ -87,13 +87,15 @@ for measure in ("locality", "agreement", "symmetry"):
 #
 # Each mask's difference map (what perturbing that segment changed, ||I- - I+|| per pixel) is the
 # data behind the labels: EmerDiff's label of a pixel is the mask whose map is largest there.
-# One tile per mask: its outline | its map (shared colour scale; the title gives its locality).
+# One tile per mask: its outline | its map (each map scaled to its own maximum, given in its title
+# with its locality: on one shared scale most maps were black).
 # The maps go to `00_quickstart_maps.npz` (float16, with the mask ids, the low-res masks and the
 # config), the file `emerdiff segment IMAGE --save-maps` writes beside the same contact sheet;
 # `emerdiff.studies.sweep` gives such maps over any grid of layers, timesteps and strengths (notebook 03).
 
 # %%
-from emerdiff.studies.sweep import contact_sheet, save_maps_npz
+from emerdiff.studies.sweep import save_maps_npz
+from emerdiff.viz import contact_sheet
 
 mask_ids = list(range(seg.num_segments))
 save_maps_npz(writer.out_dir / "00_quickstart_maps.npz", seg.difference_maps, mask_ids, seg.lowres_labels,

@@ -25,8 +25,8 @@ device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
 # Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
-# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
-# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
+# `emerdiff segment`): the reference model 128 px, 50 steps, t_m 81, num_clusters 8, blur 1, batch 17;
+# Stable Diffusion (the paper) 512 px, 50 steps, t_m 281, num_clusters 25, blur 4, batch 16.
 resolution = None
 num_clusters = None
 num_inference_steps = None
@@ -63,7 +63,7 @@ print(len(feature_rows), "rows;", len({r["layer"] for r in feature_rows}), "laye
 # %%
 score = "miou" if any(i.has_gt for i in items) else "boundary"
 fig = viz.probe_bars([r for r in feature_rows if np.isfinite(r[score])], "short", score, MODEL_LABEL,
-                     f"(a) k-means on each layer's queries: {score}", hue="kind")
+                     f"(a) k-means on each layer's queries: {viz.axis_name(score)}", hue="kind")
 writer.save(fig, "01_layer_probe_features")
 fig = viz.probe_heatmap(feature_rows, "short", "image", "boundary", MODEL_LABEL,
                         "(a) boundary alignment (label-free, 1 = chance)")

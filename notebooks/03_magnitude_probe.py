@@ -22,8 +22,8 @@ device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
 # Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
-# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
-# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
+# `emerdiff segment`): the reference model 128 px, 50 steps, t_m 81, num_clusters 8, blur 1, batch 17;
+# Stable Diffusion (the paper) 512 px, 50 steps, t_m 281, num_clusters 25, blur 4, batch 16.
 resolution = None
 num_clusters = None
 num_inference_steps = None
@@ -62,7 +62,8 @@ fig = viz.sweep_lines(lambda_rows, "lambda", ["locality", score, "energy"], MODE
 writer.save(fig, "03_magnitude_probe_lambda")
 k_long = [dict(K=r["K"], method=m, score=r[key], image=r["image"])
           for r in k_rows for m, key in (("EmerDiff", score), ("nearest", score + "_nearest"), ("bilinear", score + "_bilinear"))]
-fig = viz.sweep_lines(k_long, "K", ["score"], MODEL_LABEL, f"Number of segments K ({score})", hue="method")
+fig = viz.sweep_lines(k_long, "K", ["score"], MODEL_LABEL, f"Number of segments K ({viz.axis_name(score)})",
+                      hue="method", names={"score": viz.axis_name(score)})
 writer.save(fig, "03_magnitude_probe_k")
 fig = viz.sweep_lines([r for r in lambda_rows if r["mode"] == "pair"] , "lambda", ["vanished", "saturated"],
                       MODEL_LABEL, "Failure modes vs lambda (pair readout)")
@@ -95,12 +96,10 @@ measures = ["locality", "mask_area", "symmetry", "setting_agreement", "agreement
 table.groupby(["modulation_timestep", "modulation_strength"])[measures].mean().round(3)
 
 # %%
-fig = viz.sweep_lines(records, "modulation_strength", ["locality", "symmetry", "setting_agreement"], MODEL_LABEL,
-                      f"emerdiff.studies.sweep on {items[0].name}: mean over masks vs lambda", hue="modulation_timestep")
 chance = {"locality": table["mask_area"].mean(), "symmetry": 0.0, "setting_agreement": table["agreement_chance"].mean()}
-for ax in fig.axes:  # one panel per metric, titled by it (a metric that is NaN throughout has none)
-    ax.axhline(chance[ax.get_title()], color="grey", linestyle="--", linewidth=1)
-    ax.set_xscale("log")
+fig = viz.sweep_lines(records, "modulation_strength", ["locality", "symmetry", "setting_agreement"], MODEL_LABEL,
+                      f"emerdiff.studies.sweep on {items[0].name}: mean over masks vs lambda", hue="modulation_timestep",
+                      reference=chance, logx=True)
 writer.save(fig, "03_magnitude_probe_sweep")
 
 # %%

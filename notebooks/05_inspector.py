@@ -25,8 +25,8 @@ device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
 # Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
-# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
-# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
+# `emerdiff segment`): the reference model 128 px, 50 steps, t_m 81, num_clusters 8, blur 1, batch 17;
+# Stable Diffusion (the paper) 512 px, 50 steps, t_m 281, num_clusters 25, blur 4, batch 16.
 resolution = None
 num_clusters = None
 num_inference_steps = None

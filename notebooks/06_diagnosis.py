@@ -27,8 +27,8 @@ device = "cpu"            # "cpu", "cuda", ...
 dtype = None              # None: fp32 on CPU, fp16 on CUDA
 images = ["scene:100", "scene:101", "voc_sample"]  # scene:N (validation, 100+) / voc_sample have GT; skimage; paths
 # Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
-# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
-# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
+# `emerdiff segment`): the reference model 128 px, 50 steps, t_m 81, num_clusters 8, blur 1, batch 17;
+# Stable Diffusion (the paper) 512 px, 50 steps, t_m 281, num_clusters 25, blur 4, batch 16.
 resolution = None
 num_clusters = None
 num_inference_steps = None
@@ -72,9 +72,11 @@ fig = viz.probe_bars(stage_rows, "stage", "locality", MODEL_LABEL,
 writer.save(fig, "06_diagnosis_locality_by_stage")
 example = diagnosis.locality_by_stage(ed, ed.prepare(items[0].image))
 n = min(example_masks, len(example["per_mask"]["decoded"]))
+# one colour scale per stage (column): the stages measure the change in different spaces (latent, pixels)
 fig = viz.heatmap_grid([[example["maps"][s][i].numpy() for s in diagnosis.STAGES] for i in range(n)],
-                       [f"mask {i}" for i in range(n)], list(diagnosis.STAGES), MODEL_LABEL,
-                       f"(a) one image ({items[0].name}): the change at each stage")
+                       [f"mask {i}" for i in range(n)], [s.replace("_", " ") for s in diagnosis.STAGES], MODEL_LABEL,
+                       f"(a) one image ({items[0].name}): the change at each stage", scale="column",
+                       colorbar_label="size of the change")
 writer.save(fig, "06_diagnosis_stage_maps")
 
 # %% [markdown]
@@ -128,7 +130,7 @@ print({k: (round(v, 3) if isinstance(v, float) else v) for k, v in deletion.item
 fig = viz.heatmap_grid([list(deletion["maps_before"]), list(deletion["maps_after"])],
                        ["before", f"after ({deletion_fill})"], [f"segment {deletion['mask']}", f"control {deletion['control']}"],
                        MODEL_LABEL, f"(d) deletion test on {items[0].name}: maps before / after deleting the segment",
-                       shared_scale=True)
+                       scale="shared")
 writer.save(fig, "06_diagnosis_deletion")
 
 # %%

@@ -28,8 +28,8 @@ images = ["scene:100"]    # the setup's probe image; the evaluation reads the sc
 first_scene = 100         # held-out scenes first_scene .. first_scene + num_scenes - 1 of the model's world
 num_scenes = 8            # (0-99 are the test scenes); reference model on a CPU: ~25 s a scene and setting
 # Settings left None take the model's preset (emerdiff.config.PRESETS, as EmerDiffConfig.for_model and
-# `emerdiff segment`): the reference model 128 px, num_clusters 8, blur 1, batch 17, t_m 81; Stable
-# Diffusion the paper's 512 px, num_clusters 25, blur 4, t_m 281; both 50 steps.
+# `emerdiff segment`): the reference model 128 px, 50 steps, t_m 81, num_clusters 8, blur 1, batch 17;
+# Stable Diffusion (the paper) 512 px, 50 steps, t_m 281, num_clusters 25, blur 4, batch 16.
 resolution = None
 num_clusters = None
 num_inference_steps = None
