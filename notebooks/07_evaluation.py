@@ -122,12 +122,8 @@ print(compare.comparison_table(comparison))
 
 # %%
 protocols = ["per_image_hungarian", "dataset_hungarian", "concept"]
-within = [{"run": side, "protocol": protocol, "difference": name, **v}
-          for side in configs for protocol in protocols
-          for name, v in results[side]["intervals"].get(protocol, {}).items() if name.startswith("emerdiff-")]
-for r in within:
-    print(f"{r['run']} {r['protocol']:<20} {r['difference']:<18} {r['value']:+6.1f} [{r['lo']:+6.1f}, {r['hi']:+6.1f}]"
-          + (" *" if r["lo"] > 0 or r["hi"] < 0 else ""))
+within = compare.within_run_rows({side: results[side] for side in configs}, protocols)
+print(compare.within_run_table({side: results[side] for side in configs}, protocols))
 
 # %%
 import matplotlib.pyplot as plt

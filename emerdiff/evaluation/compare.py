@@ -131,22 +131,58 @@ def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] 
             "rows": rows, "bootstrap": {"resamples": n_boot, "seed": seed, "level": level, "paired": True}}
 
 
+def _finite(x: Any) -> bool:
+    return x is not None and math.isfinite(x)
+
+
+def format_interval(v: dict[str, Any] | None, sign: str = "") -> str:
+    """``"value [lo, hi]"`` of one interval dict (``"-"`` when absent, ``"(no interval)"`` appended
+    when the bootstrap gave none and said why); ``sign="+"`` prints a difference's sign."""
+    if v is None or not _finite(v.get("value")):
+        return "-"
+    text = f"{v['value']:{sign}.1f}"
+    if _finite(v.get("lo")) and _finite(v.get("hi")):
+        text += f" [{v['lo']:{sign}.1f}, {v['hi']:{sign}.1f}]"
+    elif v.get("note"):
+        text += " (no interval)"
+    return text
+
+
+def excludes_zero(v: dict[str, Any] | None) -> bool:
+    """True when an interval exists and lies wholly on one side of 0."""
+    return (v is not None and _finite(v.get("lo")) and _finite(v.get("hi"))
+            and (v["lo"] > 0 or v["hi"] < 0))
+
+
+def within_run_rows(results: dict[str, dict[str, Any]], protocols: Sequence[str] = PROTOCOLS,
+                    prefix: str = "emerdiff-") -> list[dict[str, Any]]:
+    """Each run's own paired differences (``results.json`` "intervals" whose names start with
+    ``prefix``: ``emerdiff-bilinear`` = EmerDiff's mIoU minus bilinear's) as rows
+    ``{"run", "protocol", "difference", "value", "lo", "hi"[, "note"]}``."""
+    return [{"run": str(run), "protocol": protocol, "difference": name, **v}
+            for run, payload in results.items() for protocol in protocols
+            for name, v in payload.get("intervals", {}).get(protocol, {}).items() if name.startswith(prefix)]
+
+
+def within_run_table(results: dict[str, dict[str, Any]], protocols: Sequence[str] = PROTOCOLS,
+                     prefix: str = "emerdiff-") -> str:
+    """Plain-text table of :func:`within_run_rows`; ``*`` marks an interval that excludes 0, and an
+    absent interval is shown as such with its reason below the table."""
+    rows = within_run_rows(results, protocols, prefix)
+    table = [("run", "protocol", "difference", "value [95 % interval]")]
+    table += [(r["run"], r["protocol"], r["difference"], format_interval(r, "+") + (" *" if excludes_zero(r) else ""))
+              for r in rows]
+    widths = [max(len(r[j]) for r in table) for j in range(len(table[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    lines.append("* the interval excludes 0")
+    notes = dict.fromkeys(r["note"] for r in rows if r.get("note"))
+    lines += [f"(no interval): {note.removeprefix('no interval: ')}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
 def comparison_table(result: dict[str, Any]) -> str:
     """Plain-text table of :func:`compare_runs`: A, B and A - B per protocol x method; ``*`` marks a
     difference whose interval excludes 0."""
-    def finite(x: Any) -> bool:
-        return x is not None and math.isfinite(x)
-
-    def cell(v: dict[str, Any] | None, sign: str = "") -> str:
-        if v is None or not finite(v["value"]):
-            return "-"
-        text = f"{v['value']:{sign}.1f}"
-        if finite(v["lo"]):
-            text += f" [{v['lo']:{sign}.1f}, {v['hi']:{sign}.1f}]"
-        elif v.get("note"):
-            text += " (no interval)"
-        return text
-
     level = round(result["bootstrap"]["level"] * 100)
     lines = [f"A: {result['a']['folder']} (model {result['a']['model']}, {result['a']['num_images']} images)",
              f"B: {result['b']['folder']} (model {result['b']['model']}, {result['b']['num_images']} images)",
@@ -158,11 +194,8 @@ def comparison_table(result: dict[str, Any]) -> str:
     header = ("protocol", "method", "A mIoU", "B mIoU", "A - B")
     table = [header]
     for row in result["rows"]:
-        diff = cell(row["a-b"], "+")
-        d = row["a-b"]
-        if d is not None and finite(d["lo"]) and (d["lo"] > 0 or d["hi"] < 0):
-            diff += " *"
-        table.append((row["protocol"], row["method"], cell(row["a"]), cell(row["b"]), diff))
+        diff = format_interval(row["a-b"], "+") + (" *" if excludes_zero(row["a-b"]) else "")
+        table.append((row["protocol"], row["method"], format_interval(row["a"]), format_interval(row["b"]), diff))
     widths = [max(len(r[j]) for r in table) for j in range(len(header))]
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
