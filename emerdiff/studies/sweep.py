@@ -76,32 +76,11 @@ def load_map(record: dict[str, Any]) -> np.ndarray:
 def contact_sheet(image: Any, maps: Any, lowres_labels: np.ndarray, mask_ids: Sequence[int] | None = None,
                   scores: Sequence[float] | None = None, model: str = "", title: str | None = None,
                   per_row: int = 4) -> Any:
-    """One tile per mask: the mask outlined over the image | its difference map (shared colour scale).
+    """The ``--save-maps`` contact sheet: :func:`emerdiff.viz.contact_sheet` (each map scaled to its
+    own maximum), one drawing for the CLI, the notebooks and the sweep."""
+    from emerdiff.viz import contact_sheet as draw
 
-    ``image`` any form :func:`emerdiff.viz.to_uint8` takes (shown at the maps' size); ``scores``:
-    one number per mask shown in its title (e.g. locality). Returns the matplotlib Figure.
-    """
-    from emerdiff.viz import HEATMAP_CMAP, _axes_grid, _finish, highlight_mask, resize_image, show
-
-    m = maps.detach().float().cpu().numpy() if isinstance(maps, torch.Tensor) else np.asarray(maps, np.float32)
-    ids = list(range(len(m))) if mask_ids is None else list(mask_ids)
-    size = m.shape[-2:]
-    img = resize_image(image, size)
-    tiles = min(per_row, len(m))
-    rows = -(-len(m) // tiles)
-    fig, axes = _axes_grid(rows, 2 * tiles, cell=1.7, title=title)
-    vmax = float(m.max(initial=0)) or 1.0
-    im = None
-    for n, (i, d) in enumerate(zip(ids, m)):
-        r, c = divmod(n, tiles)
-        show(axes[r, 2 * c], highlight_mask(img, np.asarray(lowres_labels) == i), f"mask {i}")
-        label = f"map {i}" + (f" · loc {scores[n]:.2f}" if scores is not None else "")
-        im = show(axes[r, 2 * c + 1], d, label, cmap=HEATMAP_CMAP, vmin=0, vmax=vmax)
-    for ax in axes.flat[2 * len(m):]:
-        ax.axis("off")
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="||I- - I+||")
-    return _finish(fig, model, "shared colour scale")
+    return draw(image, maps, lowres_labels, mask_ids, scores, model=model, title=title, per_row=per_row)
 
 
 def stage_segmentation_maps(files: FileSet, out_dir: Path, stem: str, seg: Any, image: Any, model: str) -> list[Path]:
