@@ -71,6 +71,8 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 def load_model_from_args(args: argparse.Namespace) -> Any:
     from emerdiff.sd.loading import load_pipeline
 
+    if getattr(args, "quiet", False):  # here, not in main: --help and refusals import no diffusers (issue 25)
+        quiet_libraries()
     return load_pipeline(args.model, device=args.device, dtype=args.dtype,
                          local_files_only=True if args.offline else None)
 
@@ -323,15 +325,8 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
     outputs and leaving no part of the failed image's set.
     """
     from emerdiff.files import check_output_dir, clean_stale_temps, unique_stems
-    from emerdiff.method.pipeline import EmerDiff
-    from emerdiff.sd.images import ImageError, load_image
-    from emerdiff.sd.loading import model_geometry
 
-    config = config_from_args(args)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    config = config_from_args(args)  # a refused setting: no torch loaded yet (issue 25)
     if not args.quiet:
         print(settings_line(args, config), file=sys.stderr)
     out = Path(args.out)
@@ -341,6 +336,8 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
     try:
         # everything checkable without the model, before the (slow) load and before any write
         config.check_for_segmentation()
+        from emerdiff.sd.loading import model_geometry  # torch from here on
+
         geometry = model_geometry(args.model)
         if geometry is not None:
             config.check_resolution(*geometry)
@@ -348,9 +345,15 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         inputs = [("IMAGE", item) for item in items] + ([("--masks", args.masks)] if refine else [])
         check_targets([p for stem in stems for p in output_paths(out, stem, vocab=bool(args.vocab),
                                                                     maps=args.save_maps, ids=refine)], inputs)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
         model = load_model_from_args(args)
         if refine:
             config = _refine_grid_check(model, config, refine_segments, args.masks)
+        from emerdiff.method.pipeline import EmerDiff
+
         segmenter = EmerDiff(model, config)
     except (ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -369,6 +372,8 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         except (ValueError, RuntimeError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+    from emerdiff.sd.images import ImageError, load_image
+
     for leftover in clean_stale_temps([out]):
         print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
     debug = debug_requested(getattr(args, "debug", False))
@@ -613,8 +618,6 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     args.debug = debug
-    if getattr(args, "quiet", False):
-        quiet_libraries()
     return run_guarded(args.command, _inputs(args), lambda: args.func(args), debug)
 
 

@@ -16,14 +16,21 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from emerdiff.cli.options import add_config_args, add_labeller_args, config_from_args
-from emerdiff.evaluation.compare import compare_runs, comparison_table
-from emerdiff.evaluation.datasets import LAYOUTS, SegmentationDataset, open_dataset
-from emerdiff.evaluation.protocols import KNOWN_PROTOCOLS, PROTOCOLS
-from emerdiff.evaluation.runner import SegmentFn, json_safe, run_evaluation
+from emerdiff.evaluation.datasets import LAYOUTS
 from emerdiff.files import check_output_dir, write_atomic_bytes
+
+if TYPE_CHECKING:
+    from emerdiff.evaluation.datasets import SegmentationDataset
+    from emerdiff.evaluation.runner import SegmentFn
+
+# The names of emerdiff.evaluation.protocols.PROTOCOLS and KNOWN_PROTOCOLS, for the parsers' choices:
+# that module (metrics, bootstrap: scipy, torch) is imported only when a command runs, so `--help` and
+# a refused argument load no torch, scipy or sklearn (issue 25). tests/test_startup.py checks they agree.
+PROTOCOL_NAMES: tuple[str, ...] = ("per_image_hungarian", "dataset_hungarian", "concept", "concept_token_mean")
+KNOWN_PROTOCOL_NAMES: tuple[str, ...] = (*PROTOCOL_NAMES, "majority")
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,7 +41,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="benchmark split (default: its validation split); folder layout: a sub-folder")
     p.add_argument("--ignore-index", type=int, default=None,
                    help="void label value of the folder layout (default: 255)")
-    p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOLS, "all", "openvocab"],
+    p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOL_NAMES, "all", "openvocab"],
                    help="per_image_hungarian: each image's masks matched to its own classes (as DiffSeg/"
                         "DiffCut report); dataset_hungarian: dataset k-means + one Hungarian matching (as "
                         "EmerDiff reports); concept: nearest GT concept embedding (the paper's: mean mask "
@@ -88,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open_dataset(args: argparse.Namespace) -> SegmentationDataset:
     """The dataset of ``--data``/``--layout``; a missing folder or file is a ValueError saying which."""
+    from emerdiff.evaluation.datasets import open_dataset
+
     root = Path(args.data)
     if not root.is_dir():
         raise ValueError(f"--data {root}: dataset folder does not exist{' (it is a file)' if root.exists() else ''}; "
@@ -106,6 +115,12 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
         segment_fn: ``image -> segmentation`` used instead of loading ``args.model`` (tests
             inject a fake; its settings are not checked).
     """
+    from emerdiff.evaluation.runner import run_evaluation
+
+    if args.quiet and segment_fn is None:  # weight-loading bars off (as `segment --quiet`)
+        from emerdiff.cli.app import quiet_libraries
+
+        quiet_libraries()
     check_output_dir(Path(args.out))
     config = config_from_args(args)
     if args.bootstrap < 0:
@@ -132,7 +147,7 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
                     "class list and, image by image, the same labels).")
     p.add_argument("run_a", metavar="RUN_A", help="output folder of one `emerdiff evaluate` run")
     p.add_argument("run_b", metavar="RUN_B", help="output folder of another run")
-    p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOLS, "all"],
+    p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOL_NAMES, "all"],
                    help="protocol(s) to compare (default: all = every protocol but the majority oracle)")
     p.add_argument("--bootstrap", type=int, default=1000, metavar="N",
                    help="resamples of the shared images; 0: values only (default: 1000)")
@@ -145,6 +160,10 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def compare_command(args: argparse.Namespace) -> int:
     """Run ``emerdiff compare RUN_A RUN_B``: print the table (and write ``--json``)."""
+    from emerdiff.evaluation.compare import compare_runs, comparison_table
+    from emerdiff.evaluation.protocols import PROTOCOLS
+    from emerdiff.evaluation.runner import json_safe
+
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap {args.bootstrap}: give a number of resamples >= 0 (0: values only)")
     protocols = list(PROTOCOLS) if args.protocol == "all" else [args.protocol]

@@ -233,6 +233,15 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def _is_refusal(err: BaseException) -> bool:
+    """A ValueError (ImageError is one) or a ModelLoadError. Checked without importing the model modules
+    (torch): a ModelLoadError can only have been raised once its module is loaded (issue 25)."""
+    if isinstance(err, ValueError):
+        return True
+    layers = sys.modules.get("emerdiff.sd.layers")
+    return layers is not None and isinstance(err, layers.ModelLoadError)
+
+
 def run_guarded(command: str, inputs: str, func: Callable[[], int | None], debug: bool = False) -> int:
     """Run one command's body so that no traceback reaches a user; returns the exit code.
 
@@ -242,9 +251,6 @@ def run_guarded(command: str, inputs: str, func: Callable[[], int | None], debug
     (``--debug`` or ``EMERDIFF_DEBUG=1``, which re-raise instead) and gives 1; Ctrl-C prints one line
     and gives 130.
     """
-    from emerdiff.sd.images import ImageError
-    from emerdiff.sd.loading import ModelLoadError
-
     debug = debug_requested(debug)
     try:
         return int(func() or 0)
@@ -254,14 +260,12 @@ def run_guarded(command: str, inputs: str, func: Callable[[], int | None], debug
         print(f"emerdiff {command}: interrupted (Ctrl-C) during {inputs}; outputs written before are complete, "
               "the one being written was not kept", file=sys.stderr)
         return 130
-    except (ModelLoadError, ImageError, ValueError) as err:
-        if debug:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
     except Exception as err:
         if debug:
             raise
+        if _is_refusal(err):
+            print(f"error: {err}", file=sys.stderr)
+            return 2
         print(f"error: emerdiff {command} failed on {inputs}: {type(err).__name__}: {one_line(err)}{error_hint(err)} "
               f"(full trace: rerun with {DEBUG_FLAG} or {DEBUG_ENV}=1)", file=sys.stderr)
         return 1
