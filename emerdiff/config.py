@@ -20,6 +20,11 @@ MAX_STEPS = 1000  # the SD training schedule has 1000 timesteps
 MAX_STRENGTH = 1e4  # 1000x the paper's lambda; beyond it activations overflow
 LOWRES_METHODS = ("kmeans", "diffseg")  # Step A sources (EmerDiffConfig.lowres)
 FEATURE_NORMALIZATIONS = ("none", "l2")  # EmerDiffConfig.feature_normalization before k-means
+KMEANS_BACKENDS = ("sklearn", "torch", "auto")  # EmerDiffConfig.kmeans_backend (emerdiff/method/kmeans.py)
+SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")  # EmerDiffConfig.sdpa_backend (emerdiff/sd/speed.py)
+# Fields that change how fast a segmentation runs, not its result (beyond float rounding): an evaluation's
+# cached records do not depend on them (evaluation.runner.run_signature).
+EXECUTION_FIELDS = ("max_batch", "decode_batch", "channels_last", "compile_unet", "compile_decoder", "sdpa_backend")
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -121,6 +126,13 @@ class EmerDiffConfig:
     seed: int = 0
     max_batch: int = 16  # UNet batch in the modulated denoising (reference included)
     decode_batch: int = 8  # VAE decode batch
+    # speed levers (issue 25; emerdiff/sd/speed.py, emerdiff/method/kmeans.py): off / the old behaviour by
+    # default until a GPU measurement shows they pay (benchmarks/gpu_issue25.py, benchmarks/RESULTS.md)
+    kmeans_backend: str = "sklearn"  # Step A k-means: "sklearn" (CPU), "torch" (the model's device), "auto" (torch on CUDA)
+    channels_last: bool = False  # UNet and VAE weights (and the UNet's input) in channels_last memory format
+    compile_unet: bool = False  # torch.compile the UNet's forward (static shapes: one graph per chunk size)
+    compile_decoder: bool = False  # torch.compile the VAE decoder
+    sdpa_backend: str = "default"  # scaled-dot-product attention kernel: "default" (torch picks), flash, efficient, cudnn, math
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into results
 
     # ------------------------------------------------------------------ dict
@@ -219,6 +231,7 @@ class EmerDiffConfig:
         if self.readout_steps is not None and self.readout_steps < 1:
             raise ValueError("readout_steps must be None (full schedule) or >= 1")
         self.check_diffseg()
+        self.check_speed()
 
     def check_guided(self) -> None:
         """The image-guided upsampling baselines' parameters (guided_radius, guided_eps,
@@ -234,6 +247,14 @@ class EmerDiffConfig:
             if not 0 < value <= top:
                 raise ValueError(f"{name} must lie in (0, {top:g}], got {value}; "
                                  f"the default is {getattr(EmerDiffConfig, name)}")
+
+    def check_speed(self) -> None:
+        """The speed levers' names (their bools are checked by :meth:`check_types`)."""
+        if self.kmeans_backend not in KMEANS_BACKENDS:
+            raise ValueError(f"kmeans_backend must be one of {list(KMEANS_BACKENDS)}, got {self.kmeans_backend!r} "
+                             "(sklearn: scikit-learn on the CPU; torch: on the model's device; auto: torch on CUDA)")
+        if self.sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"sdpa_backend must be one of {list(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
 
     def check_diffseg(self) -> None:
         """The Step A source and DiffSeg's constants (checked even when k-means is used, so a bad

@@ -21,6 +21,7 @@ from emerdiff.cli.options import (  # noqa: F401
     error_hint,
     one_line,
     pop_debug_flag,
+    quiet_libraries,
     run_guarded,
     settings_line,
 )
@@ -575,16 +576,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_evaluate_parser(sub)
     add_compare_parser(sub)
     return parser
-
-
-def quiet_libraries() -> None:
-    """Silence transformers' and diffusers' progress bars ("Loading weights") and info logs (--quiet)."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for lib in (transformers_logging, diffusers_logging):
-        lib.disable_progress_bar()
-        lib.set_verbosity_error()
 
 
 def _inputs(args: argparse.Namespace) -> str:

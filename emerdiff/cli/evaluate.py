@@ -118,7 +118,7 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     from emerdiff.evaluation.runner import run_evaluation
 
     if args.quiet and segment_fn is None:  # weight-loading bars off (as `segment --quiet`)
-        from emerdiff.cli.app import quiet_libraries
+        from emerdiff.cli.options import quiet_libraries
 
         quiet_libraries()
     check_output_dir(Path(args.out))

@@ -233,6 +233,17 @@ def one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+def quiet_libraries() -> None:
+    """Silence transformers' and diffusers' progress bars ("Loading weights") and info logs (--quiet).
+    Called where a model is loaded, not at start-up: importing them costs seconds (issue 25)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (transformers_logging, diffusers_logging):
+        lib.disable_progress_bar()
+        lib.set_verbosity_error()
+
+
 def _is_refusal(err: BaseException) -> bool:
     """A ValueError (ImageError is one) or a ModelLoadError. Checked without importing the model modules
     (torch): a ModelLoadError can only have been raised once its module is loaded (issue 25)."""

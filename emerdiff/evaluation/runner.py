@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from emerdiff.config import EmerDiffConfig
+from emerdiff.config import EXECUTION_FIELDS, EmerDiffConfig
 from emerdiff.evaluation.bootstrap import bootstrap_weights, boundary_intervals, summarize_draws
 from emerdiff.evaluation.boundary import BoundaryMetrics
 from emerdiff.evaluation.datasets import SegmentationDataset, folder_dataset
@@ -153,8 +153,10 @@ def run_signature(dataset: SegmentationDataset, model: str, config: dict[str, An
     name and its split); ``config``: the method config as a dict (None: an injected segmenter).
     """
     cfg = dict(config or {})
-    for key in ("device", "max_batch", "decode_batch"):  # execution only, results unchanged
+    for key in ("device", *EXECUTION_FIELDS):  # execution only, results unchanged
         cfg.pop(key, None)
+    if cfg.get("kmeans_backend") == "sklearn":  # the default: the records made before the field existed
+        cfg.pop("kmeans_backend")
     return {
         "data": str(Path(dataset.root if data is None else data).resolve()),
         "layout": dataset.name if layout is None else layout,

@@ -63,8 +63,13 @@ def cluster_features(
     seed: int = 0,
     n_init: int = 10,
     normalization: str = "none",
+    backend: str = "sklearn",
+    device: torch.device | str | None = None,
 ) -> LowResSegments:
     """k-means (k-means++, fixed seed) on (h*w, C) features -> a label map on the grid.
+
+    ``backend`` (EmerDiffConfig.kmeans_backend): "sklearn" (scikit-learn on the CPU), "torch"
+    (:func:`emerdiff.method.kmeans.torch_kmeans` on ``device``), "auto" (torch on a CUDA device).
 
     ``normalization`` (:func:`normalize_features`): "l2" clusters the unit-length vectors
     (EmerDiffConfig.feature_normalization); the result's features and centroids are then the
@@ -79,11 +84,17 @@ def cluster_features(
             f"K={num_clusters} clusters requested but the query layer has only {f.shape[0]} tokens "
             f"({h}x{w}); lower K or raise the resolution"
         )
-    km = KMeans(n_clusters=num_clusters, init="k-means++", n_init=n_init, random_state=seed)
-    raw = km.fit_predict(f.astype(np.float64))
+    from emerdiff.method.kmeans import resolve_backend, torch_kmeans
+
+    if resolve_backend(backend, device) == "torch":
+        raw, centers, _ = torch_kmeans(f, num_clusters, n_init=n_init, seed=seed, device=device)
+    else:
+        km = KMeans(n_clusters=num_clusters, init="k-means++", n_init=n_init, random_state=seed)
+        raw = km.fit_predict(f.astype(np.float64))
+        centers = km.cluster_centers_
     # Drop empty clusters and renumber 0..K'-1 in order of first appearance in the cluster ids.
     used, labels = np.unique(raw, return_inverse=True)
-    centroids = km.cluster_centers_[used].astype(np.float32)
+    centroids = centers[used].astype(np.float32)
     return LowResSegments(labels.reshape(h, w).astype(np.int64), f.astype(np.float32), centroids)
 
 

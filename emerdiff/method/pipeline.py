@@ -188,6 +188,9 @@ class EmerDiff:
         self.config = config or EmerDiffConfig.for_model(model)  # SDXL: its own resolution and layers
         self.config.validate(model)
         self.schedule = Schedule.from_scheduler(model.scheduler, self.config.num_inference_steps)
+        from emerdiff.sd.speed import apply_speed  # issue 25's levers (channels_last, compile, SDPA); off: no-op
+
+        apply_speed(model, self.config)
 
     # -------------------------------------------------------------- stages
     def encode(self, image: torch.Tensor) -> torch.Tensor:
@@ -255,7 +258,7 @@ class EmerDiff:
             lowres_labels = diffseg.labels
         with clock("kmeans"):
             segments = (cluster_features(queries, grid, cfg.num_clusters, cfg.seed, cfg.kmeans_n_init,
-                                         cfg.feature_normalization)
+                                         cfg.feature_normalization, cfg.kmeans_backend, self.model.device)
                         if lowres_labels is None else
                         segments_from_labels(lowres_labels, queries, grid, cfg.feature_normalization))
         return PreparedImage(img, x0, inv, segments, grid, clock.timings, counter, diffseg)
