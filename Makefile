@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 MODEL  ?= reference
 DEVICE ?= cpu
 
-.PHONY: setup test test-browser lint lab notebooks bench figures clean FORCE
+.PHONY: setup test test-browser lint lab notebooks bench figures figures-plan clean FORCE
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -76,25 +76,42 @@ bench: setup
 # model inside each notebook (emerdiff.notebook.lab.setup -> EmerDiffConfig.for_model, the
 # one preset table emerdiff.config.PRESETS), so `make figures MODEL=/path/to/sd-v1-5 DEVICE=cuda`
 # runs the paper's settings; FIG_PARAMS='-p num_clusters 25' overrides any parameter.
+#
+# PROFILE=quick (the default) or full (emerdiff/notebook/profiles.py): quick draws the same figures from
+# fewer sweep points (notebook 02's t_f and t_m sweeps at 10 and 6 points spread over the schedule instead
+# of all 50, 01's three modulation layers nearest the paper's, 07's four validation scenes); full runs the
+# notebooks as written (`make figures PROFILE=full`). Before it starts, make prints each notebook's expected
+# time for the profile, model and device and the total (profiles.ESTIMATES, measured by
+# benchmarks/bench_figures.py): reference model, CPU: about 11 min quick, about 50 min full.
 FIG_DIR    ?= figures
 EXEC_DIR   ?= notebooks/executed
 KERNEL     ?= emerdiff
+PROFILE    ?= quick
 NOTEBOOKS  := $(NOTEBOOK_SOURCES:.py=.ipynb)
 FIG_STAMPS := $(patsubst notebooks/%.ipynb,$(EXEC_DIR)/%.stamp,$(NOTEBOOKS))
 FIG_PARAMS ?=
 FIG_ARGS   := -p model $(MODEL) -p device $(DEVICE) -p output_dir $(abspath $(FIG_DIR)) $(FIG_PARAMS)
+# every module of the package, subpackages included: a change anywhere redoes the figures
+PACKAGE_SOURCES := $(sort $(wildcard emerdiff/*.py emerdiff/*/*.py emerdiff/*/*/*.py))
 
 figures: $(FIG_STAMPS)
 
-# Rewritten only when the parameters change, so a new MODEL/DEVICE redoes every notebook.
+# Rewritten only when the parameters change, so a new MODEL/DEVICE/PROFILE redoes every notebook.
 $(EXEC_DIR)/params.txt: FORCE
 	@mkdir -p $(EXEC_DIR)
-	@echo '$(FIG_ARGS)' | cmp -s - $@ || echo '$(FIG_ARGS)' > $@
+	@echo 'PROFILE=$(PROFILE) $(FIG_ARGS)' | cmp -s - $@ || echo 'PROFILE=$(PROFILE) $(FIG_ARGS)' > $@
 
-$(EXEC_DIR)/%.stamp: notebooks/%.ipynb $(wildcard emerdiff/*.py) $(EXEC_DIR)/params.txt | $(VENV)/.installed
+# The expected-time table (an unknown PROFILE stops here); up-to-date notebooks are marked and not counted.
+figures-plan: $(EXEC_DIR)/params.txt | $(VENV)/.installed
+	@$(PY) -m emerdiff.notebook.profiles plan --profile $(PROFILE) --model $(MODEL) --device $(DEVICE) \
+		--stamps $(EXEC_DIR) --params-file $(EXEC_DIR)/params.txt $(NOTEBOOKS)
+
+# The profile's parameters go in a papermill -f file; the -p of FIG_ARGS (FIG_PARAMS) override them.
+$(EXEC_DIR)/%.stamp: notebooks/%.ipynb $(PACKAGE_SOURCES) $(EXEC_DIR)/params.txt | $(VENV)/.installed figures-plan
 	@mkdir -p $(EXEC_DIR) $(FIG_DIR)
+	@$(PY) -m emerdiff.notebook.profiles params --profile $(PROFILE) $* $(EXEC_DIR)/$*.profile.yaml
 	$(VENV)/bin/papermill --kernel $(KERNEL) --log-level WARNING \
-		$< $(EXEC_DIR)/$*.ipynb $(FIG_ARGS)
+		$< $(EXEC_DIR)/$*.ipynb -f $(EXEC_DIR)/$*.profile.yaml $(FIG_ARGS)
 	touch $@
 
 FORCE:

@@ -32,8 +32,8 @@ max_batch = None          # UNet batch of the modulated denoising (2K + 1: every
 seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
 torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
-feature_timesteps = None     # None: the whole schedule
-modulation_timesteps = None  # None: the whole schedule (each costs one modulated denoising)
+feature_timesteps = None     # None: the whole schedule; n: n points spread over it (quick profile)
+modulation_timesteps = None  # None: the whole schedule, n: n points spread over it (each costs one modulated denoising)
 readout_steps = [1, 2, None] # None: full schedule with the stored inversion noise
 
 # %%

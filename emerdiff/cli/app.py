@@ -479,10 +479,14 @@ def cmd_figures(args: argparse.Namespace) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     kernel = jupyter_kernel(args.kernel)
+    from emerdiff.notebook.profiles import plan_table, profile_params
+
+    print(plan_table([str(nb) for nb in notebooks], args.profile, args.model, args.device), end="", file=sys.stderr)
     for i, nb in enumerate(notebooks, 1):
         print(f"[{i}/{len(notebooks)}] running {nb.name} ...", file=sys.stderr)
         # the kernel's log level: silences ipykernel's per-kernel "running over TCP" warning
-        papermill.execute_notebook(str(nb), str(executed / nb.name), parameters=params, kernel_name=kernel,
+        nb_params = {**profile_params(args.profile, nb.stem), **params}  # -p wins over the profile
+        papermill.execute_notebook(str(nb), str(executed / nb.name), parameters=nb_params, kernel_name=kernel,
                                    log_output=False, progress_bar=False,
                                    extra_arguments=["--IPKernelApp.log_level=ERROR"])
     print(f"{len(notebooks)} notebook(s) ran; {len(list(out.glob('*.png')))} figure(s) (PNG + PDF, JSON numbers) in {out}; "
@@ -568,6 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "uses, python3 is taken if it is missing (default: emerdiff)")
     p.add_argument("-p", "--param", nargs=2, action="append", metavar=("NAME", "VALUE"),
                    help="override a notebook parameter (JSON value), repeatable (default: none)")
+    p.add_argument("--profile", default="quick", choices=["quick", "full"],
+                   help="quick: the same figures from fewer sweep points; full: every sweep as the notebooks "
+                   "are written (emerdiff/notebook/profiles.py; the expected times are printed first) (default: quick)")
     p.set_defaults(func=cmd_figures)
 
     from emerdiff.cli.evaluate import add_compare_parser

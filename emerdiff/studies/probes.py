@@ -239,24 +239,44 @@ def modulation_layer_probe(
 
 
 # --------------------------------------------------------------------------- timestep probes
+def schedule_points(schedule: Sequence[int], timesteps: Sequence[int] | int | None) -> list[int]:
+    """The swept timesteps: ``None`` the whole schedule, a list as given (each checked to lie on the
+    schedule), an int ``n`` that many points evenly spread over the schedule, both ends included (the
+    notebooks' quick profile, emerdiff.notebook.profiles: the same curve with fewer points, on any
+    model's schedule)."""
+    schedule = [int(t) for t in schedule]
+    if timesteps is None:
+        return schedule
+    if isinstance(timesteps, (int, np.integer)) and not isinstance(timesteps, bool):
+        n = int(timesteps)
+        if n < 1:
+            raise ValueError(f"a number of timesteps must be >= 1, got {n}")
+        if n >= len(schedule):
+            return schedule
+        picks = np.unique(np.round(np.linspace(0, len(schedule) - 1, n)).astype(int))
+        return [schedule[i] for i in picks]
+    timesteps = [int(t) for t in timesteps]
+    bad = [t for t in timesteps if t not in schedule]
+    if bad:
+        raise ValueError(f"timesteps {bad} are not on the schedule {schedule}")
+    return timesteps
+
 def feature_timestep_sweep(
     ed: EmerDiff,
     items: Sequence[ProbeImage],
-    timesteps: Sequence[int] | None = None,
+    timesteps: Sequence[int] | int | None = None,
     seeds: Sequence[int] = (0,),
     layer: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Step A's feature timestep t_f swept (default: the whole schedule) for the query layer.
+    """Step A's feature timestep t_f swept (default: the whole schedule; an int n: n points spread over
+    it, :func:`schedule_points`) for the query layer.
 
     Rows: image, seed, feature_timestep, miou, boundary, silhouette (low-res
     k-means, nearest-upsampled to the image).
     """
     cfg = ed.config
     layer = layer or cfg.query_layer
-    timesteps = list(timesteps) if timesteps is not None else list(ed.schedule.timesteps)
-    bad = [t for t in timesteps if t not in ed.schedule.timesteps]
-    if bad:
-        raise ValueError(f"timesteps {bad} are not on the schedule {ed.schedule.timesteps}")
+    timesteps = schedule_points(ed.schedule.timesteps, timesteps)
     grid = feature_resolution(ed.model.unet, layer, ed.latent_size())
 
     def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, t: int) -> dict[str, Any]:
@@ -273,18 +293,16 @@ def feature_timestep_sweep(
 def modulation_timestep_sweep(
     ed: EmerDiff,
     items: Sequence[ProbeImage],
-    timesteps: Sequence[int] | None = None,
+    timesteps: Sequence[int] | int | None = None,
     seeds: Sequence[int] = (0,),
 ) -> list[dict[str, Any]]:
-    """The modulation timestep t_m swept; one inversion per image and seed up to max(t_m).
+    """The modulation timestep t_m swept (default: the whole schedule; an int n: n points spread over it,
+    :func:`schedule_points`); one inversion per image and seed up to max(t_m).
 
     Rows: image, seed, modulation_timestep, steps_after (UNet steps from t_m to
     x_0), locality, ..., miou, boundary.
     """
-    timesteps = list(timesteps) if timesteps is not None else list(ed.schedule.timesteps)
-    bad = [t for t in timesteps if t not in ed.schedule.timesteps]
-    if bad:
-        raise ValueError(f"timesteps {bad} are not on the schedule {ed.schedule.timesteps}")
+    timesteps = schedule_points(ed.schedule.timesteps, timesteps)
 
     def run(eds: EmerDiff, prepared: PreparedImage, item: ProbeImage, t: int) -> dict[str, Any]:
         maps, _ = eds.perturb(prepared, modulation_timestep=t)
