@@ -2,26 +2,26 @@
 # Issue 25 on one GPU lease: every measurement of the issue (benchmarks/gpu_issue25.py), tables under $OUT.
 # Two device calls of at most 600 s each (the lease has 15 minutes in all, machine start included):
 #
-#   PART=bench bash scripts/gpu_issue25.sh   # call 1 (~330 s): lever rows, TFLOP/s and % of peak, one-step
+#   PART=bench bash scripts/gpu_issue25.sh   # call 1 (~430 s): lever rows, TFLOP/s and % of peak, one-step
 #                                            #   readout, memory at K 25 / 50, agreement (fp32 gated, bf16/fp16)
-#   PART=jobs  bash scripts/gpu_issue25.sh   # call 2 (~420 s): make figures on CUDA (quick profile), evaluate
+#   PART=jobs  bash scripts/gpu_issue25.sh   # call 2 (~320 s): make figures on CUDA (quick profile), evaluate
 #                                            #   images/min + GPU busy, 2 processes on the card, inspector
 #   PART=all   bash scripts/gpu_issue25.sh   # both in one call (BUDGET 570: jobs get what bench leaves)
 #   SMOKE=1    bash scripts/gpu_issue25.sh   # this CPU, tiny model, all sections (~4 min on a busy 2-core CPU)
 #
 # Run with the device tool from the repository root, carrying .gpu (wheels the machine lacks; made here by
 # scripts/gpu_wheels.sh), e.g. run(command="PART=bench bash scripts/gpu_issue25.sh", carry=[".gpu"],
-# timeout_s=400). Each part writes issue25_<part>.md / .json into $OUT as each section ends, so a call cut
+# timeout_s=520). Each part writes issue25_<part>.md / .json into $OUT as each section ends, so a call cut
 # short still brings home what finished; env.txt and missing.txt say what the machine is and lacks.
 #
 # Settings (environment; defaults in brackets): OUT [$OUT of the device tool, else runs/gpu_out], PART [bench],
-# BUDGET [bench 330, jobs 420, all 570 s], SMOKE [0], ARGS [extra gpu_issue25.py arguments, e.g.
+# BUDGET [bench 430, jobs 320, all 570 s], SMOKE [0], ARGS [extra gpu_issue25.py arguments, e.g.
 # "--eval-images 120 --notebook-cap 90"].
 set -u
 OUT=${OUT:-runs/gpu_out}
 PART=${PART:-bench}
 SMOKE=${SMOKE:-0}
-case $PART in bench) B=330 ;; jobs) B=420 ;; *) B=570 ;; esac
+case $PART in bench) B=430 ;; jobs) B=320 ;; *) B=570 ;; esac
 BUDGET=${BUDGET:-$B}
 mkdir -p "$OUT"
 if [ "$SMOKE" = 1 ]; then

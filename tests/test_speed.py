@@ -57,3 +57,10 @@ def test_levers_on_give_the_eager_labels(tiny_dir, fast_config, photo):
     agree = float(np.mean(fast.labels == eager.labels))
     assert agree >= 0.99, agree
     np.testing.assert_array_equal(fast.lowres_labels, eager.lowres_labels)
+    speed.reset_speed(model)  # back to the model as loaded: eager again, same labels as the eager run
+    assert speed.applied_speed(model) == {} and "forward" not in model.unet.__dict__
+    assert not isinstance(model.vae.decoder, torch._dynamo.eval_frame.OptimizedModule)
+    assert "forward" not in model.vae.decoder.__dict__
+    assert model.unet.conv_in.weight.is_contiguous()
+    again = EmerDiff(model, fast_config).segment(photo)
+    np.testing.assert_array_equal(again.labels, eager.labels)

@@ -5,8 +5,8 @@ default until a GPU measurement shows it pays (``benchmarks/gpu_issue25.py``).
 
 :func:`apply_speed` changes the model in place, once per lever (``EmerDiff`` calls it with its config):
 a model shared by several pipelines keeps the levers the first one asked for, and a later config that
-asks for less does not undo them (load the model again for an eager baseline). What was applied is in
-``applied_speed(model)``.
+asks for less does not undo them; :func:`reset_speed` does (the model as loaded: eager, contiguous,
+torch's attention kernels). What was applied is in ``applied_speed(model)``.
 """
 
 from __future__ import annotations
@@ -110,3 +110,26 @@ def apply_speed(model: Any, config: Any, compile_backend: str = "inductor",
         state["decoder_sdpa"] = want["sdpa_backend"]
     setattr(unet, _STATE, state)
     return dict(state)
+
+
+def reset_speed(model: Any) -> None:
+    """Undo :func:`apply_speed`: the class's own forwards, the uncompiled decoder, contiguous weights, and
+    torch.compile's caches cleared (a benchmark compares levers on one model without reloading it)."""
+    unet, vae = model.unet, model.vae
+    state = getattr(unet, _STATE, None)
+    if not state:
+        return
+    unet.__dict__.pop("forward", None)
+    unet.__dict__.pop("_emerdiff_eager_forward", None)
+    decoder = vae.decoder
+    decoder.__dict__.pop("forward", None)
+    original = getattr(decoder, "_orig_mod", None)
+    if original is not None:
+        original.__dict__.pop("forward", None)
+        vae.decoder = original
+    if state.get("channels_last"):
+        unet.to(memory_format=torch.contiguous_format)
+        vae.to(memory_format=torch.contiguous_format)
+    if state.get("compile_unet") or state.get("compile_decoder"):
+        torch._dynamo.reset()
+    delattr(unet, _STATE)
