@@ -82,7 +82,7 @@ bench: setup
 # of all 50, 01's three modulation layers nearest the paper's, 07's four validation scenes); full runs the
 # notebooks as written (`make figures PROFILE=full`). Before it starts, make prints each notebook's expected
 # time for the profile, model and device and the total (profiles.ESTIMATES, measured by
-# benchmarks/bench_figures.py): reference model, CPU: about 11 min quick, about 50 min full.
+# benchmarks/bench_figures.py): reference model, CPU: about 11 min quick, about 36 min full.
 FIG_DIR    ?= figures
 EXEC_DIR   ?= notebooks/executed
 KERNEL     ?= emerdiff

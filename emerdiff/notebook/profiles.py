@@ -49,7 +49,7 @@ NOTEBOOK_STEMS = ("00_quickstart", "01_layer_probe", "02_timestep_probe", "03_ma
                   "04_paper_figures", "05_inspector", "06_diagnosis", "07_evaluation")
 ESTIMATES: dict[tuple[str, str], dict[str, dict[str, tuple[float, bool]]]] = {
     # reference model on the CPU: CPU seconds of each notebook's papermill run with one torch thread
-    # (benchmarks/bench_figures.py -p torch_threads 1, nice 10, on a 2-core AMD EPYC VM at load 2.1-4.8),
+    # (benchmarks/bench_figures.py -p torch_threads 1, nice 10, on a 2-core Intel Xeon VM at load 2.1-4.8),
     # about the wall time of an idle machine with one thread (two threads on an idle 2-core machine are faster)
     ("reference", "cpu"): {
         "quick": {"00_quickstart": (21.2, True), "01_layer_probe": (39.4, True), "02_timestep_probe": (215.9, True),
@@ -65,7 +65,7 @@ ESTIMATES: dict[tuple[str, str], dict[str, dict[str, tuple[float, bool]]]] = {
 }
 # where and how ESTIMATES were measured (printed under the table)
 ESTIMATE_NOTES: dict[tuple[str, str], str] = {
-    ("reference", "cpu"): "CPU seconds with one torch thread on a 2-core AMD EPYC VM, benchmarks/RESULTS.md section 9",
+    ("reference", "cpu"): "CPU seconds with one torch thread on a 2-core Intel Xeon VM, benchmarks/RESULTS.md section 9",
 }
 
 
