@@ -1,8 +1,8 @@
 """Issue 25 on one GPU lease: every measurement the issue asks for, as markdown tables under --out.
 
-    python benchmarks/gpu_issue25.py --part bench --out $OUT --budget 330     # device call 1
-    python benchmarks/gpu_issue25.py --part jobs  --out $OUT --budget 420     # device call 2
-    python benchmarks/gpu_issue25.py --part all --smoke --out /tmp/s          # this CPU, tiny model, ~1 min
+    python benchmarks/gpu_issue25.py --part bench --out $OUT --budget 430     # device call 1
+    python benchmarks/gpu_issue25.py --part jobs  --out $OUT --budget 320     # device call 2
+    python benchmarks/gpu_issue25.py --part all --smoke --out runs/issue25-smoke   # this CPU, tiny model, minutes
 
 (``scripts/gpu_issue25.sh`` runs it on the lease.) Parts:
 

@@ -144,3 +144,11 @@ def test_schedule_points_spread_a_count_over_any_schedule():
         schedule_points(fifty, [80])
     with pytest.raises(ValueError, match=">= 1"):
         schedule_points(fifty, 0)
+
+
+def test_the_figures_command_offers_every_profile():
+    from emerdiff.cli.app import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["figures"]
+    (action,) = [a for a in sub._actions if a.dest == "profile"]
+    assert sorted(action.choices) == sorted(profiles.PROFILES) and action.default == profiles.DEFAULT_PROFILE
