@@ -8,7 +8,8 @@
 
 ``bench`` (SD 1.5 and SD 2.1-base random weights, 512 px, K = 25, the paper's readout, bf16):
   1. one row per speed lever against the eager baseline (EmerDiffConfig fields: kmeans_backend,
-     channels_last, sdpa_backend, compile_unet, compile_decoder, and all winners together): s/image,
+     channels_last, sdpa_backend, compile_unet + compile_decoder, all winners together, compile_mode
+     reduce-overhead = CUDA graphs): s/image,
      stage seconds, the modulated stage's TFLOP/s and % of the card's dense bf16 peak, the decodes' TFLOP/s,
      peak CUDA memory, label agreement with the baseline; compile time is reported apart (the warm-up);
   2. the one-step readout (readout_steps = 1) eager and fast;
@@ -296,6 +297,11 @@ def run_bench(args: argparse.Namespace, report: Report, budget: Budget, device: 
                                                                               compile_decoder=True)))
         if wins and kind != "sd15" or (kind == "sd15" and wins and 1 in args.sections):
             extra.append((f"all winners {wins}", dict(wins)))
+        if kind == "sd15" and 1 in args.sections and device.type == "cuda" and args.cuda_graphs:
+            # CUDA graphs (the 15 batch-1 inversion/feature calls are latency-bound): last, if the budget allows
+            extra.append(("compile reduce-overhead (CUDA graphs, + winners)", dict(wins, compile_unet=True,
+                                                                                 compile_decoder=True,
+                                                                                 compile_mode="reduce-overhead")))
         for name, changes in extra:
             if base is None or not budget.allows(COMPILE_ROW_S if is_compiled(changes) and not args.smoke else 30):
                 rows.append([name, "skipped: budget"] + [None] * 10)
@@ -309,7 +315,7 @@ def run_bench(args: argparse.Namespace, report: Report, budget: Budget, device: 
                                f"{100 * float(np.mean(r['seg'].labels == base['seg'].labels)):.1f}%"))
             raw.append(dict(name=name, changes=changes, **{k: v for k, v in r.items() if k != "seg"}))
             if kind == "sd15" and is_compiled(changes) and r["wall"] < min(x["wall"] for x in raw if x["name"] != name) * 0.97:
-                wins.update(compile_unet=True, compile_decoder=True)
+                wins.update({k: v for k, v in changes.items() if k.startswith("compile")})
         if rows:
             cfg0 = lr.cfg0
             report.add(f"1. Levers, {kind} random weights, {cfg0.resolution} px, K {cfg0.num_clusters}, "
@@ -615,6 +621,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--smoke-compile", action="store_true", help="with --smoke: also the compile rows (eager backend)")
     ap.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     ap.add_argument("--sections", default="1,2,3,4,5,6,7,8", help="comma list of the sections to run (default: all)")
+    ap.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                    help="skip the compile_mode=reduce-overhead row (CUDA graphs; run last, budget permitting)")
     ap.add_argument("--repeats", type=int, default=None, help="timed images per row (default 2; 1 with --smoke)")
     ap.add_argument("--work", default=None, help="folder for the model folder, dataset and runs (default: temporary)")
     ap.add_argument("--profile", default="quick", help="notebook profile of section 5")

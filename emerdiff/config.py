@@ -22,9 +22,13 @@ LOWRES_METHODS = ("kmeans", "diffseg")  # Step A sources (EmerDiffConfig.lowres)
 FEATURE_NORMALIZATIONS = ("none", "l2")  # EmerDiffConfig.feature_normalization before k-means
 KMEANS_BACKENDS = ("sklearn", "torch", "auto")  # EmerDiffConfig.kmeans_backend (emerdiff/method/kmeans.py)
 SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")  # EmerDiffConfig.sdpa_backend (emerdiff/sd/speed.py)
+# EmerDiffConfig.compile_mode: torch.compile's modes; "reduce-overhead" replays CUDA graphs (the batch-1 inversion
+# and feature calls are latency-bound), "max-autotune" also searches kernels
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Fields that change how fast a segmentation runs, not its result (beyond float rounding): an evaluation's
 # cached records do not depend on them (evaluation.runner.run_signature).
-EXECUTION_FIELDS = ("max_batch", "decode_batch", "channels_last", "compile_unet", "compile_decoder", "sdpa_backend")
+EXECUTION_FIELDS = ("max_batch", "decode_batch", "channels_last", "compile_unet", "compile_decoder", "compile_mode",
+                    "sdpa_backend")
 
 
 def _check_int(name: str, value: Any) -> None:
@@ -132,6 +136,7 @@ class EmerDiffConfig:
     channels_last: bool = False  # UNet and VAE weights (and the UNet's input) in channels_last memory format
     compile_unet: bool = False  # torch.compile the UNet's forward (static shapes: one graph per chunk size)
     compile_decoder: bool = False  # torch.compile the VAE decoder
+    compile_mode: str = "default"  # torch.compile mode of both: default, reduce-overhead (CUDA graphs), max-autotune, ...
     sdpa_backend: str = "default"  # scaled-dot-product attention kernel: "default" (torch picks), flash, efficient, cudnn, math
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes carried into results
 
@@ -255,6 +260,9 @@ class EmerDiffConfig:
                              "(sklearn: scikit-learn on the CPU; torch: on the model's device; auto: torch on CUDA)")
         if self.sdpa_backend not in SDPA_BACKENDS:
             raise ValueError(f"sdpa_backend must be one of {list(SDPA_BACKENDS)}, got {self.sdpa_backend!r}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ValueError(f"compile_mode must be one of {list(COMPILE_MODES)}, got {self.compile_mode!r} "
+                             "(reduce-overhead: CUDA graphs)")
 
     def check_diffseg(self) -> None:
         """The Step A source and DiffSeg's constants (checked even when k-means is used, so a bad

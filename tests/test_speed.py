@@ -64,3 +64,19 @@ def test_levers_on_give_the_eager_labels(tiny_dir, fast_config, photo):
     assert model.unet.conv_in.weight.is_contiguous()
     again = EmerDiff(model, fast_config).segment(photo)
     np.testing.assert_array_equal(again.labels, eager.labels)
+
+
+def test_compile_mode_reaches_torch_compile(tiny_dir, monkeypatch):
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    model = load_pipeline(tiny_dir, device="cpu")
+    cfg = EmerDiffConfig(compile_unet=True, compile_decoder=True, compile_mode="reduce-overhead")
+    speed.apply_speed(model, cfg)
+    assert [kw["mode"] for kw in seen] == ["reduce-overhead", "reduce-overhead"]
+    assert all(kw["dynamic"] is False and kw["backend"] == "inductor" for kw in seen)
+    speed.reset_speed(model)
+    seen.clear()
+    speed.apply_speed(model, cfg.replace(compile_mode="default"))
+    assert [kw["mode"] for kw in seen] == [None, None]  # torch's own default
+    with pytest.raises(ValueError, match="compile_mode must be one of"):
+        EmerDiffConfig(compile_mode="fastest").check_values()

@@ -73,8 +73,9 @@ def apply_speed(model: Any, config: Any, compile_backend: str = "inductor",
     - ``sdpa_backend``: the UNet's and the VAE decoder's attention run inside ``sdpa_kernel`` of that kernel.
     - ``compile_unet`` / ``compile_decoder``: ``torch.compile(..., dynamic=False)`` of the UNet's forward /
       the VAE decoder (``compile_backend``, ``compile_mode``: torch.compile's; tests use ``"eager"`` or
-      ``"aot_eager"`` to check the plumbing without a C++ toolchain). Static shapes: each chunk size
-      compiles once.
+      ``"aot_eager"`` to check the plumbing without a C++ toolchain; ``compile_mode`` None: the config's
+      ``compile_mode``, "default" being torch's own; "reduce-overhead" replays CUDA graphs). Static shapes:
+      each chunk size compiles once.
 
     Returns the levers now applied. Nothing is done for a config with every lever off.
     """
@@ -83,6 +84,9 @@ def apply_speed(model: Any, config: Any, compile_backend: str = "inductor",
     want = dict(channels_last=bool(config.channels_last), sdpa_backend=str(config.sdpa_backend),
                 compile_unet=bool(config.compile_unet), compile_decoder=bool(config.compile_decoder))
     sdpa_kernels(want["sdpa_backend"])  # a bad name: ValueError before anything changes
+    if compile_mode is None:
+        mode = str(getattr(config, "compile_mode", "default"))
+        compile_mode = None if mode == "default" else mode
     if not any(v for k, v in want.items() if k != "sdpa_backend") and want["sdpa_backend"] == "default":
         return dict(state)
     if want["channels_last"] and not state.get("channels_last"):
