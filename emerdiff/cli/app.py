@@ -582,6 +582,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_parser(sub)
     add_compare_parser(sub)
+    from emerdiff.cli.table2 import add_parser as add_table2_parser  # issue 26: the paper's Table 2
+
+    add_table2_parser(sub)
     return parser
 
 
@@ -601,6 +604,8 @@ def _inputs(args: argparse.Namespace) -> str:
         return f"--data {args.data}"
     if command == "compare":
         return f"{args.run_a} and {args.run_b}"
+    if command == "table2":
+        return f"--from-run {args.from_run}" if args.from_run else f"DATA {args.data}"
     return "its arguments"
 
 
