@@ -11,7 +11,16 @@ import sys
 import pytest
 
 HEAVY = ("torch", "diffusers", "transformers", "scipy", "sklearn")
-COMMANDS = ("segment", "refine", "layers", "figures", "evaluate", "compare")
+
+
+def _commands() -> list[str]:
+    """Every sub-command the parser has (a new one is covered without editing this test)."""
+    from emerdiff.cli.app import build_parser
+
+    return sorted(next(a for a in build_parser()._actions if a.dest == "command").choices)
+
+
+COMMANDS = _commands()
 
 PROBE = """
 import contextlib, io, json, sys
