@@ -117,7 +117,9 @@ def bootstrap_with_boundaries(records: Sequence[ImageRecord], maps: Sequence[Map
 def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageRecord], num_classes: int,
                     protocols: Sequence[str] = PROTOCOLS, n_boot: int = 1000, level: float = 0.95,
                     seed: int = 0, ignore_index: int = 255,
-                    cluster_seeds: tuple[int, int] = (0, 0)) -> list[dict[str, Any]]:
+                    cluster_seeds: tuple[int, int] = (0, 0),
+                    maps: tuple[Sequence[Mapping[str, np.ndarray]], Sequence[Mapping[str, np.ndarray]]] | None = None,
+                    metrics: BoundaryMetrics | None = None) -> list[dict[str, Any]]:
     """Paired comparison of two runs on the same images (``records_a[i]`` and ``records_b[i]``
     are the same image).
 
@@ -125,22 +127,46 @@ def compare_records(records_a: Sequence[ImageRecord], records_b: Sequence[ImageR
     difference A - B of each protocol x method gets a paired interval. Methods present in one
     run only get rows with the other side None. Returns rows ``{"protocol", "method", "a",
     "b", "a-b"}``, each value an :func:`interval` dict or None.
+
+    With ``maps`` (each run's label maps, one per record in the same order, as
+    :func:`~emerdiff.evaluation.protocols.protocol_boundary_totals` takes them) every row also gets
+    ``"boundary": {metric: {"a", "b", "a-b"}}``: the boundary metrics (``metrics``, default
+    ``BoundaryMetrics(ignore_index=ignore_index)``) of each run's labelling on the same resamples, so
+    their A - B is paired as well (the mIoU values are the same as without ``maps``).
     """
     ids_a = [r.image_id for r in records_a]
     ids_b = [r.image_id for r in records_b]
     if ids_a != ids_b:
         raise ValueError("compare_records needs the same images in the same order in both runs")
     weights = bootstrap_weights(len(records_a), n_boot, seed)
-    draws_a = protocol_draws(records_a, num_classes, weights, protocols, None, ignore_index, seed=cluster_seeds[0])
-    draws_b = protocol_draws(records_b, num_classes, weights, protocols, None, ignore_index, seed=cluster_seeds[1])
+    edges: tuple[dict[str, Any], dict[str, Any]] | None = None
+    if maps is None:
+        draws_a = protocol_draws(records_a, num_classes, weights, protocols, None, ignore_index, seed=cluster_seeds[0])
+        draws_b = protocol_draws(records_b, num_classes, weights, protocols, None, ignore_index, seed=cluster_seeds[1])
+    else:
+        metrics = metrics or BoundaryMetrics(ignore_index=ignore_index)
+        draws, scored = [], []
+        for recs, run_maps, cluster_seed in ((records_a, maps[0], cluster_seeds[0]),
+                                             (records_b, maps[1], cluster_seeds[1])):
+            totals, _, boundary = protocol_boundary_totals(recs, run_maps, num_classes, weights, protocols, None,
+                                                           ignore_index, seed=cluster_seed, metrics=metrics)
+            draws.append({p: {m: miou_rows(t) for m, t in per.items()} for p, per in totals.items()})
+            scored.append(boundary_draws(boundary, metrics))
+        draws_a, draws_b = draws
+        edges = (scored[0], scored[1])
     methods = list(dict.fromkeys([*record_methods(records_a), *record_methods(records_b)]))
     rows = []
+    n = len(records_a)
+
+    def paired(a: np.ndarray | None, b: np.ndarray | None) -> dict[str, Any]:
+        return {"a": None if a is None else interval(a, level, n),
+                "b": None if b is None else interval(b, level, n),
+                "a-b": None if a is None or b is None else interval(a - b, level, n)}
+
     for p in protocols:
         for m in methods:
-            a, b = draws_a[p].get(m), draws_b[p].get(m)
-            n = len(records_a)
-            rows.append({"protocol": p, "method": m,
-                         "a": None if a is None else interval(a, level, n),
-                         "b": None if b is None else interval(b, level, n),
-                         "a-b": None if a is None or b is None else interval(a - b, level, n)})
+            rows.append({"protocol": p, "method": m, **paired(draws_a[p].get(m), draws_b[p].get(m))})
+            if edges is not None:
+                rows[-1]["boundary"] = {name: paired(edges[0][p][name].get(m), edges[1][p][name].get(m))
+                                        for name in metrics.names}
     return rows

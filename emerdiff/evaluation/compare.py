@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from emerdiff.evaluation.bootstrap import compare_records
+from emerdiff.evaluation.boundary import BoundaryMetrics
 from emerdiff.evaluation.protocols import PROTOCOLS
-from emerdiff.evaluation.records import RecordError, load_record, record_path, stored_key
+from emerdiff.evaluation.records import MapFiles, RecordError, load_record, record_path, stored_key
 
 
 def _run_summary(folder: Path) -> dict[str, Any]:
@@ -121,14 +122,27 @@ def compare_runs(run_a: str | Path, run_b: str | Path, protocols: Sequence[str] 
         recs_b = [load_record(img_b[i][0], i) for i in shared]
     except RecordError as err:
         raise ValueError(f"{err}; rerun `emerdiff evaluate` into that run's folder to recompute it") from err
-    rows = compare_records(recs_a, recs_b, len(cfg_a["class_names"]), protocols, n_boot, level, seed,
-                           int(cfg_a.get("ignore_index", 255)),
-                           (int(cfg_a.get("protocol_seed", 0)), int(cfg_b.get("protocol_seed", 0))))
+    ignore = int(cfg_a.get("ignore_index", 255))
+    # both runs scored boundary metrics (evaluate stores each image's label maps with its record): their
+    # A - B too, from the maps, on the same resamples as the mIoU's
+    boundaries = cfg_a.get("boundary") is not None and cfg_b.get("boundary") is not None
+    maps = None
+    metrics = BoundaryMetrics(ignore_index=ignore)
+    if boundaries:
+        maps = (MapFiles([img_a[i][0] for i in shared], shared), MapFiles([img_b[i][0] for i in shared], shared))
+    try:
+        rows = compare_records(recs_a, recs_b, len(cfg_a["class_names"]), protocols, n_boot, level, seed, ignore,
+                               (int(cfg_a.get("protocol_seed", 0)), int(cfg_b.get("protocol_seed", 0))),
+                               maps=maps, metrics=metrics)
+    except RecordError as err:  # a record without its label maps, though results.json has boundary metrics
+        raise ValueError(f"{err}; or compare without boundary metrics by removing 'boundary' from that run's "
+                         "results.json config") from err
     describe = {k: {"folder": str(p), "model": c.get("model"), "num_images": len(imgs)}
                 for k, p, c, imgs in (("a", a, cfg_a, img_a), ("b", b, cfg_b, img_b))}
     return {**describe, "shared_images": len(shared),
             "only_a": [i for i in img_a if i not in img_b], "only_b": [i for i in img_b if i not in img_a],
-            "rows": rows, "bootstrap": {"resamples": n_boot, "seed": seed, "level": level, "paired": True}}
+            "rows": rows, "bootstrap": {"resamples": n_boot, "seed": seed, "level": level, "paired": True},
+            "boundary": metrics.settings() if boundaries else None}
 
 
 def _finite(x: Any) -> bool:
@@ -200,8 +214,33 @@ def comparison_table(result: dict[str, Any]) -> str:
     lines.append("")
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
     lines.append("* the interval of A - B excludes 0")
+    if any("boundary" in row for row in result["rows"]):
+        lines += ["", *boundary_comparison_lines(result)]
     notes = dict.fromkeys(v["note"] for row in result["rows"] for v in (row["a"], row["b"], row["a-b"])
                           if v is not None and v.get("note"))
     lines += [f"(no interval): {note.removeprefix('no interval: ')}" for note in notes]
     return "\n".join(lines) + "\n"
 
+
+
+# The boundary metrics comparison_table prints (results JSON holds every metric of BoundaryMetrics.names).
+PRINTED_BOUNDARY = (("boundary_iou", "bIoU"), ("boundary_f", "bF"))
+
+
+def boundary_comparison_lines(result: dict[str, Any]) -> list[str]:
+    """Lines of the boundary block of :func:`comparison_table`: per protocol x method, A, B and the paired
+    A - B of Boundary IoU and boundary F (each run's labelling of its own label maps); ``*`` as there."""
+    header = ("protocol", "method", *(f"{label} {side}" for _, label in PRINTED_BOUNDARY for side in ("A", "B", "A - B")))
+    table = [header]
+    for row in result["rows"]:
+        if "boundary" not in row:
+            continue
+        cells = [row["protocol"], row["method"]]
+        for name, _ in PRINTED_BOUNDARY:
+            v = row["boundary"][name]
+            cells += [format_interval(v["a"]), format_interval(v["b"]),
+                      format_interval(v["a-b"], "+") + (" *" if excludes_zero(v["a-b"]) else "")]
+        table.append(tuple(cells))
+    widths = [max(len(r[j]) for r in table) for j in range(len(header))]
+    return ["boundary metrics (Boundary IoU and boundary F of each run's labelling, paired A - B):",
+            *("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table)]
