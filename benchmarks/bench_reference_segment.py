@@ -42,7 +42,7 @@ def image_file(name: str, folder: Path) -> Path:
 
 def run_once(image: Path, out: Path, threads: int, model: str) -> dict:
     cmd = [str(Path(sys.executable).parent / "emerdiff"), "segment", str(image), "--model", model, "--out", str(out),
-           "--quiet"] + (["--threads", str(threads)] if threads else [])
+           "--quiet", "--threads", str(threads)]  # 0: torch's default (one per core)
     r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True)

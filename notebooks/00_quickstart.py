@@ -31,7 +31,7 @@ kmeans_n_init = 2
 max_batch = None          # UNet batch of the modulated denoising (2K + 1: every run and the reference at once)
 seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
-torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
+torch_threads = None      # None: 1 below 4 cores, else the cores free by load (as the CLI); 0: torch's own
 # DiffSeg's merge threshold tau; None: the model's preset, 0.1 on the reference model (its flat
 # self-attention merges into one segment at the published 1.1; docs/METHOD.md), else DiffSeg's 1.1
 diffseg_kl_threshold = None

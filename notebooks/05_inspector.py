@@ -37,7 +37,7 @@ kmeans_n_init = 2
 max_batch = None          # UNet batch of the modulated denoising (2K + 1: every run and the reference at once)
 seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
-torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
+torch_threads = None      # None: 1 below 4 cores, else the cores free by load (as the CLI); 0: torch's own
 mpl_backend = "widget"   # ipympl; "agg" for headless runs
 slider_timesteps = None  # None: every schedule timestep up to modulation_timestep
 

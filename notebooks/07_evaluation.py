@@ -50,7 +50,7 @@ runs_dir = None           # None: a temporary folder, removed at the end; a path
 #                           caches: a rerun with the same settings segments nothing) for `emerdiff compare`
 examples = 2              # scenes drawn with both runs' labels
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
-torch_threads = 0         # 0: torch default; 1 is much faster on a busy shared CPU
+torch_threads = None      # None: 1 below 4 cores, else the cores free by load (as the CLI); 0: torch's own
 
 # %%
 from emerdiff.notebook import lab

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "emerdiff"
 # the floors below; a package's modules sit on the package's floor unless named on their own.
 FLOORS: list[tuple[str, list[str]]] = [
     # what everything stands on: output files, the shipped assets, SD component configs and images
-    ("foundation", ["files", "assets", "assets.scenes", "sd.components", "sd.images"]),
+    ("foundation", ["files", "threads", "assets", "assets.scenes", "sd.components", "sd.images"]),
     # loading a Stable Diffusion pipeline and reading its layers and schedule
     ("sd", ["sd", "sd.layers", "sd.loading"]),
     # every knob and the one preset table

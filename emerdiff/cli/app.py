@@ -16,6 +16,7 @@ from emerdiff.cli.options import (  # noqa: F401
     DEFAULT_LABELLER,
     add_config_args,
     add_labeller_args,
+    add_threads_arg,
     config_from_args,
     debug_requested,
     error_hint,
@@ -50,9 +51,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--offline", action="store_true",
                    help="never contact the hub, same as HF_HUB_OFFLINE=1 (default: off)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads; 1 is much faster on a CPU busy with other work "
-                   "(default: torch's, one per core)")
+    add_threads_arg(p)
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -326,10 +325,12 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
     outputs and leaving no part of the failed image's set.
     """
     from emerdiff.files import check_output_dir, clean_stale_temps, unique_stems
+    from emerdiff.threads import apply_threads, choose_threads
 
     config = config_from_args(args)  # a refused setting: no torch loaded yet (issue 25)
+    threads = choose_threads(args.threads)  # issue 29: not torch's one-per-core default on a busy machine
     if not args.quiet:
-        print(settings_line(args, config), file=sys.stderr)
+        print(settings_line(args, config, threads), file=sys.stderr)
     out = Path(args.out)
     items = [item for item, _ in jobs]
     stems = unique_stems(items)
@@ -346,10 +347,7 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         inputs = [("IMAGE", item) for item in items] + ([("--masks", args.masks)] if refine else [])
         check_targets([p for stem in stems for p in output_paths(out, stem, vocab=bool(args.vocab),
                                                                     maps=args.save_maps, ids=refine)], inputs)
-        if args.threads:
-            import torch
-
-            torch.set_num_threads(args.threads)
+        apply_threads(threads)
         model = load_model_from_args(args)
         if refine:
             config = _refine_grid_check(model, config, refine_segments, args.masks)
@@ -469,6 +467,8 @@ def cmd_figures(args: argparse.Namespace) -> int:
     # no settings here: each notebook's lab.setup takes the model's preset (EmerDiffConfig.for_model)
     # for every setting left None, the same path as `segment` and the Python API
     params: dict[str, Any] = dict(model=args.model, device=args.device, output_dir=str(Path(args.out).resolve()))
+    if args.threads is not None:  # else each notebook's torch_threads default: emerdiff.threads' policy
+        params["torch_threads"] = args.threads
     for key, value in args.param or []:
         try:
             params[key] = json.loads(value)
@@ -575,6 +575,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", default="quick", choices=["quick", "full"],
                    help="quick: the same figures from fewer sweep points; full: every sweep as the notebooks "
                    "are written (emerdiff/notebook/profiles.py; the expected times are printed first) (default: quick)")
+    add_threads_arg(p)  # passed to every notebook as torch_threads (their default: the same policy)
     p.set_defaults(func=cmd_figures)
 
     from emerdiff.cli.evaluate import add_compare_parser

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from emerdiff.cli.options import add_config_args, add_labeller_args, config_from_args
+from emerdiff.cli.options import add_config_args, add_labeller_args, add_threads_arg, config_from_args
 from emerdiff.evaluation.datasets import LAYOUTS
 from emerdiff.files import check_output_dir, write_atomic_bytes
 
@@ -65,6 +65,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    add_threads_arg(p)
     add_config_args(p)  # the method settings of `segment`, --set FIELD=VALUE for any field; --seed also seeds
     # the protocols' dataset k-means
 
@@ -126,6 +127,10 @@ def run(args: argparse.Namespace, segment_fn: SegmentFn | None = None) -> int:
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap {args.bootstrap}: give a number of resamples >= 0 (0 disables)")
     dataset = _open_dataset(args)
+    if segment_fn is None:  # torch threads: emerdiff.threads' policy unless --threads (issue 29)
+        from emerdiff.cli.options import use_threads
+
+        use_threads(args, quiet=args.quiet)
     payload = run_evaluation(dataset, args.model if segment_fn is None else segment_fn,
                              config if segment_fn is None else None, args.out, protocols=args.protocol,
                              labeller=args.labeller, clip_model=args.clip_model, n_boot=args.bootstrap,

@@ -186,9 +186,32 @@ def config_from_args(args: argparse.Namespace) -> EmerDiffConfig:
     return config
 
 
-def settings_line(args: argparse.Namespace, config: Any) -> str:
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads, one definition for every command that computes (emerdiff.threads: the one policy)."""
+    from emerdiff.threads import MIN_CORES, THREADS_ENV
+
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help=f"torch CPU threads; 0: torch's own (one per core) (default: {THREADS_ENV} if set, else 1 "
+                   f"on a machine with fewer than {MIN_CORES} cores, else the cores the load average leaves free; "
+                   "the settings line shows the choice)")
+
+
+def use_threads(args: argparse.Namespace, quiet: bool = False) -> Any:
+    """Choose (``--threads``, ``EMERDIFF_THREADS`` or the automatic policy), print ``threads N (why)`` to
+    stderr unless ``quiet``, and set torch's thread count; returns the :class:`emerdiff.threads.ThreadChoice`.
+    For the commands without a settings line of their own (`evaluate`, `table2`)."""
+    from emerdiff.threads import apply_threads, choose_threads
+
+    choice = choose_threads(getattr(args, "threads", None))
+    if not quiet:
+        print(choice.describe(), file=sys.stderr)
+    return apply_threads(choice)
+
+
+def settings_line(args: argparse.Namespace, config: Any, threads: Any = None) -> str:
     """One line naming the settings that apply: the model's preset fields and every field the user
-    changed, each with its value in ``config``, marked ``(given)`` where the user set it."""
+    changed, each with its value in ``config``, marked ``(given)`` where the user set it; then the
+    thread count and why (``threads``: an :class:`emerdiff.threads.ThreadChoice`), if given."""
     given, own = user_changes(args), preset(args.model)
     names = [*own, *(name for name in given if name not in own)]
     parts = []
@@ -196,7 +219,8 @@ def settings_line(args: argparse.Namespace, config: Any) -> str:
         if name == "num_clusters" and getattr(args, "masks", None):  # refine: K is the number of segments in --masks
             continue
         parts.append(f"{name}={getattr(config, name)}" + (" (given)" if name in given else ""))
-    return f"settings for model {args.model!r} ({model_kind(args.model)} preset): " + ", ".join(parts)
+    line = f"settings for model {args.model!r} ({model_kind(args.model)} preset): " + ", ".join(parts)
+    return line + (f"; {threads.describe()}" if threads is not None else "")
 
 
 # --------------------------------------------------------------------------- no traceback reaches a user

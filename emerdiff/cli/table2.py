@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from emerdiff.cli.options import add_config_args
+from emerdiff.cli.options import add_config_args, add_threads_arg
 from emerdiff.evaluation.datasets import LAYOUTS
 
 DESCRIPTION = """\
@@ -71,6 +71,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"],
                    help="weights dtype (default: float16 on CUDA, float32 on CPU)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: off)")
+    add_threads_arg(p)
     add_config_args(p)
     p.set_defaults(func=cmd_table2)
     return p
@@ -79,7 +80,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 # Flags that only a fresh evaluation uses: refused with --from-run rather than silently ignored.
 _EVALUATE_ONLY = (("data", None, "DATA"), ("layout", "folder", "--layout"), ("split", None, "--split"),
                   ("ignore_index", None, "--ignore-index"), ("limit", None, "--limit"),
-                  ("device", None, "--device"), ("dtype", None, "--dtype"))
+                  ("device", None, "--device"), ("dtype", None, "--dtype"), ("threads", None, "--threads"))
 
 
 def cmd_table2(args: argparse.Namespace) -> int:
@@ -119,6 +120,9 @@ def cmd_table2(args: argparse.Namespace) -> int:
         from emerdiff.cli.options import quiet_libraries
 
         quiet_libraries()
+    from emerdiff.cli.options import use_threads
+
+    use_threads(args, quiet=args.quiet)  # issue 29: emerdiff.threads' policy unless --threads
     from emerdiff.evaluation.table2 import run_table2
 
     table, paths = run_table2(dataset, args.model, config, args.out, n_boot=args.bootstrap,

@@ -98,7 +98,7 @@ def setup(
     diffseg_kl_threshold: float | None = None,
     seeds: Sequence[int] = (0,),
     output_dir: str | os.PathLike | None = None,
-    torch_threads: int = 0,
+    torch_threads: int | None = None,
     **settings: Any,
 ) -> Study:
     """The setup cell of every study notebook, from its parameters cell.
@@ -108,8 +108,10 @@ def setup(
     the model's preset, as in ``emerdiff segment``; ``**settings``: any other EmerDiffConfig field)
     and the first of ``seeds``, loads ``images`` (``datasets.load_probe_images`` names), opens a
     figure writer on ``output_dir`` (``None``: :func:`default_figure_dir`) and prints one line (model,
-    settings, schedule, query grid) so an executed notebook records what it ran. ``torch_threads`` > 0
-    sets torch's thread count (1 is much faster on a busy shared CPU); 0 leaves torch's default.
+    settings, schedule, query grid, threads) so an executed notebook records what it ran. ``torch_threads``:
+    torch's thread count; None takes the command line's policy (:func:`emerdiff.threads.choose_threads`:
+    ``EMERDIFF_THREADS``, else 1 below 4 cores, else the cores free by load average), 0 torch's own
+    default (one per core).
     """
     if isinstance(images, str):
         raise TypeError(f"images must be a list of names, got the string {images!r}: write images = [{images!r}]")
@@ -117,8 +119,12 @@ def setup(
         raise ValueError("images is empty: name at least one, e.g. images = ['scene:100']")
     if isinstance(seeds, int) or not seeds:
         raise ValueError(f"seeds must be a non-empty list, got {seeds!r}: e.g. seeds = [0]")
-    if int(torch_threads) < 0:
-        raise ValueError(f"torch_threads must be >= 0 (0: torch's default), got {torch_threads}")
+    if torch_threads is not None and int(torch_threads) < 0:
+        raise ValueError(f"torch_threads must be None (automatic), 0 (torch's default, one per core) or a number "
+                         f"of threads, got {torch_threads}")
+    from emerdiff.threads import choose_threads
+
+    threads = choose_threads(torch_threads)
     # before the (slow) load: a bad setting name fails here
     config = study_config(model, resolution=resolution, num_clusters=num_clusters,
                           num_inference_steps=num_inference_steps, modulation_timestep=modulation_timestep,
@@ -134,8 +140,7 @@ def setup(
     from emerdiff.method.pipeline import EmerDiff
     from emerdiff.sd.loading import load_pipeline
 
-    if torch_threads:
-        torch.set_num_threads(int(torch_threads))
+    torch.set_num_threads(threads.threads)
     viz.set_style()
     sd = load_pipeline(model, device=device, dtype=dtype)
     label = sd.source + (" (random weights)" if sd.source == "tiny" else "")
@@ -144,7 +149,7 @@ def setup(
     writer = viz.FigureWriter(output_dir or default_figure_dir(), label)
     shown = [name for name in preset(model) if "layer" not in name]  # the preset's numbers (layers: too long)
     print(label, "|", ", ".join(f"{name} {getattr(config, name)}" for name in shown), "| schedule:",
-          ed.schedule.timesteps, "| query grid:", ed.query_grid())
+          ed.schedule.timesteps, "| query grid:", ed.query_grid(), "|", threads.describe())
     return Study(sd, config, ed, items, writer, label)
 
 
