@@ -171,19 +171,30 @@ def save_outputs(seg: Any, image: Any, out_dir: Path, stem: str, files: FileSet 
 
 
 def save_openvocab(labeller: Any, seg: Any, image: Any, vocabulary: list[str], out_dir: Path, stem: str,
-                   model_name: str, files: FileSet | None = None) -> list[Path]:
+                   model_name: str, files: FileSet | None = None, shown: set[str] | None = None) -> list[Path]:
     """Class map (indexed PNG), class names (JSON) and a legend figure, written atomically.
 
-    With ``files`` they join that image's output set (committed by the caller).
+    With ``files`` they join that image's output set (committed by the caller). The warnings of
+    :func:`emerdiff.method.vocabulary.vocabulary_warnings` (names outside what ``model_name`` knows, segments
+    whose best class is within noise of the next) go to stderr and into the JSON's ``warnings``; a warning
+    already in ``shown`` (the run's earlier images) is not printed again.
     """
+    from emerdiff.method.vocabulary import known_vocabulary, vocabulary_warnings
     from emerdiff.viz import label_png
 
     own = files is None
     files = FileSet(out_dir / f"{stem}_classes.json") if files is None else files
     result = labeller.label(image, seg, vocabulary)
+    warnings = vocabulary_warnings(result, known_vocabulary(model_name))
+    for warning in warnings:
+        if shown is None or warning not in shown:
+            print(f"warning: {stem}: {warning}", file=sys.stderr)
+        if shown is not None:
+            shown.add(warning)
     paths = [files.add(out_dir / f"{stem}_classes.png", lambda p: label_png(result.class_map).save(p, format="PNG"))]
     info = dict(vocabulary=vocabulary, mask_classes=result.mask_classes.tolist(),
-                mask_scores=result.mask_scores.round(4).tolist(), labeller=type(labeller).__name__)
+                mask_scores=result.mask_scores.round(4).tolist(), labeller=type(labeller).__name__,
+                warnings=warnings)
     paths.append(files.add(out_dir / f"{stem}_classes.json", lambda p: Path(p).write_text(json.dumps(info, indent=1))))
     from emerdiff.viz import legend_figure
 
@@ -377,6 +388,7 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         print(f"removed {leftover.name}, a temp file left by an interrupted run", file=sys.stderr)
     debug = debug_requested(getattr(args, "debug", False))
     failed = written = 0
+    shown: set[str] = set()  # open-vocabulary warnings printed once a run
     for i, ((item, lowres), stem) in enumerate(zip(jobs, stems), 1):
         if not args.quiet:
             print(f"[{i}/{len(items)}] {item}", file=sys.stderr)
@@ -398,7 +410,7 @@ def _segment_images(args: argparse.Namespace, jobs: list[tuple[str, np.ndarray |
         try:
             paths = save_outputs(seg, image, out, stem, files)
             if labeller is not None:
-                paths += save_openvocab(labeller, seg, image, vocabulary, out, stem, model.source, files)
+                paths += save_openvocab(labeller, seg, image, vocabulary, out, stem, model.source, files, shown)
             if args.save_maps:
                 from emerdiff.studies.sweep import stage_segmentation_maps
 
