@@ -136,12 +136,14 @@ def learning_curve_probe(pipeline_folder: str | Path, step: int, n: int = 8, sta
 def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
                   intervals: dict[str, dict[str, dict[str, float]]] | None = None,
                   boundary: dict[str, dict[str, dict[str, dict[str, float]]]] | None = None,
-                  boundary_settings: dict[str, Any] | None = None) -> str:
+                  boundary_settings: dict[str, Any] | None = None,
+                  colour_split: dict[str, Any] | None = None) -> str:
     """Markdown table of evaluation rows (from results.json files); with ``intervals``
     (:func:`emerdiff.evaluation.bootstrap.bootstrap_protocols`) a 95 % interval column and a second table
     of EmerDiff's differences to each baseline; with ``boundary``
     (:func:`emerdiff.evaluation.bootstrap.bootstrap_with_boundaries`) the boundary metrics after those
-    (:func:`boundary_table`), every earlier line unchanged."""
+    (:func:`boundary_table`), every earlier line unchanged; with ``colour_split`` (results.json's
+    ``colour_edge_split``, :func:`emerdiff.evaluation.colour_edges.colour_edge_split`) its table after those."""
     intervals = intervals or {}
     lines = ["| protocol | method | mIoU | 95 % interval | pixel acc. | locality |", "|---|---|---|---|---|---|"]
     for row in rows:
@@ -164,6 +166,10 @@ def results_table(rows: list[dict[str, Any]], settings: dict[str, Any],
                          f"[{v['lo']:+.1f}, {v['hi']:+.1f}] | {excludes} |")
     if boundary:
         lines += ["", *boundary_table(boundary, boundary_settings or {})]
+    if colour_split:
+        from emerdiff.evaluation.colour_edges import split_table
+
+        lines += ["", *split_table(colour_split)]
     lines.append("")
     lines.append("settings: " + json.dumps(settings, sort_keys=True))
     return "\n".join(lines) + "\n"
@@ -262,6 +268,7 @@ def run_heldout(model: str, out: str | Path, n: int = 100, start: int = 0, world
         payload = run_evaluation(data, model, config, out / "evaluate", protocols=protocol, labeller="unet",
                                  n_boot=bootstrap, device=device, dtype=dtype, quiet=quiet, layout="folder")
         rows += payload["rows"]
+    colour_split = payload.get("colour_edge_split")  # the mask protocols' run: majority labelling, same resamples
     if set_items is None:
         set_items = [f"{name}={json.dumps(value)}" for name, value in changes.items()]
     settings = {"model": model, "world": world, "scenes": n, "first_scene": start, "k": k,
@@ -270,8 +277,9 @@ def run_heldout(model: str, out: str | Path, n: int = 100, start: int = 0, world
     intervals, boundary, boundary_settings = heldout_bootstrap(out / "evaluate", n, n_boot=bootstrap, start=start)
     (out / "results.json").write_text(json.dumps({"rows": rows, "settings": settings, "intervals": intervals,
                                                   "boundary_intervals": boundary,
-                                                  "boundary_settings": boundary_settings}, indent=2))
-    table = results_table(rows, settings, intervals, boundary, boundary_settings)
+                                                  "boundary_settings": boundary_settings,
+                                                  "colour_edge_split": colour_split}, indent=2))
+    table = results_table(rows, settings, intervals, boundary, boundary_settings, colour_split)
     (out / "results.md").write_text(table)
     return table
 

@@ -44,6 +44,7 @@ import numpy as np
 from emerdiff.config import EXECUTION_FIELDS, EmerDiffConfig
 from emerdiff.evaluation.bootstrap import bootstrap_weights, boundary_intervals, summarize_draws
 from emerdiff.evaluation.boundary import BoundaryMetrics
+from emerdiff.evaluation.colour_edges import colour_edge_split
 from emerdiff.evaluation.datasets import SegmentationDataset, folder_dataset
 from emerdiff.evaluation.metrics import confusion_matrix, miou_rows, scores
 from emerdiff.evaluation.protocols import (
@@ -380,6 +381,7 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
     scored: dict[str, dict[str, Any]] = {}
     intervals: dict[str, Any] = {}
     edges: dict[str, Any] = {}  # boundary metrics' intervals: {protocol: {metric: {method: interval}}}
+    colour_split: dict[str, Any] | None = None
     metrics = BoundaryMetrics(ignore_index=dataset.ignore_index)
     if mask_protocols:
         # row 0 of the weights is every image once (the protocols' values), the rest the resamples
@@ -394,6 +396,11 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
             intervals = {p: summarize_draws({m: miou_rows(t) for m, t in totals[p].items()}, level, len(records))
                          for p in mask_protocols}
             edges = boundary_intervals(boundary, metrics, level, len(records))
+        # where the readout adds what colour cannot (issue 26): the metrics split by whether a GT boundary
+        # pixel is a colour edge of the image, majority labelling, on the same resamples
+        colour_split = colour_edge_split(records, MapFiles(paths, records.image_ids), (dataset[i] for i in indices),
+                                         dataset.num_classes, weights, ignore_index=dataset.ignore_index,
+                                         level=level)
     results = [openvocab_result(out, dataset, indices, labeller) if protocol == "openvocab" else scored[protocol]
                for protocol in protocols]
     rows = [row for res in results for row in summary_rows(res, intervals, edges)]
@@ -425,6 +432,8 @@ def merge_results(out: Path, dataset: SegmentationDataset, indices: Sequence[int
     # only when there is something to say: a run without either writes exactly the files it always did
     if notes:
         payload["notes"] = notes
+    if colour_split is not None:
+        payload["colour_edge_split"] = colour_split
     if failed:
         payload["config"]["failed_images"] = dict(failed)
     payload = json_safe(payload)  # what results.json holds (NaN -> None), returned as written

@@ -262,3 +262,44 @@ def legend_figure(image: ImageInput, result: OpenVocabResult, title: str = "", c
         bottom += 0.035 * (1 + wrapped.count("\n"))
     fig.tight_layout(rect=(0, bottom + 0.01, 1, 0.95))
     return fig
+
+
+# Colours of readout_wins: right by A only, right by B only, wrong by both (RGB 0-255).
+WIN_COLOURS = {"a": (235, 120, 0), "b": (30, 110, 235), "both_wrong": (200, 200, 200)}
+
+
+def readout_wins(images: Sequence[Any], gts: Sequence[np.ndarray], labels_a: Sequence[np.ndarray],
+                 labels_b: Sequence[np.ndarray], model: str, names: tuple[str, str] = ("EmerDiff", "guided filter"),
+                 titles: Sequence[str] | None = None, ignore_index: int = 255, note: str = "") -> Any:
+    """Where each of two readouts wins, pixel by pixel, on the same scenes (issue 26).
+
+    One column per scene: the image above, below it the image dimmed with every pixel that one readout
+    labels right and the other wrong coloured (orange: ``names[0]`` alone right, blue: ``names[1]`` alone
+    right), pixels both get wrong in light grey; void pixels and pixels both get right stay dimmed.
+    ``labels_a``/``labels_b``: class maps in the GT's class ids (e.g. each mask's majority class), the
+    GTs' shape; the counts of each colour are under each panel.
+    """
+    n = len(images)
+    if not (len(gts) == len(labels_a) == len(labels_b) == n) or n == 0:
+        raise ValueError("readout_wins needs one GT and two class maps per image, and at least one image")
+    title = (f"Where each readout wins: orange = right by {names[0]} only, blue = right by {names[1]} only, "
+             "grey = wrong by both")
+    fig, axes = _axes_grid(2, n, cell=2.4, title=None)
+    fig.suptitle(title, fontsize=8)
+    for j in range(n):
+        gt = np.asarray(gts[j])
+        img = resize_image(images[j], gt.shape)
+        a, b = np.asarray(labels_a[j]), np.asarray(labels_b[j])
+        if a.shape != gt.shape or b.shape != gt.shape:
+            raise ValueError(f"image {j}: class maps {a.shape} / {b.shape} must have the GT's shape {gt.shape}")
+        valid = gt != ignore_index
+        right_a, right_b = valid & (a == gt), valid & (b == gt)
+        only_a, only_b, neither = right_a & ~right_b, right_b & ~right_a, valid & ~right_a & ~right_b
+        shown = (img.astype(np.float64) * 0.35 + 255 * 0.65 * 0.35).astype(np.uint8)
+        for mask, key in ((only_a, "a"), (only_b, "b"), (neither, "both_wrong")):
+            shown[mask] = WIN_COLOURS[key]
+        show(axes[0, j], img, titles[j] if titles is not None else None)
+        show(axes[1, j], shown)
+        axes[1, j].set_xlabel(f"{names[0]} only: {int(only_a.sum())} px\n{names[1]} only: {int(only_b.sum())} px",
+                              fontsize=7)
+    return _finish(fig, model, note)
