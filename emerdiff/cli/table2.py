@@ -34,8 +34,8 @@ the majority oracle is scored from RUN's cached records if RUN did not score it)
 
 EPILOG = """\
 examples:
-  emerdiff table2 /data/ADEChallengeData2016 --layout ade20k --model ./stable-diffusion-v1-5 --out t2_ade
-  emerdiff table2 /data/cocostuff --layout cocostuff171 --model ./stable-diffusion-v1-5 --out t2_coco
+  emerdiff table2 ADEChallengeData2016 --layout ade20k --model ./stable-diffusion-v1-5 --out t2_ade
+  emerdiff table2 cocostuff --layout cocostuff171 --model ./stable-diffusion-v1-5 --out t2_coco
   emerdiff table2 my_scenes --model reference --out t2_scenes --limit 20     # a folder dataset
   emerdiff table2 --from-run runs/my_evaluate --out t2_from_run             # an existing evaluate run"""
 
