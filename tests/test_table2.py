@@ -187,3 +187,24 @@ def test_table2_help_and_refusal_load_no_heavy_module(argv, tmp_path):
         assert "33.1" in result["out"] and "cocostuff171" in result["out"]
     else:
         assert result["code"] == 2
+
+
+def test_table2_with_the_tiny_model_has_every_row(tmp_path, capsys):
+    """The real (tiny, random) model through `emerdiff table2`: the five readouts of the same segments under
+    the concept protocol and the oracle, each number as the run's results.json has it."""
+    import torch
+
+    torch.set_num_threads(1)
+    data = make_folder(tmp_path / "data", n=2)
+    out = tmp_path / "t2"
+    assert main(["table2", str(data), "--model", "tiny", "--resolution", "64", "--num-clusters", "3", "--device",
+                 "cpu", "--out", str(out), "--bootstrap", "100", "--quiet"]) == 0
+    rows = _csv_rows(out / "table2.csv")
+    methods = ("bilinear", "emerdiff", "nearest", "guided_filter", "joint_bilateral")
+    assert [k for k in rows if k[0] == "concept"] == [("concept", m) for m in methods]
+    assert [k for k in rows if k[0] == "majority"] == [("majority", m) for m in methods]
+    results = json.loads((out / "evaluate" / "results.json").read_text())
+    for r in results["rows"]:
+        assert _close(rows[(r["protocol"], r["method"])]["miou"], r["miou"]), (r["protocol"], r["method"])
+    md = (out / "table2.md").read_text()
+    assert "| guided filter upsampling | ours |" in md and "Not in this run's records" not in md

@@ -7,8 +7,9 @@ writes ``OUT/data`` (images/, labels/, classes.txt), the ordinary
 ``emerdiff evaluate`` outputs, and ``OUT/results.md``: one table with mIoU of
 EmerDiff, bilinear and nearest upsampling and the image-guided upsamplings (guided filter,
 joint bilateral) under both protocols, the open-
-vocabulary rows of the cross-attention labeller, the mean locality, and the
-settings used.
+vocabulary rows of the cross-attention labeller, the mean locality, the boundary metrics, the
+colour-edge split (metrics split by whether a GT boundary is a colour edge of the image, issue 26)
+and the settings used.
 """
 
 from __future__ import annotations
