@@ -240,6 +240,7 @@ def build_table2(payload: Mapping[str, Any], oracle: Mapping[str, Any] | None = 
     return {"rows": rows, "dataset": info["dataset"], "test_set": info["test_set"], "paper": paper,
             "model": cfg.get("model") or "(an injected segmenter)", "num_images": info["num_images"],
             "bootstrap": dict(boot), "headline": head, "absent_methods": absent,
+            "failed_images": len(cfg.get("failed_images") or {}),
             "paper_headline": None if paper is None else paper["miou"]["emerdiff"] - paper["miou"]["bilinear"]}
 
 
