@@ -166,7 +166,7 @@ class EmerDiffConfig:
         (:data:`PRESETS`, :func:`model_kind`: paper / reference / tiny / sdxl), then ``changes``
         (field names, checked). The one path from a model to its config: the CLI and the notebooks
         call it too. ``model``: a loaded SDPipeline, a folder, a hub id, 'tiny' or 'reference'."""
-        return cls.from_dict({**cls().to_dict(), **preset(model), **changes})
+        return cls.from_dict({**cls().to_dict(), **preset(model, changes), **changes})
 
     # ------------------------------------------------------------- checking
     def check_types(self) -> None:
@@ -344,7 +344,13 @@ class EmerDiffConfig:
                     f"unknown {what} {name!r}. Valid attention layers of this UNet:\n  "
                     + "\n  ".join(layers)
                 )
-        timesteps = schedule_timesteps(model.scheduler, self.num_inference_steps)
+        from emerdiff.sd.layers import model_timesteps
+        from emerdiff.sd.mmdit import MMDIT_FAMILIES
+
+        mmdit = getattr(model, "family", "sd") in MMDIT_FAMILIES
+        # SD3/FLUX: integer flow timesteps round(1000 sigma); FLUX's shift depends on the resolution (issue 28)
+        timesteps = (model_timesteps(model, self.num_inference_steps, self.resolution) if mmdit
+                     else schedule_timesteps(model.scheduler, self.num_inference_steps))
         for what in ("feature_timestep", "modulation_timestep"):
             t = getattr(self, what)
             if t not in timesteps:
@@ -353,6 +359,9 @@ class EmerDiffConfig:
                     f"{what}={t} is not on the {self.num_inference_steps}-step schedule; "
                     f"nearest valid timesteps: {sorted(nearest)}"
                 )
+        if self.lowres == "diffseg" and mmdit:
+            raise ValueError(f"lowres='diffseg' reads a UNet's self-attention levels; {model.family} is an MMDiT "
+                             "(joint attention over text and image tokens): use lowres='kmeans'")
         if self.lowres == "diffseg":
             from emerdiff.sd.loading import self_attention_layers
 
@@ -392,6 +401,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     # SDXL: the paper's method settings; its native resolution and its own query/modulation layers come
     # from the model (sdxl_fields, i.e. emerdiff.sd.layers.family_defaults)
     "sdxl": dict(num_clusters=25, num_inference_steps=50, modulation_timestep=281, blur_sigma=4.0, max_batch=16),
+    # SD3 / FLUX (issue 28): PLACEHOLDERS chosen without real weights (docs/PORTING.md). The model-read part
+    # (emerdiff.sd.mmdit.mmdit_defaults): resolution min(native, 512) (32x32 tokens), query = modulation block
+    # SD3 transformer_blocks.{n//2}.attn / FLUX the last double-stream block, t_m = the flow timestep matching SD's
+    # 281 in signal-to-noise ratio, t_f = the schedule's last. Run the block/timestep probes (notebooks 01-02) on
+    # real weights and write the evidence here before trusting them.
+    "sd3": dict(num_clusters=25, num_inference_steps=50, blur_sigma=4.0, max_batch=16),
+    "flux": dict(num_clusters=25, num_inference_steps=50, blur_sigma=4.0, max_batch=16),
 }
 SMALL_MODEL_MAX_SIDE = 128  # a model whose native image side is at most this is sized like the reference model
 
@@ -414,8 +430,8 @@ def model_kind(model: Any) -> str:
         source = getattr(model, "source", None)
         if source in ("tiny", "reference"):
             return source
-        if getattr(model, "family", "sd") == "sdxl":
-            return "sdxl"
+        if getattr(model, "family", "sd") in ("sdxl", "sd3", "flux"):
+            return model.family
         try:
             native = int(model.unet.config.sample_size) * 2 ** (len(model.vae.config.block_out_channels) - 1)
         except (AttributeError, TypeError, ValueError):  # a stand-in without configs: the paper's
@@ -425,7 +441,14 @@ def model_kind(model: Any) -> str:
     if name in ("tiny", "reference"):
         return name
     from emerdiff.sd.layers import _unet_config_of, unet_family
+    from emerdiff.sd.mmdit import folder_family
 
+    try:
+        mmdit = folder_family(name)  # SD3 / FLUX folders (model_index.json)
+    except (OSError, ValueError):
+        mmdit = None
+    if mmdit is not None:
+        return mmdit
     configs = _unet_config_of(name)
     if configs is None:
         return "paper"
@@ -439,14 +462,17 @@ def model_kind(model: Any) -> str:
     return "reference" if native <= SMALL_MODEL_MAX_SIDE else "paper"
 
 
-def preset(model: Any) -> dict[str, Any]:
+def preset(model: Any, changes: dict[str, Any] | None = None) -> dict[str, Any]:
     """The :data:`PRESETS` entry of ``model``'s kind (:func:`model_kind`) as EmerDiffConfig fields; for
     SDXL plus the model's native resolution and its query/modulation layers
     (:func:`emerdiff.sd.layers.family_defaults`)."""
     kind = model_kind(model)
     fields = dict(PRESETS[kind])
-    if kind == "sdxl":
+    if kind in ("sdxl", "sd3", "flux"):
         from emerdiff.sd.layers import family_defaults
 
-        fields.update(family_defaults(model))
+        changes = changes or {}
+        # SD3/FLUX timesteps lie on the schedule of the resolution and step count the config will use
+        steps = changes.get("num_inference_steps", fields.get("num_inference_steps", 50))
+        fields.update(family_defaults(model, changes.get("resolution"), steps if isinstance(steps, int) else 50))
     return fields

@@ -145,3 +145,105 @@ def build_tiny_clip(folder: str | os.PathLike, seed: int = 0, image_size: int = 
     CLIPModel(cfg).save_pretrained(folder, safe_serialization=True)
     write_tokenizer(folder)
     return folder
+
+
+# ----------------------------------------------------------- SD3 / FLUX (issue 28)
+# Tiny MMDiT pipelines with random weights, written by plain diffusers (StableDiffusion3Pipeline /
+# FluxPipeline(...).save_pretrained), not by the project's own layout code. Widths differ on purpose so a
+# mix-up cannot pass: CLIP-L 32 (proj 16), CLIP-G 48 (proj 24), T5 96; SD3 has 3 joint blocks (the first an
+# SD3.5-style dual-attention block with qk RMS-norm), FLUX 2 double- and 2 single-stream blocks.
+TINY_T5_CONFIG: dict[str, Any] = dict(d_model=96, d_ff=128, num_layers=2, num_heads=4, d_kv=16,
+                                      relative_attention_num_buckets=8, relative_attention_max_distance=16)
+TINY_SD3_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=8,
+    num_attention_heads=4, joint_attention_dim=96, caption_projection_dim=32, pooled_projection_dim=16 + 24,
+    pos_embed_max_size=32, dual_attention_layers=(0,), qk_norm="rms_norm",
+)
+TINY_FLUX_TRANSFORMER_CONFIG: dict[str, Any] = dict(
+    patch_size=1, in_channels=64, num_layers=2, num_single_layers=2, attention_head_dim=8, num_attention_heads=4,
+    joint_attention_dim=96, pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4),
+)
+TINY_T5_MAX_LENGTH = 24  # the tiny tokenizers' length; the real pipelines use 256 (SD3) and 512 (FLUX)
+
+
+def write_t5_tokenizer(folder: str | os.PathLike, max_length: int = TINY_T5_MAX_LENGTH) -> Any:
+    """A T5 tokenizer (unigram over single characters + </s>) built offline with `tokenizers`."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import T5TokenizerFast
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(c, -1.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789▁.,"]
+    tok = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    t5 = T5TokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>", pad_token="<pad>", extra_ids=0,
+                         model_max_length=max_length)
+    if folder is not None:
+        t5.save_pretrained(str(folder))
+    return t5
+
+
+def _clip_tokenizer(tmp: Path) -> Any:
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(tmp)
+    return CLIPTokenizer.from_pretrained(str(tmp))
+
+
+def _t5_encoder() -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=64, pad_token_id=0, eos_token_id=1, **TINY_T5_CONFIG))
+
+
+def build_tiny_sd3_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random SD3 pipeline (SD3Transformer2DModel; CLIP-L, CLIP-G, T5) saved by StableDiffusion3Pipeline."""
+    import tempfile
+
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**TINY_SD3_TRANSFORMER_CONFIG),
+            # SD3's VAE: 16 latent channels, a shift as well as a scale, no quant convs
+            vae=AutoencoderKL(**dict(TINY_VAE_CONFIG, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                                     use_quant_conv=False, use_post_quant_conv=False)),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
+            text_encoder=CLIPTextModelWithProjection(_text_config(dict(TINY_TEXT_CONFIG, projection_dim=16))),
+            tokenizer=_clip_tokenizer(Path(tmp) / "t1"),
+            text_encoder_2=CLIPTextModelWithProjection(_text_config(TINY_TEXT_2_CONFIG)),
+            tokenizer_2=_clip_tokenizer(Path(tmp) / "t2"),
+            text_encoder_3=_t5_encoder(), tokenizer_3=write_t5_tokenizer(None),
+        )
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)
+
+
+def build_tiny_flux_pipeline(folder: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny random FLUX pipeline (FluxTransformer2DModel with the guidance embedding; CLIP, T5) saved by FluxPipeline."""
+    import tempfile
+
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        pipe = FluxPipeline(
+            transformer=FluxTransformer2DModel(**TINY_FLUX_TRANSFORMER_CONFIG),
+            vae=AutoencoderKL(**dict(TINY_VAE_CONFIG, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159,
+                                     use_quant_conv=False, use_post_quant_conv=False)),
+            scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                      base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                      max_image_seq_len=4096),
+            text_encoder=CLIPTextModel(_text_config(TINY_TEXT_CONFIG)),
+            tokenizer=_clip_tokenizer(Path(tmp) / "t1"),
+            text_encoder_2=_t5_encoder(), tokenizer_2=write_t5_tokenizer(None),
+        )
+        pipe.save_pretrained(str(folder), safe_serialization=True)
+    return Path(folder)

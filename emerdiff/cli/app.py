@@ -97,8 +97,10 @@ def cmd_layers(args: argparse.Namespace) -> int:
     for r in rows:
         print(f"{r['layer']:58s} {r['kind']:5s} {r['block']:13s} {r['resolution']:>7s} {r['channels']:8d} {r['heads']:5d}")
     query, modulation = default_layers(model.unet)
-    print(f"{model.family} defaults (first and last cross-attention of the lowest-resolution decoder block): "
-          f"query_layer {query}, modulation_layer {modulation}")
+    rule = ("placeholder blocks chosen without real weights, see docs/PORTING.md; probe them"
+            if model.family in ("sd3", "flux") else  # MMDiT (issue 28)
+            "first and last cross-attention of the lowest-resolution decoder block")
+    print(f"{model.family} defaults ({rule}): query_layer {query}, modulation_layer {modulation}")
     return 0
 
 

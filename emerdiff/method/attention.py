@@ -42,6 +42,8 @@ class AttentionController:
         probability_layers: layers whose attention probabilities (averaged over
             heads) are recorded, e.g. cross-attention maps for DAAM-style word maps.
         probabilities: layer -> list of (batch, tokens, context) maps, one per call.
+        text_tokens: MMDiT only: text tokens of the joint sequence in the current call (set by the
+            double-stream processors, read by FLUX's single-stream ones; emerdiff.method.mmdit).
     """
 
     capture_layers: set[str] = field(default_factory=set)
@@ -54,6 +56,7 @@ class AttentionController:
     latent_size: tuple[int, int] | None = None
     probability_layers: set[str] = field(default_factory=set)
     probabilities: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    text_tokens: int | None = None
 
     def modulation_for(self, tokens: int) -> torch.Tensor:
         """Modulation coefficients on a layer's token grid, (batch, tokens)."""
@@ -163,8 +166,17 @@ class EmerDiffAttnProcessor:
 def controlled_attention(unet: Any, controller: AttentionController) -> Iterator[AttentionController]:
     """Install EmerDiff processors on every attention layer for the duration of a block.
 
-    The previous processors are restored on exit, also when the block raises.
+    The previous processors are restored on exit, also when the block raises. An SD3/FLUX
+    transformer gets :class:`emerdiff.method.mmdit.MMDiTAttnProcessor` instead (issue 28).
     """
+    from emerdiff.sd.mmdit import is_mmdit
+
+    if is_mmdit(unet):
+        from emerdiff.method.mmdit import controlled_mmdit_attention
+
+        with controlled_mmdit_attention(unet, controller):
+            yield controller
+        return
     previous = dict(unet.attn_processors)  # set_attn_processor pops from the dict: pass copies
     processors = {key: EmerDiffAttnProcessor(key[: -len(".processor")], controller) for key in previous}
     unet.set_attn_processor(dict(processors))

@@ -47,6 +47,11 @@ class Schedule:
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
 
+    def noised(self, x0: torch.Tensor, e: torch.Tensor, t: int) -> torch.Tensor:
+        """The forward-noised latent sqrt(a_t) x0 + sqrt(1 - a_t) e (FlowSchedule: (1 - s) x0 + s e)."""
+        a = self.alpha(t)
+        return a**0.5 * x0 + (1 - a) ** 0.5 * e
+
     def previous(self, t: int) -> int:
         i = self.timesteps.index(t)
         return self.timesteps[i + 1] if i + 1 < len(self.timesteps) else -1
@@ -101,8 +106,7 @@ def sample_noisy_latents(schedule: Schedule, x0: torch.Tensor, generator: torch.
     noisy = {}
     for t in schedule.timesteps:
         e = torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(x0.device, x0.dtype)
-        a = schedule.alpha(t)
-        noisy[t] = a**0.5 * x0 + (1 - a) ** 0.5 * e
+        noisy[t] = schedule.noised(x0, e, t)
     return noisy
 
 

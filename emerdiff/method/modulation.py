@@ -39,6 +39,14 @@ def unet_forward(model: Any, x: torch.Tensor, t: int, counter: CallCounter | Non
     The model's ``unet_kwargs`` (SDPipeline) adds what its family needs beyond the
     text embedding: nothing for SD, SDXL's pooled text and size conditioning.
     """
+    if getattr(model, "family", "sd") in ("sd3", "flux"):  # MMDiT (issue 28): its own call, velocity out
+        from emerdiff.sd.mmdit import mmdit_forward
+
+        with torch.no_grad():
+            out = mmdit_forward(model, x, t)
+        if counter is not None:
+            counter.add(stage, x.shape[0])
+        return out
     emb = model.empty_embedding.expand(x.shape[0], -1, -1)
     timestep = torch.tensor(t, device=x.device)
     # stand-ins without unet_kwargs (test namespaces, prompt views) must be SD-shaped
@@ -104,8 +112,7 @@ def denoise_from(
             out = unet_forward(model, x, t, counter, "modulation")
             eps, x0 = inv.schedule.eps_and_x0(x, out, t)
             if i + 1 < len(visit):
-                a = inv.schedule.alpha(visit[i + 1])
-                x = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+                x = inv.schedule.noised(x0, eps, visit[i + 1])
             else:
                 x = x0
             if on_step:
@@ -176,13 +183,16 @@ def encode(model: Any, image: torch.Tensor, resolution: int) -> torch.Tensor:
     x = to_model_input(image, resolution).to(model.device, model.dtype)
     with torch.no_grad():
         dist = model.vae.encode(x).latent_dist
-    return dist.mean * model.vae.config.scaling_factor
+    shift = getattr(model.vae.config, "shift_factor", None)  # SD3/FLUX VAEs: z = (mean - shift) * scale
+    return (dist.mean - shift if shift else dist.mean) * model.vae.config.scaling_factor
 
 
 def decode(model: Any, latents: torch.Tensor) -> torch.Tensor:
     """VAE decode of scaled latents -> images in [-1, 1], (B, 3, H, W)."""
     with torch.no_grad():
-        return model.vae.decode(latents / model.vae.config.scaling_factor, return_dict=False)[0]
+        z = latents / model.vae.config.scaling_factor
+        shift = getattr(model.vae.config, "shift_factor", None)
+        return model.vae.decode(z + shift if shift else z, return_dict=False)[0]
 
 
 def difference_maps(

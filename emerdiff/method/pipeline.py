@@ -187,7 +187,12 @@ class EmerDiff:
         self.model = model
         self.config = config or EmerDiffConfig.for_model(model)  # SDXL: its own resolution and layers
         self.config.validate(model)
-        self.schedule = Schedule.from_scheduler(model.scheduler, self.config.num_inference_steps)
+        if getattr(model, "family", "sd") in ("sd3", "flux"):  # MMDiT: flow matching (issue 28)
+            from emerdiff.method.mmdit import FlowSchedule
+
+            self.schedule: Any = FlowSchedule.from_model(model, self.config.num_inference_steps, self.config.resolution)
+        else:
+            self.schedule = Schedule.from_scheduler(model.scheduler, self.config.num_inference_steps)
         from emerdiff.sd.speed import apply_speed  # issue 25's levers (channels_last, compile, SDPA); off: no-op
 
         apply_speed(model, self.config)
@@ -279,14 +284,13 @@ class EmerDiff:
         fresh noise from ``generator``. All draws run as one batch.
         """
         layers = list(layers)
-        a = self.schedule.alpha(timestep)
         xs = []
         if include_stored and timestep in inv.noisy:
             xs.append(inv.noisy[timestep])
         gen = generator or torch.Generator("cpu").manual_seed(self.config.seed + 1)
         while len(xs) < draws:
             e = torch.randn(inv.x0.shape, generator=gen).to(inv.x0.device, inv.x0.dtype)
-            xs.append(a**0.5 * inv.x0 + (1 - a) ** 0.5 * e)
+            xs.append(self.schedule.noised(inv.x0, e, timestep))
         controller = AttentionController(capture_layers=set(layers))
         with controlled_attention(self.model.unet, controller):
             unet_forward(self.model, torch.cat(xs), timestep, counter, "features")

@@ -18,8 +18,7 @@ if TYPE_CHECKING:
     from emerdiff.sd.loading import SDPipeline
 
 
-class ModelLoadError(RuntimeError):
-    """A model could not be loaded; the message says why and what to do."""
+from emerdiff.sd.errors import ModelLoadError  # noqa: E402  (defined apart so sd.mmdit can raise it too)
 
 
 def unet_family(config: Any) -> str:
@@ -75,6 +74,10 @@ def _block_scales(config: Any) -> dict[str, int]:
 
 def unet_downsampling(config: Any) -> int:
     """Total downsampling of a UNet config, 2 ** (down blocks - 1): the latent must be a multiple of it."""
+    from emerdiff.sd.mmdit import is_mmdit, token_patch
+
+    if is_mmdit(config):  # SD3 / FLUX: the latent must be a whole number of patches (issue 28)
+        return token_patch(config)
     types = config["down_block_types"] if isinstance(config, dict) else config.down_block_types
     return 2 ** (len(types) - 1)
 
@@ -94,7 +97,7 @@ def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
     are not on disk (a hub id not cached yet): then :meth:`EmerDiffConfig.validate` checks after loading."""
     configs = _unet_config_of(model)
     if configs is None:
-        return None
+        return _mmdit_geometry(model)
     unet, vae = configs
     try:
         return 2 ** (len(vae["block_out_channels"]) - 1), unet_downsampling(unet)
@@ -102,8 +105,30 @@ def model_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
         return None
 
 
+def _mmdit_geometry(model: str | os.PathLike) -> tuple[int, int] | None:
+    """(VAE downsampling, latent pixels per token) of a local SD3/FLUX folder from its configs, else None."""
+    from emerdiff.sd.mmdit import folder_family, token_patch
+
+    try:
+        folder = Path(str(model)).expanduser()
+        if not folder.is_dir() or folder_family(folder) is None:
+            return None
+        transformer = json.loads((folder / "transformer" / "config.json").read_text())
+        vae = json.loads((folder / "vae" / "config.json").read_text())
+        return 2 ** (len(vae["block_out_channels"]) - 1), token_patch(transformer)
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def feature_resolution(unet: Any, layer: str, latent_size: int | tuple[int, int]) -> tuple[int, int]:
-    """Token grid (h, w) of an attention layer for a latent of the given size."""
+    """Token grid (h, w) of an attention layer for a latent of the given size (an MMDiT's: the patch grid,
+    the same in every block)."""
+    from emerdiff.sd.mmdit import is_mmdit, token_grid
+
+    if is_mmdit(unet):
+        if layer not in attention_layers(unet):
+            raise ValueError(f"cannot place layer {layer!r}: not an attention of this transformer")
+        return token_grid(unet, latent_size)
     h, w = (latent_size, latent_size) if isinstance(latent_size, int) else latent_size
     scales = _block_scales(unet.config)
     for prefix, factor in scales.items():
@@ -113,7 +138,11 @@ def feature_resolution(unet: Any, layer: str, latent_size: int | tuple[int, int]
 
 
 def layer_table(unet: Any, latent_size: int | None = None) -> list[dict[str, Any]]:
-    """One row per attention layer: name, kind (self/cross), block, token grid."""
+    """One row per attention layer: name, kind (self/cross; MMDiT: joint/single/image), block, token grid."""
+    from emerdiff.sd.mmdit import is_mmdit, layer_rows
+
+    if is_mmdit(unet):
+        return layer_rows(unet, latent_size)
     if latent_size is None:
         latent_size = int(unet.config.sample_size)
     modules = dict(unet.named_modules())
@@ -172,7 +201,12 @@ def default_layers(unet: Any) -> tuple[str, str]:
     the decoder sees, as in SD) and ``up_blocks.0.attentions.2.transformer_blocks.9.attn2``
     (the last one before the block's upsampler, as SD's ``.attentions.2`` is): SDXL
     stacks 10 transformer blocks in each of the three attentions of that block.
+    SD3/FLUX: the placeholder blocks of :func:`emerdiff.sd.mmdit.default_blocks`.
     """
+    from emerdiff.sd.mmdit import default_blocks, is_mmdit
+
+    if is_mmdit(unet):
+        return default_blocks(unet)
     modules = dict(unet.named_modules())
     block = low_resolution_block(unet)
     cross = [n for n in attention_layers(unet) if n.startswith(block + ".") and _is_cross_attention(modules[n])]
@@ -213,7 +247,8 @@ def _unet_config_of(model: str | os.PathLike) -> tuple[dict[str, Any], dict[str,
         return None
 
 
-def family_defaults(model: SDPipeline | str | os.PathLike) -> dict[str, Any]:
+def family_defaults(model: SDPipeline | str | os.PathLike, resolution: int | None = None,
+                    num_inference_steps: int = 50) -> dict[str, Any]:
     """:class:`~emerdiff.EmerDiffConfig` fields that depend on the model family: the model-read part of
     the ``"sdxl"`` preset (:data:`emerdiff.config.PRESETS`, applied by ``EmerDiffConfig.for_model``).
 
@@ -221,8 +256,15 @@ def family_defaults(model: SDPipeline | str | os.PathLike) -> dict[str, Any]:
     ``resolution`` = the native image size (UNet sample_size x VAE factor, 1024 for
     SDXL base) and the :func:`default_layers` pair. ``model`` is a loaded
     :class:`SDPipeline` or anything :func:`load_pipeline` takes; a name whose configs
-    are not on disk (an uncached hub id) gives ``{}``.
+    are not on disk (an uncached hub id) gives ``{}``. SD3/FLUX (issue 28):
+    :func:`emerdiff.sd.mmdit.mmdit_defaults` (blocks and timesteps, on the schedule of
+    ``num_inference_steps`` at ``resolution``).
     """
+    from emerdiff.sd.mmdit import mmdit_defaults
+
+    mmdit = mmdit_defaults(model, resolution, num_inference_steps)
+    if mmdit is not None:
+        return mmdit
     if hasattr(model, "unet"):  # a loaded model (or a stand-in for one: those without a family are SD)
         if getattr(model, "family", "sd") == "sd":
             return {}
@@ -365,6 +407,18 @@ def check_model_configs(model: str | os.PathLike) -> None:
                                 configs["text_encoder_2"], str(folder))
     except (TypeError, ValueError):  # a value of a foreign type: the loader reports the config
         return
+
+
+def model_timesteps(model: Any, num_inference_steps: int, resolution: int | None = None) -> list[int]:
+    """The schedule's timesteps for any loaded model: SD/SDXL :func:`schedule_timesteps`, SD3/FLUX
+    :func:`emerdiff.sd.mmdit.flow_timesteps` (FLUX's depend on ``resolution``)."""
+    from emerdiff.sd.mmdit import MMDIT_FAMILIES, flow_timesteps
+
+    family = getattr(model, "family", "sd")
+    if family not in MMDIT_FAMILIES:
+        return schedule_timesteps(model.scheduler, num_inference_steps)
+    latent = None if resolution is None else (resolution // model.vae_scale_factor,) * 2
+    return flow_timesteps(model.scheduler, num_inference_steps, latent, family)
 
 
 def schedule_timesteps(scheduler: Any, num_inference_steps: int) -> list[int]:

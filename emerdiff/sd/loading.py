@@ -4,7 +4,7 @@ The same code loads real SD weights and the tiny random pipelines of
 `emerdiff.sd.components` and `builders` (written with ``save_pretrained``), so tests exercise the
 real path. Only safetensors weights are accepted.
 
-Two model families are accepted, told apart by the UNet config:
+Four model families are accepted: two UNet families, told apart by the UNet config,
 
 * ``sd`` (SD 1.x / 2.x and the project's reference model): one CLIP text
   encoder, the UNet conditioned on its hidden states only.
@@ -12,6 +12,10 @@ Two model families are accepted, told apart by the UNet config:
   penultimate hidden states are concatenated, plus SDXL's added conditioning
   (the pooled projection of ``text_encoder_2`` and the size/crop micro-conditioning
   ``time_ids``) that every UNet call needs: :meth:`SDPipeline.unet_kwargs`.
+
+and two MMDiT families told apart by ``model_index.json`` (issue 28, :mod:`emerdiff.sd.mmdit`):
+``sd3`` (``SD3Transformer2DModel``; CLIP-L, CLIP-G, T5) and ``flux`` (``FluxTransformer2DModel``; CLIP,
+T5), loaded into the same :class:`SDPipeline` with the transformer in the ``unet`` slot.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from emerdiff.sd.layers import (  # noqa: F401  (re-exported: the loader's publi
 COMPONENTS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer")
 SDXL_COMPONENTS = COMPONENTS + ("text_encoder_2", "tokenizer_2")
 SPECIAL_MODELS = ("tiny", "reference")
-FAMILIES = ("sd", "sdxl")
+FAMILIES = ("sd", "sdxl", "sd3", "flux")
 # SDXL's micro-conditioning: original_size (h, w) + crops_coords_top_left (top, left) + target_size (h, w)
 SDXL_TIME_IDS = 6
 
@@ -54,9 +58,10 @@ SDXL_TIME_IDS = 6
 class SDPipeline:
     """The Stable Diffusion parts EmerDiff needs, frozen and in eval mode.
 
-    ``family`` is ``"sd"`` or ``"sdxl"`` (see the module docstring). Every UNet
+    ``family`` is ``"sd"``, ``"sdxl"``, ``"sd3"`` or ``"flux"`` (see the module docstring). Every UNet
     call passes ``encoder_hidden_states=empty_embedding`` (batch-expanded) plus
-    :meth:`unet_kwargs` (empty for SD, SDXL's added conditioning otherwise).
+    :meth:`unet_kwargs` (empty for SD, SDXL's added conditioning otherwise). For ``sd3``/``flux``
+    ``unet`` holds the MMDiT transformer and :func:`emerdiff.sd.mmdit.mmdit_forward` makes the call.
     """
 
     unet: Any
@@ -74,6 +79,10 @@ class SDPipeline:
     # SDXL micro-conditioning override (original h, w, crop top, left, target h, w);
     # None: (H, W, 0, 0, H, W) of the image size each latent stands for, as diffusers' default
     time_ids: tuple[float, ...] | None = None
+    tokenizer_3: Any = None  # SD3 only: T5 tokenizer
+    text_encoder_3: Any = None  # SD3 only: T5 encoder
+    guidance: float | None = None  # FLUX with guidance_embeds (FLUX.1-dev): the guidance embedding's value
+    t5_max_length: int | None = None  # SD3/FLUX: T5 tokens of the conditioning (None: the pipeline's 256 / 512)
 
     @property
     def device(self) -> torch.device:
@@ -89,7 +98,12 @@ class SDPipeline:
 
     @property
     def native_resolution(self) -> int:
-        """Image side the UNet was built for: sample_size x the VAE factor (1024 for SDXL, 512 for SD 1.5)."""
+        """Image side the UNet was built for: sample_size x the VAE factor (1024 for SDXL, 512 for SD 1.5;
+        SD3/FLUX: :func:`emerdiff.sd.mmdit.native_latent`, 1024)."""
+        if self.family in ("sd3", "flux"):
+            from emerdiff.sd.mmdit import native_latent
+
+            return native_latent(self.unet) * self.vae_scale_factor
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
@@ -111,14 +125,23 @@ class SDPipeline:
         """
         if self.family == "sd":
             return self._hidden_states(self.tokenizer, self.text_encoder, prompts)[0].to(self.dtype)
+        if self.family in ("sd3", "flux"):
+            from emerdiff.sd.mmdit import encode_prompts
+
+            return encode_prompts(self, prompts)[0]
         parts = [self._hidden_states(tok, enc, prompts).hidden_states[-2]
                  for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2))]
         return torch.cat(parts, dim=-1).to(self.dtype)
 
     def encode_pooled(self, prompts: list[str]) -> torch.Tensor:
         """SDXL's pooled text conditioning (batch, projection_dim): ``text_encoder_2``'s projected EOS state."""
+        if self.family in ("sd3", "flux"):
+            from emerdiff.sd.mmdit import encode_prompts
+
+            return encode_prompts(self, prompts)[1]
         if self.family != "sdxl":
-            raise ValueError(f"pooled text conditioning exists for SDXL models only; {self.source} is {self.family}")
+            raise ValueError(f"pooled text conditioning exists for SDXL, SD3 and FLUX models only; {self.source} "
+                             f"is {self.family}")
         return self._hidden_states(self.tokenizer_2, self.text_encoder_2, prompts)[0].to(self.dtype)
 
     def micro_conditioning(self, image_size: tuple[int, int] | None = None) -> tuple[float, ...]:
@@ -346,6 +369,14 @@ def load_pipeline(
         path = name
     local = Path(path).expanduser()
     looks_local = local.exists() or not _looks_like_hub_id(path)
+    from emerdiff.sd.mmdit import check_folder, folder_family, hub_family
+
+    mmdit = folder_family(local) if looks_local else hub_family(path, offline)
+    if mmdit is not None:  # SD3 / FLUX (issue 28): the MMDiT loader
+        if looks_local:
+            check_folder(local, mmdit)
+            path, offline = str(local), True
+        return load_mmdit(path, mmdit, dev, dt, offline, name, looks_local)
     if looks_local:
         _check_folder(local)
         check_model_configs(local)  # mismatched components refused before any weights are read
@@ -402,6 +433,61 @@ def load_pipeline(
         if sd.empty_prompt_zeros:
             sd.empty_embedding = torch.zeros_like(sd.empty_embedding)
             sd.empty_pooled = torch.zeros_like(sd.empty_pooled)
+    return sd
+
+
+# ------------------------------------------------------------- SD3 / FLUX
+def load_mmdit(path: str, family: str, device: torch.device, dtype: torch.dtype, offline: bool, name: str,
+               looks_local: bool) -> SDPipeline:
+    """Load an SD3 or FLUX pipeline folder / hub id into an :class:`SDPipeline` (``unet`` = the transformer)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel, SD3Transformer2DModel
+    from safetensors import SafetensorError
+    from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
+
+    from emerdiff.sd.mmdit import FLUX_GUIDANCE, FLUX_PACK, check_conditioning, encode_prompts
+
+    kw: dict[str, Any] = dict(local_files_only=offline)
+    weights: dict[str, Any] = dict(use_safetensors=True, **kw)
+    parts: dict[str, Any] = {}
+    try:
+        cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+        transformer = cls.from_pretrained(path, subfolder="transformer", torch_dtype=dtype, **weights)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, **weights)
+        scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(path, subfolder="scheduler", **kw)
+        if family == "sd3":
+            for i, sub in ((1, ""), (2, "_2")):
+                parts[f"text_encoder{sub}"] = CLIPTextModelWithProjection.from_pretrained(
+                    path, subfolder=f"text_encoder{sub}", **weights)
+                parts[f"tokenizer{sub}"] = AutoTokenizer.from_pretrained(path, subfolder=f"tokenizer{sub}", **kw)
+            parts["text_encoder_3"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_3", **weights)
+            parts["tokenizer_3"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_3", **kw)
+        else:
+            parts["text_encoder"] = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", **weights)
+            parts["tokenizer"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer", **kw)
+            parts["text_encoder_2"] = T5EncoderModel.from_pretrained(path, subfolder="text_encoder_2", **weights)
+            parts["tokenizer_2"] = AutoTokenizer.from_pretrained(path, subfolder="tokenizer_2", **kw)
+    except SafetensorError as err:
+        raise ModelLoadError(f"could not load the model in {path}: a .safetensors weights file is corrupt or "
+                             f"empty ({err}); re-download or re-save that component") from err
+    except (OSError, ValueError) as err:
+        if looks_local:
+            raise ModelLoadError(f"could not load the {family} model in {path}: {err}") from err
+        raise _hub_error(name, err, offline) from err
+    check_conditioning(transformer, parts, family, name)
+    if vae.config.latent_channels * (FLUX_PACK**2 if family == "flux" else 1) != transformer.config.in_channels:
+        raise ModelLoadError(f"{name}: the VAE's latent_channels {vae.config.latent_channels} do not feed the "
+                             f"transformer's in_channels {transformer.config.in_channels}")
+    encoders = [v for k, v in parts.items() if k.startswith("text_encoder")]
+    for module in (transformer, vae, *encoders):
+        module.requires_grad_(False)
+        module.eval()
+        module.to(device)
+    sd = SDPipeline(transformer, vae, scheduler, parts["tokenizer"], parts["text_encoder"], torch.empty(0), name,
+                    family=family, tokenizer_2=parts["tokenizer_2"], text_encoder_2=parts["text_encoder_2"],
+                    tokenizer_3=parts.get("tokenizer_3"), text_encoder_3=parts.get("text_encoder_3"))
+    sd.empty_embedding, sd.empty_pooled = encode_prompts(sd, [""])
+    if family == "flux" and transformer.config.guidance_embeds:
+        sd.guidance = FLUX_GUIDANCE
     return sd
 
 
