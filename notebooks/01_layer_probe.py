@@ -39,7 +39,7 @@ seeds = [0]
 output_dir = None         # None: figures/lab/ of the checkout (ignored by git); `make figures` passes figures/
 torch_threads = None      # None: 1 below 4 cores, else the cores free by load (as the CLI); 0: torch's own
 feature_layers = None     # None: every attention layer
-modulation_kind = "cross" # candidate modulation layers: "cross", "self" or "all"
+modulation_kind = "cross" # candidate modulation layers: "cross", "self" or "all" (SD3/FLUX: blocks; see probes.candidate_layers)
 max_modulation_layers = 0 # 0: all candidates; n: the n candidates closest to the paper's (for quick runs)
 
 # %%
@@ -72,8 +72,13 @@ writer.save(fig, "01_layer_probe_features_boundary")
 # %%
 candidates = probes.candidate_layers(ed, modulation_kind)
 if max_modulation_layers:
-    # keep the paper's layer and its neighbours in the 16x16 decoder block first
-    candidates = sorted(candidates, key=lambda n: (not n.startswith("up_blocks.1"), n))[:max_modulation_layers]
+    # keep the paper's layer and its neighbours in the 16x16 decoder block first (SD3/FLUX: the blocks nearest
+    # the preset's placeholder block)
+    if sd.family in ("sd3", "flux"):
+        depth = candidates.index(config.modulation_layer) if config.modulation_layer in candidates else 0
+        candidates = sorted(candidates, key=lambda n: abs(candidates.index(n) - depth))[:max_modulation_layers]
+    else:
+        candidates = sorted(candidates, key=lambda n: (not n.startswith("up_blocks.1"), n))[:max_modulation_layers]
     if config.modulation_layer not in candidates:
         candidates[-1] = config.modulation_layer
 modulation_rows = probes.modulation_layer_probe(ed, items, layers=candidates, seeds=seeds)

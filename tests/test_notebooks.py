@@ -58,7 +58,7 @@ def kernel_name() -> str:
 
 
 def run_notebook(name: str, out: Path, **overrides) -> dict:
-    params = dict(COMMON, **EXTRA[name], output_dir=str(out / "figures"), **overrides)
+    params = {**COMMON, **EXTRA[name], "output_dir": str(out / "figures"), **overrides}  # overrides win
     papermill.execute_notebook(str(NOTEBOOKS / f"{name}.ipynb"), str(out / f"{name}.ipynb"),
                                parameters=params, kernel_name=kernel_name(), cwd=str(out),
                                progress_bar=False)
@@ -292,3 +292,34 @@ def test_07_evaluation(tmp_path):
         expected = rows[(protocol, "emerdiff")][key]["value"] - rows[(protocol, other)][key]["value"]
         assert math.isclose(r["value"], expected, abs_tol=1e-6), r
         assert r.get("note") or r["lo"] <= r["value"] <= r["hi"], r
+
+
+def test_01_layer_probe_mmdit(tmp_path):
+    """Notebook 01 sweeps blocks instead of UNet layers on an SD3 folder (issue 28; tiny, plain diffusers)."""
+    from builders import build_tiny_sd3_pipeline
+
+    folder = build_tiny_sd3_pipeline(tmp_path / "tiny-sd3")
+    (tmp_path / "run").mkdir()
+    data = run_notebook("01_layer_probe", tmp_path / "run", model=str(folder), modulation_timestep=None)
+    # every attention of the 3 blocks (block 0 also has SD3.5's image-only attn2)
+    assert [r["layer"] for r in data["feature_rows"]] == ["transformer_blocks.0.attn", "transformer_blocks.0.attn2",
+                                                         "transformer_blocks.1.attn", "transformer_blocks.2.attn"]
+    assert {r["kind"] for r in data["feature_rows"]} == {"joint", "image"}
+    assert len(data["modulation_rows"]) == 2 and {r["kind"] for r in data["modulation_rows"]} == {"joint"}
+    assert data["paper_modulation_layer"] in {r["layer"] for r in data["modulation_rows"]}
+    assert all(finite_in(r["locality"], 0, 1) for r in data["modulation_rows"])
+
+
+def test_02_timestep_probe_mmdit(tmp_path):
+    """Notebook 02 on a FLUX folder: the sweeps run over the flow schedule's integer timesteps (issue 28)."""
+    from builders import build_tiny_flux_pipeline
+
+    folder = build_tiny_flux_pipeline(tmp_path / "tiny-flux")
+    (tmp_path / "run").mkdir()
+    data = run_notebook("02_timestep_probe", tmp_path / "run", model=str(folder), modulation_timestep=None,
+                        feature_timesteps=2, modulation_timesteps=2, readout_steps=[1, None])
+    schedule = data["schedule"]
+    assert schedule[0] == 1000 and len(schedule) == 10
+    assert all(r["feature_timestep"] in schedule for r in data["feature_rows"])
+    assert all(r["modulation_timestep"] in schedule for r in data["modulation_rows"])
+    assert all(finite_in(r["locality"], 0, 1) for r in data["modulation_rows"] + data["readout_rows"])

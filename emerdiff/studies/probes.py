@@ -150,17 +150,28 @@ def _layer_info(ed: EmerDiff) -> dict[str, dict[str, Any]]:
     return {r["layer"]: r for r in layer_table(ed.model.unet, ed.latent_size())}
 
 
+MMDIT_KINDS = {"cross": ("joint", "single"), "self": ("image",)}  # where image tokens meet text / only each other
+
+
 def candidate_layers(ed: EmerDiff, kind: str = "cross") -> list[str]:
-    """Attention layers of the UNet: ``kind`` 'cross', 'self' or 'all'."""
+    """Attention layers of the denoiser: ``kind`` 'cross', 'self' or 'all'.
+
+    SD3/FLUX (issue 28) sweep blocks instead of UNet layers: 'cross' is every attention where image tokens
+    attend to text (SD3's and FLUX's double-stream joint attention, FLUX's single-stream blocks), 'self' SD3.5's
+    image-only ``attn2``; the MMDiT kinds 'joint', 'single' and 'image' select one kind."""
     rows = layer_table(ed.model.unet, ed.latent_size())
-    if kind not in ("cross", "self", "all"):
-        raise ValueError(f"kind must be 'cross', 'self' or 'all', got {kind!r}")
-    return [r["layer"] for r in rows if kind == "all" or r["kind"] == kind]
+    mmdit = getattr(ed.model, "family", "sd") in ("sd3", "flux")
+    allowed = ("cross", "self", "all") + (("joint", "single", "image") if mmdit else ())
+    if kind not in allowed:
+        raise ValueError(f"kind must be one of {list(allowed)}, got {kind!r}")
+    kinds = MMDIT_KINDS.get(kind, (kind,)) if mmdit else (kind,)
+    return [r["layer"] for r in rows if kind == "all" or r["kind"] in kinds]
 
 
 def short_layer(name: str) -> str:
     """Compact layer label for plots: up_blocks.1.attentions.0.transformer_blocks.0.attn2 -> up1.a0.attn2."""
     s = re.sub(r"(down|up)_blocks\.(\d+)", r"\1\2", name).replace("mid_block", "mid")
+    s = re.sub(r"^single_transformer_blocks\.(\d+)", r"s\1", s)  # FLUX single-stream: s3.attn
     s = re.sub(r"attentions\.(\d+)", r"a\1", s)
     s = s.replace(".transformer_blocks.0.", ".")  # SD has one transformer block per attention
     return re.sub(r"transformer_blocks\.(\d+)", r"t\1", s)
