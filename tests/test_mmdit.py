@@ -9,6 +9,7 @@ batched path against the per-mask loop, and the CLI.
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -293,3 +294,52 @@ def test_cli_segment_and_layers(folders, tmp_path, capsys):
         assert main(["layers", str(folders[fam]), "--device", "cpu"]) == 0
         text = capsys.readouterr().out
         assert "transformer_blocks.1.attn" in text and "joint" in text and "placeholder" in text
+
+
+# ------------------------------------------------------- refine, labeller, inspector
+@pytest.mark.parametrize("family", FAMILIES)
+def test_refine_reproduces_its_own_segments(models, family):
+    m = models[family]
+    ed = EmerDiff(m, small_config(m))
+    image = np.random.RandomState(3).rand(64, 64, 3)
+    seg = ed.segment(image, progress=False)
+    again = ed.refine(image, seg.lowres_labels, progress=False)
+    assert np.array_equal(again.lowres_labels, seg.lowres_labels) and np.array_equal(again.labels, seg.labels)
+
+
+def test_unet_labeller_refuses_mmdit(models):
+    from emerdiff.method.vocabulary import CrossAttentionLabeller
+
+    with pytest.raises(ValueError, match="clip"):
+        CrossAttentionLabeller(models["sd3"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inspector_runs_on_mmdit(models, family):
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("agg")
+    from emerdiff.notebook.inspector import Inspector
+
+    m = models[family]
+    ed = EmerDiff(m, small_config(m))
+    ins = Inspector(ed, {"noise": (np.random.RandomState(4).rand(64, 64, 3) * 255).astype(np.uint8)})
+    assert ins.errors == []
+    assert ins.displayed["difference"].shape == (128, 128) and ins.displayed["difference"].max() > 0
+    assert ed.config.modulation_layer in ins.layers and all("transformer_blocks" in n for n in ins.layers)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_evaluate_runs_on_mmdit(folders, tmp_path, family):
+    from test_evaluate import _args, make_folder
+
+    from emerdiff.cli.evaluate import run
+
+    data = make_folder(tmp_path / "data", n=1)
+    out = tmp_path / "out"
+    args = _args(data, out, "--model", str(folders[family]), "--resolution", "64", "--num-clusters", "3",
+                 "--num-inference-steps", "10", "--protocol", "per_image_hungarian", "--device", "cpu")
+    assert run(args) == 0
+    payload = json.loads((out / "results.json").read_text())
+    assert payload["config"]["segmentation_config"]["query_layer"] == "transformer_blocks.1.attn"

@@ -288,6 +288,9 @@ class CrossAttentionLabeller:
                  resolution: int = 512, seed: int = 0) -> None:
         from emerdiff.sd.loading import attention_layers
 
+        if getattr(model, "family", "sd") in ("sd3", "flux"):  # issue 28: not ported (docs/PORTING.md)
+            raise ValueError(f"the 'unet' labeller reads a UNet's cross-attention to CLIP tokens; {model.family} is an "
+                             "MMDiT (joint attention to T5 tokens) and is not supported by it: use the 'clip' labeller")
         self.model = model
         modules = dict(model.unet.named_modules())
         cross = [n for n in attention_layers(model.unet) if getattr(modules[n], "is_cross_attention", False)]

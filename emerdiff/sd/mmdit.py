@@ -48,6 +48,18 @@ FLUX_GUIDANCE = 3.5  # FluxPipeline's default guidance_scale (the guidance embed
 FLUX_PACK = 2  # FLUX packs 2x2 latents into one token (64 channels from 16)
 
 
+# The transformer configs of the released models (diffusers layout), for shapes and FLOP counts without weights.
+SD3_MEDIUM_TRANSFORMER_CONFIG: dict[str, Any] = dict(  # stabilityai/stable-diffusion-3-medium-diffusers
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+FLUX_DEV_TRANSFORMER_CONFIG: dict[str, Any] = dict(  # black-forest-labs/FLUX.1-dev (schnell: guidance_embeds False)
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
 # ----------------------------------------------------------------- recognition
 def family_of_index(index: dict[str, Any]) -> str | None:
     """"sd3" / "flux" from a ``model_index.json`` dict, None for anything else (SD, SDXL)."""
