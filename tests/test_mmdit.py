@@ -343,3 +343,19 @@ def test_evaluate_runs_on_mmdit(folders, tmp_path, family):
     assert run(args) == 0
     payload = json.loads((out / "results.json").read_text())
     assert payload["config"]["segmentation_config"]["query_layer"] == "transformer_blocks.1.attn"
+
+
+def test_cached_hub_id_gets_the_family_preset(folders, tmp_path, monkeypatch):
+    """A cached SD3 hub id is recognised from its snapshot's model_index.json before any load (the CLI builds
+    its config from the name first)."""
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "hub" / "models--someone--tiny-sd3" / "snapshots" / "abc123"
+    shutil.copytree(folders["sd3"], snapshot)
+    (tmp_path / "hub" / "models--someone--tiny-sd3" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--tiny-sd3" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert model_kind("someone/tiny-sd3") == "sd3"
+    by_name = EmerDiffConfig.for_model("someone/tiny-sd3", resolution=128, num_inference_steps=10)
+    assert by_name == EmerDiffConfig.for_model(str(folders["sd3"]), resolution=128, num_inference_steps=10)
+    assert model_kind("someone/not-cached") == "paper"

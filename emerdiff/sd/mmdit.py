@@ -72,9 +72,29 @@ def family_of_index(index: dict[str, Any]) -> str | None:
     return None
 
 
+def local_folder(model: str | os.PathLike) -> Path:
+    """The folder a name stands for: itself, or for a hub id cached on disk its snapshot folder (so presets of a
+    cached SD3/FLUX hub id are read like a folder's); a name that is neither comes back as a Path."""
+    folder = Path(str(model)).expanduser()
+    if folder.exists():
+        return folder
+    parts = str(model).split("/")
+    if len(parts) == 2 and all(parts) and not str(model).startswith((".", "~")):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(model), "model_index.json")
+            if isinstance(cached, str):
+                return Path(cached).parent
+        except Exception:  # noqa: BLE001  no cache / a malformed id: not a cached hub model
+            pass
+    return folder
+
+
 def folder_family(folder: str | os.PathLike) -> str | None:
-    """"sd3" / "flux" for a local MMDiT folder (model_index.json, else transformer/config.json), else None."""
-    folder = Path(folder).expanduser()
+    """"sd3" / "flux" for a local MMDiT folder or cached hub id (model_index.json, else transformer/config.json),
+    else None."""
+    folder = local_folder(folder)
     try:
         family = family_of_index(json.loads((folder / "model_index.json").read_text()))
         if family is not None:
@@ -214,7 +234,7 @@ def mmdit_defaults(model: Any, resolution: int | None = None, num_inference_step
         family, transformer, scheduler = model.family, model.unet, model.scheduler
         vae_factor, native = model.vae_scale_factor, model.native_resolution
     else:
-        folder = Path(str(model)).expanduser()
+        folder = local_folder(model)
         family = folder_family(folder) if folder.is_dir() else None
         if family is None:
             return None
