@@ -132,7 +132,7 @@ def test_model_family_from_the_unet_config(tiny_model):
     assert tiny_model.family == "sd" and unet_family(tiny_model.unet.config) == "sd"
     assert unet_family({"addition_embed_type": "text_time"}) == "sdxl"
     assert tiny_model.unet_kwargs(4, (8, 8)) == {}
-    with pytest.raises(ValueError, match="SDXL models only"):
+    with pytest.raises(ValueError, match="SDXL, SD3 and FLUX models only"):
         tiny_model.encode_pooled([""])
 
 
