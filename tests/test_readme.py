@@ -251,12 +251,12 @@ def test_headline_table_is_its_results_file():
             checked += 1
     assert checked >= 12
     # the protocols named are the file's, each with its words
-    from emerdiff.cli.evaluate import PROTOCOL_NAMES
+    from emerdiff.cli.evaluate import KNOWN_PROTOCOL_NAMES
 
-    assert {re.search(r"`(\w+)`", r["protocol"]).group(1) for r in rows} <= set(PROTOCOL_NAMES)
+    assert {re.search(r"`(\w+)`", r["protocol"]).group(1) for r in rows} <= set(KNOWN_PROTOCOL_NAMES)
     # how many scenes and which settings: the file's own record of its run
     if settings:
-        m = re.search(r"on its (\d+) held-out test scenes", block)
+        m = re.search(r"on its (\d+) held-out (?:test|confirmation) scenes", block)
         assert m and int(m.group(1)) == settings["scenes"]
         given = dict(s.split("=") for s in settings.get("set", []))
         from emerdiff.config import PRESETS
