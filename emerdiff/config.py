@@ -20,6 +20,8 @@ MAX_STEPS = 1000  # the SD training schedule has 1000 timesteps
 MAX_STRENGTH = 1e4  # 1000x the paper's lambda; beyond it activations overflow
 LOWRES_METHODS = ("kmeans", "diffseg")  # Step A sources (EmerDiffConfig.lowres)
 FEATURE_NORMALIZATIONS = ("none", "l2")  # EmerDiffConfig.feature_normalization before k-means
+# EmerDiffConfig.readout_filter: Step D's optional image-guided filter of the difference maps (not the paper's)
+READOUT_FILTERS = ("none", "guided_filter", "joint_bilateral")
 KMEANS_BACKENDS = ("sklearn", "torch", "auto")  # EmerDiffConfig.kmeans_backend (emerdiff/method/kmeans.py)
 SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")  # EmerDiffConfig.sdpa_backend (emerdiff/sd/speed.py)
 # EmerDiffConfig.compile_mode: torch.compile's modes; "reduce-overhead" replays CUDA graphs (the batch-1 inversion
@@ -117,9 +119,14 @@ class EmerDiffConfig:
     # None: the paper's argmax over every mask; r: each pixel chooses among the masks found within
     # r tokens of its own token (docs/DEPARTURES.md; r = 0 gives nearest upsampling)
     assign_radius: int | None = None
+    # "none": the paper's readout (blur, argmax). "guided_filter" / "joint_bilateral": after the blur, each
+    # difference map is filtered guided by the image at `resolution` with the image-guided baselines' filter
+    # and parameters below (guided_radius/guided_eps or bilateral_sigma_*), then the argmax: label edges
+    # snap to colour edges. Not the paper's (docs/DEPARTURES.md); readout_labels needs the image (guide=).
+    readout_filter: str = "none"
     # image-guided upsampling baselines (Segmentation.guided_filter_labels / joint_bilateral_labels): the
     # per-cluster score maps of the bilinear baseline filtered guided by the image at `resolution`, pixels at
-    # `resolution`. Chosen on the reference model's validation scenes at 128 px (concept mIoU, the best grid point
+    # `resolution`; with readout_filter set, Step D's filter of the difference maps reads the same fields. Chosen on the reference model's validation scenes at 128 px (concept mIoU, the best grid point
     # of each, on the grid's edge: docs/reference/guided_upsampling_validation.md); not validated at 512 px,
     # and not scaled up there: kornia's filters cost grows with the window's area.
     guided_radius: int = 24  # guided filter (He et al.): box radius, pixels
@@ -233,6 +240,11 @@ class EmerDiffConfig:
                 f"got {self.modulation_strength}; the paper uses 10"
             )
         self.check_guided()
+        if self.readout_filter not in READOUT_FILTERS:
+            raise ValueError(f"readout_filter must be one of {list(READOUT_FILTERS)}, got {self.readout_filter!r} "
+                             "(none: the paper's readout, blur then argmax; guided_filter / joint_bilateral: each "
+                             "difference map also filtered guided by the image, with the guided_radius/guided_eps or "
+                             "bilateral_sigma_space/bilateral_sigma_color of the image-guided baselines)")
         if self.readout_steps is not None and self.readout_steps < 1:
             raise ValueError("readout_steps must be None (full schedule) or >= 1")
         self.check_diffseg()

@@ -17,7 +17,8 @@ def _fake(lowres: np.ndarray, size: tuple[int, int], sigma: float = 0.0):
 
     # a real config: the readout reads every Step D field from it (READOUT_FIELDS)
     ed = SimpleNamespace(config=EmerDiffConfig(blur_sigma=sigma))
-    prepared = SimpleNamespace(image_size=size, segments=SimpleNamespace(labels=lowres))
+    # the image: Step D's guide when readout_filter is set (unused by the default readout)
+    prepared = SimpleNamespace(image_size=size, image=torch.zeros(3, *size), segments=SimpleNamespace(labels=lowres))
     return ed, prepared
 
 

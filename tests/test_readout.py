@@ -122,3 +122,90 @@ def test_readout_labels_refuses_what_would_be_silently_wrong():
         readout_labels(maps, low, SimpleNamespace(blur_sigma=1.0))
     with pytest.raises(ValueError, match="mask_ids"):  # fewer maps than segments, not said which
         readout_labels(maps[:3], low, EmerDiffConfig())
+
+
+# ------------------------------------------------------------ the image-guided readout (readout_filter)
+FILTERS = ("guided_filter", "joint_bilateral")
+
+
+def _edge_example(res: int = 48, edge: int = 20):
+    """Two blurry difference maps that cross (tie) at x = 16, a token boundary, and a guide image with a
+    sharp colour edge at x = ``edge``: the response leaked 4 px past the object's colour edge."""
+    x = np.arange(res)
+    m0 = np.clip((24 - x) / 16, 0, 1)  # 1 left, 0 right, 0.5 at x = 16
+    maps = torch.tensor(np.stack([np.tile(m0, (res, 1)), np.tile(1 - m0, (res, 1))]), dtype=torch.float32)
+    guide = np.zeros((res, res, 3), np.uint8)
+    guide[:, :edge] = (200, 40, 40)
+    guide[:, edge:] = (40, 40, 200)
+    low = np.zeros((6, 6), np.int64)
+    low[:, 2:] = 1  # 8 px tokens: segment 1 starts at x = 16
+    return maps, low, guide
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_guided_readout_puts_the_label_boundary_on_the_colour_edge(name):
+    maps, low, guide = _edge_example()
+    on_edge = np.zeros((48, 48), np.int64)
+    on_edge[:, 20:] = 1
+    cfg = EmerDiffConfig(blur_sigma=1.0)  # the baselines' default filter parameters
+    plain = readout_labels(maps, low, cfg, guide=guide)
+    assert (plain != on_edge).any(axis=1).all()  # the paper's readout: the boundary where the maps cross
+    assert np.array_equal(plain, readout_labels(maps, low, cfg))  # "none" ignores the guide
+    guided = readout_labels(maps, low, cfg.replace(readout_filter=name), guide=guide)
+    assert np.array_equal(guided, on_edge)  # every row's boundary on the colour edge
+    # the same with an assignment radius, and for scaled maps (both filters are linear in the maps)
+    assert np.array_equal(readout_labels(maps, low, cfg.replace(readout_filter=name, assign_radius=1), guide=guide),
+                          on_edge)
+    assert np.array_equal(readout_labels(maps * 7, low, cfg.replace(readout_filter=name), guide=guide), on_edge)
+    # a guide at another size (the original photo) is resized to the maps' as the model input is: the
+    # antialiased resize blends the edge's two pixels, so the boundary lands within a pixel of the edge
+    big = np.repeat(np.repeat(guide, 2, axis=0), 2, axis=1)
+    from_big = readout_labels(maps, low, cfg.replace(readout_filter=name), guide=big)
+    assert np.array_equal(np.delete(from_big, [19, 20], axis=1), np.delete(on_edge, [19, 20], axis=1))
+    # the colour edge moved: the labels follow it, not the maps
+    maps, low, guide = _edge_example(edge=12)
+    assert (readout_labels(maps, low, cfg.replace(readout_filter=name), guide=guide)[:, :12] == 0).all()
+    assert (readout_labels(maps, low, cfg.replace(readout_filter=name), guide=guide)[:, 12:] == 1).all()
+
+
+def test_guided_readout_reads_the_baselines_parameters():
+    maps, low, guide = _edge_example()
+    cfg = EmerDiffConfig(blur_sigma=1.0)
+    # a 1 px box with a large eps barely moves the maps: the boundary stays where they cross
+    weak = readout_labels(maps, low, cfg.replace(readout_filter="guided_filter", guided_radius=1, guided_eps=1.0),
+                          guide=guide)
+    assert np.array_equal(weak, readout_labels(maps, low, cfg))
+    weak = readout_labels(maps, low, cfg.replace(readout_filter="joint_bilateral", bilateral_sigma_space=0.5,
+                                                 bilateral_sigma_color=2.0), guide=guide)
+    assert np.array_equal(weak, readout_labels(maps, low, cfg))
+
+
+@pytest.mark.parametrize("name", FILTERS)
+def test_guided_readout_without_a_guide_says_how_to_pass_one(name):
+    maps, low, _ = _edge_example()
+    with pytest.raises(ValueError, match=rf"readout_filter='{name}'.*guide=.*prepared.image"):
+        readout_labels(maps, low, EmerDiffConfig(readout_filter=name))
+
+
+def test_an_unknown_readout_filter_is_refused_listing_the_valid_ones():
+    with pytest.raises(ValueError, match=r"readout_filter must be one of \['none', 'guided_filter', 'joint_bilateral'\]"):
+        EmerDiffConfig(readout_filter="bilateral").check_values()
+    with pytest.raises(ValueError, match="readout_filter must be a string"):
+        EmerDiffConfig(readout_filter=None).check_values()
+    maps, low, guide = _edge_example()  # a config never checked is refused by the readout too
+    with pytest.raises(ValueError, match="readout_filter must be one of"):
+        readout_labels(maps, low, EmerDiffConfig(readout_filter="guided"), guide=guide)
+    for name in ("none", *FILTERS):
+        EmerDiffConfig(readout_filter=name).check_values()
+
+
+def test_readout_filter_can_be_set_from_the_command_line():
+    from emerdiff.cli.options import parse_sets
+
+    changes = parse_sets(["readout_filter=guided_filter"])
+    assert changes == {"readout_filter": "guided_filter"}
+    cfg = EmerDiffConfig.for_model("tiny", **changes)
+    cfg.check_values()
+    assert cfg.readout_filter == "guided_filter"
+    with pytest.raises(ValueError, match="readout_filter must be one of"):
+        EmerDiffConfig.for_model("tiny", **parse_sets(["readout_filter=box"])).check_values()

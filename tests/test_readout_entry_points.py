@@ -33,6 +33,7 @@ BASE = EmerDiffConfig(resolution=128, num_clusters=4, num_inference_steps=10, mo
 CHANGES = {
     "blur_sigma": 3.0,
     "assign_radius": 0,
+    "readout_filter": "guided_filter",  # with the default guided_radius 24 / eps 1e-5 (the baseline's)
     "modulation_timestep": 401,
     "modulation_strength": 100.0,  # not -10: the pair map ||I- - I+|| is the same for -lambda
     "attention_injection": False,

@@ -38,10 +38,11 @@ from emerdiff.method.readout import (
     guided_filter_upsample,
     joint_bilateral_upsample,
     locality,
+    model_guide,
     nearest_upsample,
     readout_labels,
 )
-from emerdiff.sd.images import ImageInput, load_image, resize_labels, to_model_input
+from emerdiff.sd.images import ImageInput, load_image, resize_labels
 from emerdiff.sd.loading import SDPipeline, feature_resolution
 
 
@@ -427,8 +428,9 @@ class EmerDiff:
     def readout(self, difference_maps: torch.Tensor, prepared: PreparedImage,
                 size: tuple[int, int] | None = None) -> np.ndarray:
         """Step D with this config: (K', R, R) maps of ``prepared``'s segments -> (R, R) labels, or
-        resized to ``size`` (:func:`emerdiff.method.readout.readout_labels`, which every caller uses)."""
-        return readout_labels(difference_maps, prepared.segments.labels, self.config, size)
+        resized to ``size`` (:func:`emerdiff.method.readout.readout_labels`, which every caller uses;
+        ``prepared``'s image is its guide when ``readout_filter`` is set)."""
+        return readout_labels(difference_maps, prepared.segments.labels, self.config, size, guide=prepared.image)
 
     def reconstruct(self, prepared: PreparedImage) -> torch.Tensor:
         """The unmodulated reconstruction decoded, (3, R, R) in [0, 1]."""
@@ -469,7 +471,7 @@ class EmerDiff:
             nearest = nearest_upsample(segs.labels, size)
             bilinear = bilinear_upsample(segs.features, segs.centroids, prepared.grid, size)
             # the image as the model sees it, so the filters' pixel parameters mean the same at any input size
-            guide = (to_model_input(prepared.image, cfg.resolution)[0] + 1) / 2
+            guide = model_guide(prepared.image, (cfg.resolution, cfg.resolution))[0]
             guided = resize_labels(guided_filter_upsample(segs.features, segs.centroids, prepared.grid, guide,
                                                           cfg.guided_radius, cfg.guided_eps), size)
             bilateral = resize_labels(joint_bilateral_upsample(segs.features, segs.centroids, prepared.grid, guide,

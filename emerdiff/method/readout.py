@@ -3,7 +3,9 @@ image-guided guided filter and joint bilateral upsampling); locality.
 
 :func:`readout_labels` is Step D, the one entry every caller uses (``EmerDiff.segment`` and
 ``EmerDiff.readout``, the inspector, the probes, the diagnosis, the sweep, the benchmarks): it reads
-every Step D setting (:data:`READOUT_FIELDS`) from the config, so no caller can drop one.
+every Step D setting (:data:`READOUT_FIELDS`) from the config, so no caller can drop one. Its optional
+image-guided filter (``readout_filter``, not the paper's) reuses the baselines' filters on the difference
+maps and needs the image (``guide=``).
 :func:`assign_labels` is its kernel, kept for the unit tests of the argmax.
 """
 
@@ -17,11 +19,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from emerdiff.sd.images import resize_labels
+from emerdiff.config import READOUT_FILTERS
+from emerdiff.sd.images import resize_labels, to_model_input
 
 # The EmerDiffConfig fields Step D reads; every one reaches every entry point through readout_labels
-# (tests/test_readout_entry_points.py changes each and compares the entry points' labels).
-READOUT_FIELDS = ("blur_sigma", "assign_radius")
+# (tests/test_readout_entry_points.py changes each and compares the entry points' labels). With
+# readout_filter set, Step D also reads that filter's parameters (READOUT_FILTER_FIELDS), the fields of
+# the image-guided baselines, from the same config.
+READOUT_FIELDS = ("blur_sigma", "assign_radius", "readout_filter")
+READOUT_FILTER_FIELDS = {"guided_filter": ("guided_radius", "guided_eps"),
+                         "joint_bilateral": ("bilateral_sigma_space", "bilateral_sigma_color")}
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> torch.Tensor:
@@ -117,18 +124,69 @@ def assign_labels(difference_maps: torch.Tensor, sigma: float, lowres_labels: np
     return maps.masked_fill(~allowed, -torch.inf).argmax(0)
 
 
+def model_guide(image: torch.Tensor | np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """``(1, C, H, W)`` guide in [0, 1] at ``size`` (the maps' / model resolution): the image as the model
+    sees it, resized as :func:`emerdiff.sd.images.to_model_input` resizes it (bicubic, antialiased), so a
+    filter's pixel parameters mean the same at any input size. ``image``: as :func:`guide_image` takes it,
+    at any size (``prepared.image``, the original photo, or a guide already at ``size``)."""
+    x = guide_image(image)[0]
+    h, w = int(size[0]), int(size[1])
+    if h == w:  # the model's square input: exactly segment's guide of the baselines
+        return (to_model_input(x, h) + 1) / 2
+    if tuple(x.shape[-2:]) != (h, w):
+        x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
+    return x.clamp(0, 1)[None]
+
+
+def guided_filter_maps(maps: torch.Tensor, guide: torch.Tensor, filter_name: str, config: Any) -> torch.Tensor:
+    """``(K, H, W)`` maps each filtered guided by ``guide`` (``(1, C, H, W)`` in [0, 1], :func:`model_guide`)
+    with the filter and parameters of the image-guided baselines (:func:`guided_filter_upsample`,
+    :func:`joint_bilateral_upsample`): ``"guided_filter"`` (``config.guided_radius``, ``guided_eps``) or
+    ``"joint_bilateral"`` (``config.bilateral_sigma_space``, ``bilateral_sigma_color``). Both are linear in
+    the maps, so a common scale of the maps does not change the argmax."""
+    from kornia.filters import guided_blur, joint_bilateral_blur
+
+    size = tuple(maps.shape[-2:])
+    x = maps.float()[None]
+    g = guide.to(device=x.device, dtype=x.dtype)
+    if filter_name == "guided_filter":
+        radius = config.guided_radius
+        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
+            raise ValueError(f"guided_radius must be an integer >= 1 pixel, got {radius!r}")
+        _positive("guided_eps", config.guided_eps)
+        out = guided_blur(g, x, 2 * int(radius) + 1, float(config.guided_eps), border_type=_border(int(radius), size))
+    elif filter_name == "joint_bilateral":
+        _positive("bilateral_sigma_space", config.bilateral_sigma_space)
+        _positive("bilateral_sigma_color", config.bilateral_sigma_color)
+        sigma = float(config.bilateral_sigma_space)
+        radius = math.ceil(2 * sigma)
+        out = joint_bilateral_blur(x, g, 2 * radius + 1, float(config.bilateral_sigma_color), (sigma, sigma),
+                                   border_type=_border(radius, size), color_distance_type="l2")
+    else:
+        raise ValueError(f"readout_filter must be one of {list(READOUT_FILTERS)}, got {filter_name!r}")
+    return out[0]
+
+
 def readout_labels(difference_maps: torch.Tensor, lowres_labels: np.ndarray | torch.Tensor, config: Any,
-                   size: tuple[int, int] | None = None, mask_ids: Sequence[int] | None = None) -> np.ndarray:
+                   size: tuple[int, int] | None = None, mask_ids: Sequence[int] | None = None,
+                   guide: torch.Tensor | np.ndarray | None = None) -> np.ndarray:
     """Step D: difference maps + the low-res segments + the config -> (H, W) int64 pixel labels.
+
+    Blur (``blur_sigma``), then, with ``readout_filter`` set, the image-guided filter of each map
+    (:func:`guided_filter_maps`), then the argmax (among the masks within ``assign_radius`` tokens).
 
     Args:
         difference_maps: (K, R, R) maps, map k the response to perturbing mask k (or ``mask_ids[k]``).
         lowres_labels: (h, w) the segments on the query token grid (``prepared.segments.labels``).
-        config: an :class:`~emerdiff.config.EmerDiffConfig`; every field of :data:`READOUT_FIELDS` is read.
+        config: an :class:`~emerdiff.config.EmerDiffConfig`; every field of :data:`READOUT_FIELDS` is read
+            (and, with ``readout_filter`` set, that filter's :data:`READOUT_FILTER_FIELDS`).
         size: resize the labels to (H, W) (nearest, :func:`emerdiff.sd.images.resize_labels`);
             None: the maps' (model) resolution.
         mask_ids: the segment id each map belongs to when the maps cover only some segments (a sweep
             over chosen masks); the labels are then these ids. None: map k is segment k.
+        guide: the image the maps were made from, at any size (``prepared.image``: (3, H, W) in [0, 1],
+            or an (H, W, 3) array); resized to the maps' resolution as the model input is
+            (:func:`model_guide`). Needed when ``config.readout_filter`` is not ``"none"``; unused otherwise.
     Returns:
         (H, W) numpy int64 labels in segment ids.
     """
@@ -136,6 +194,19 @@ def readout_labels(difference_maps: torch.Tensor, lowres_labels: np.ndarray | to
     if missing:
         raise TypeError(f"readout_labels needs a config with the Step D fields {list(READOUT_FIELDS)}; "
                         f"{type(config).__name__} lacks {missing}: pass the EmerDiffConfig the maps were made with")
+    filter_name = config.readout_filter
+    if filter_name != "none":
+        if filter_name not in READOUT_FILTERS:
+            raise ValueError(f"readout_filter must be one of {list(READOUT_FILTERS)}, got {filter_name!r}")
+        lacking = [name for name in READOUT_FILTER_FIELDS[filter_name] if not hasattr(config, name)]
+        if lacking:
+            raise TypeError(f"readout_filter={filter_name!r} reads {list(READOUT_FILTER_FIELDS[filter_name])}; "
+                            f"{type(config).__name__} lacks {lacking}: pass the EmerDiffConfig the maps were made with")
+        if guide is None:
+            raise ValueError(f"readout_filter={filter_name!r} filters the difference maps guided by the image, but "
+                             "readout_labels got no guide: pass guide=<the image the maps were made from> (e.g. "
+                             "guide=prepared.image), or use EmerDiff.readout(maps, prepared), which passes it; "
+                             "readout_filter='none' (the paper's readout) needs none")
     low = np.asarray(lowres_labels.cpu() if isinstance(lowres_labels, torch.Tensor) else lowres_labels)
     k = difference_maps.shape[0]
     if mask_ids is not None:
@@ -149,7 +220,17 @@ def readout_labels(difference_maps: torch.Tensor, lowres_labels: np.ndarray | to
     elif low.size and int(low.max()) >= k:
         raise ValueError(f"the low-res labels name segment {int(low.max())} but there are only {k} difference "
                          "maps; pass mask_ids when the maps cover only some segments")
-    labels = assign_labels(difference_maps, config.blur_sigma, low, config.assign_radius).cpu().numpy()
+    if filter_name == "none":
+        labels = assign_labels(difference_maps, config.blur_sigma, low, config.assign_radius)
+    else:
+        # After the blur, not in place of it: blur_sigma keeps its meaning under every filter (0 gives the
+        # filter alone), and the Gaussian first removes the VAE's 8x8 block pattern, a texture the guided
+        # filter's local linear model would otherwise fit where the guide has texture. The filter then
+        # moves each map's edges onto the image's colour edges, undoing what the blur spread across them.
+        maps = gaussian_blur(difference_maps.float(), config.blur_sigma)
+        maps = guided_filter_maps(maps, model_guide(guide, tuple(maps.shape[-2:])), filter_name, config)
+        labels = assign_labels(maps, 0.0, low, config.assign_radius)
+    labels = labels.cpu().numpy()
     labels = labels.astype(np.int64)
     if mask_ids is not None:
         labels = ids[labels]

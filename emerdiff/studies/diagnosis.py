@@ -123,10 +123,10 @@ def label_moves(
     gt = item.label
     lowres = prepared.segments.labels
     nearest = nearest_upsample(lowres, size)
-    emerdiff = readout_labels(maps, lowres, ed.config, size)
+    emerdiff = readout_labels(maps, lowres, ed.config, size, guide=prepared.image)
     # the same Step D on other maps: each divided by its peak
     peak = maps.flatten(1).amax(1).clamp_min(1e-12)[:, None, None]
-    normalised = readout_labels(maps / peak, lowres, ed.config, size)
+    normalised = readout_labels(maps / peak, lowres, ed.config, size, guide=prepared.image)
     band = boundary_band(lowres, size, band_width)
     valid = gt != item.ignore_index
     ok_near = majority_correct(nearest, gt, item.ignore_index)

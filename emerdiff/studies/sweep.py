@@ -226,14 +226,16 @@ def _append_records(out: Path, rows: list[dict[str, Any]]) -> None:
         os.fsync(f.fileno())
 
 
-def _scores(pert: Any, maps: torch.Tensor, labels: np.ndarray, ids: list[int], config: Any) -> dict[str, Any]:
+def _scores(pert: Any, maps: torch.Tensor, labels: np.ndarray, ids: list[int], config: Any,
+            guide: torch.Tensor) -> dict[str, Any]:
     """Per-mask scores of one setting: locality, energy, symmetry, agreement (the mask's token recall)
-    and, repeated on each row, the setting's token agreement and its chance level."""
+    and, repeated on each row, the setting's token agreement and its chance level. ``guide``: the image
+    (Step D's guide when ``readout_filter`` is set)."""
     loc = locality_scores(maps, labels, ids)
     energy = maps.float().pow(2).flatten(1).mean(1).cpu().numpy()
     sym = symmetry(pert.plus, pert.minus, pert.unmodulated)
     ids_arr = np.asarray(ids)
-    pixel = readout_labels(maps, labels, config, mask_ids=ids)  # Step D among the swept masks, as mask ids
+    pixel = readout_labels(maps, labels, config, mask_ids=ids, guide=guide)  # Step D among the swept masks, as ids
     tok = token_labels(pixel, labels.shape, int(labels.max()) + 1)
     covered = np.isin(labels, ids_arr)
     recall = np.array([float((tok[labels == i] == i).mean()) for i in ids])
@@ -373,7 +375,7 @@ def sweep(
         pert = perturb_images(ed, prepared, ids, modulation_layer=layer, modulation_timestep=t,
                               modulation_strength=s, **overrides)
         maps = pert.difference("pair")
-        sc = _scores(pert, maps, labels, ids, run)
+        sc = _scores(pert, maps, labels, ids, run, prepared.image)
         area = [float((labels == i).mean()) for i in ids]
         rows = []
         for n, i in enumerate(ids):
