@@ -307,6 +307,11 @@ def record_path(out: Path, image_id: str) -> Path:
     return out / "per_image" / f"{safe_id(image_id)}.npz"
 
 
+def openvocab_path(out: Path, labeller: str, image_id: str) -> Path:
+    """Per-image open-vocabulary result: mask classes and the labeller-alone confusion."""
+    return out / f"openvocab_{labeller}" / f"{safe_id(image_id)}.npz"
+
+
 def save_record(path: Path, record: ImageRecord, maps: dict[str, np.ndarray] | None = None,
                 key: dict[str, str] | None = None) -> None:
     """Store a record (+ optional full-size label maps and GT for inspection) as one .npz.

@@ -321,7 +321,7 @@ def table2_csv(table: Mapping[str, Any]) -> str:
 
 def write_table2(table: Mapping[str, Any], out: str | os.PathLike) -> list[Path]:
     """Write ``OUT/table2.md``, ``OUT/table2.csv`` and ``OUT/table2.json``; returns their paths."""
-    from emerdiff.evaluation.runner import json_safe
+    from emerdiff.evaluation.results import json_safe
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
