@@ -121,7 +121,8 @@ def test_reference_classes_are_the_scene_worlds():
 
 
 def test_first_run_outputs_are_what_segment_writes():
-    from emerdiff.cli.app import OUTPUT_SUFFIXES, build_parser
+    from emerdiff.cli.app import build_parser
+    from emerdiff.cli.outputs import OUTPUT_SUFFIXES
 
     text = section(readme(), "A first run")
     m = re.search(r"emerdiff segment photo\.jpg\s+# -> (\w+)/(.*)", text)
