@@ -76,8 +76,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "evaluate", help="score a labelled dataset (mIoU under per-image/dataset Hungarian and concept protocols)",
         description="Segment every image of a labelled dataset, cache per-image results in "
                     "OUT/per_image (resumable), and write OUT/results.json and OUT/results.csv "
-                    "with one row per protocol and method (emerdiff, nearest, bilinear, any other "
-                    "the records hold) with a 95 % bootstrap interval, and OUT/per_class.csv. "
+                    "with one row per protocol and method (emerdiff, nearest, bilinear, the image-guided "
+                    "guided_filter and joint_bilateral, any other the records hold) with a 95 % bootstrap "
+                    "interval, the boundary metrics of each, and OUT/per_class.csv. "
                     "Runs under `accelerate launch` to share the images between processes/GPUs.")
     _add_arguments(p)
     p.set_defaults(func=run)
@@ -148,8 +149,9 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         description="Recompute every protocol x method mIoU of two `emerdiff evaluate` output folders "
                     "on the images both hold (from their cached per-image records, no segmentation) "
                     "and print A, B and A - B, each with a 95 % bootstrap interval over those images "
-                    "(paired: both runs resampled alike). The runs must score the same dataset (same "
-                    "class list and, image by image, the same labels).")
+                    "(paired: both runs resampled alike), then the boundary metrics (Boundary IoU, "
+                    "boundary F) of every method both runs scored, the same way. The runs must score the "
+                    "same dataset (same class list and, image by image, the same image and labels).")
     p.add_argument("run_a", metavar="RUN_A", help="output folder of one `emerdiff evaluate` run")
     p.add_argument("run_b", metavar="RUN_B", help="output folder of another run")
     p.add_argument("--protocol", default="all", choices=[*KNOWN_PROTOCOL_NAMES, "all"],
