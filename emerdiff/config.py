@@ -28,9 +28,12 @@ SDPA_BACKENDS = ("default", "flash", "efficient", "cudnn", "math")  # EmerDiffCo
 # and feature calls are latency-bound), "max-autotune" also searches kernels
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Fields that change how fast a segmentation runs, not its result (beyond float rounding): an evaluation's
-# cached records do not depend on them (evaluation.runner.run_signature).
+# cached records do not depend on them (evaluation.signature.run_signature).
 EXECUTION_FIELDS = ("max_batch", "decode_batch", "channels_last", "compile_unet", "compile_decoder", "compile_mode",
                     "sdpa_backend")
+# Fields added after runs were first cached (evaluate's run.json, sweep folders), with the default that reproduces
+# the older runs: at that default a field is left out of a stored signature, so an older run still resumes.
+LATER_FIELDS: dict[str, Any] = {"kmeans_backend": "sklearn", "readout_filter": "none"}
 
 
 def _check_int(name: str, value: Any) -> None:

@@ -551,3 +551,20 @@ def test_boundary_metrics_of_every_protocol_in_results_csv_and_the_printed_table
     printed = capsys.readouterr().err
     assert "boundary metrics" in printed and any(
         line.split()[:3] == ["majority", "bilinear", "bIoU"] for line in printed.splitlines())
+
+
+def test_run_signature_ignores_later_fields_at_their_default(tmp_path):
+    """A run cached before kmeans_backend / readout_filter existed resumes when they are at their defaults;
+    another value is a different run."""
+    from types import SimpleNamespace
+
+    from emerdiff import EmerDiffConfig
+    from emerdiff.evaluation.signature import LATER_FIELDS, run_signature
+
+    data = SimpleNamespace(root=tmp_path, name="folder", split=None, ignore_index=255, num_classes=3)
+    new = EmerDiffConfig().to_dict()
+    assert set(LATER_FIELDS) <= set(new)
+    old = {k: v for k, v in new.items() if k not in LATER_FIELDS}
+    assert run_signature(data, "tiny", new) == run_signature(data, "tiny", old)
+    for key, other in (("readout_filter", "guided_filter"), ("kmeans_backend", "torch")):
+        assert run_signature(data, "tiny", {**new, key: other}) != run_signature(data, "tiny", old), key

@@ -203,3 +203,13 @@ def test_contact_sheet_and_maps_npz(tmp_path):
     images = [ax.images[0].get_array() for ax in fig.axes if ax.images and ax.get_title().startswith("map")]
     assert all(float(np.max(a)) == pytest.approx(1.0) for a in images)
     plt.close(fig)
+
+
+def test_stored_config_leaves_later_fields_out_at_their_default():
+    """A sweep folder written before readout_filter / kmeans_backend existed still matches at their defaults."""
+    from emerdiff import EmerDiffConfig
+    from emerdiff.config import LATER_FIELDS
+    from emerdiff.studies.sweep import _stored_config
+
+    assert not set(LATER_FIELDS) & set(_stored_config(EmerDiffConfig()))
+    assert _stored_config(EmerDiffConfig(readout_filter="joint_bilateral"))["readout_filter"] == "joint_bilateral"

@@ -169,7 +169,7 @@ def compare_command(args: argparse.Namespace) -> int:
     """Run ``emerdiff compare RUN_A RUN_B``: print the table (and write ``--json``)."""
     from emerdiff.evaluation.compare import compare_runs, comparison_table
     from emerdiff.evaluation.protocols import PROTOCOLS
-    from emerdiff.evaluation.runner import json_safe
+    from emerdiff.evaluation.results import json_safe
 
     if args.bootstrap < 0:
         raise ValueError(f"--bootstrap {args.bootstrap}: give a number of resamples >= 0 (0: values only)")

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from emerdiff.config import EXECUTION_FIELDS
+from emerdiff.config import EXECUTION_FIELDS, LATER_FIELDS
 from emerdiff.evaluation.datasets import SegmentationDataset
 from emerdiff.files import write_atomic_bytes
 
@@ -29,8 +29,9 @@ def run_signature(dataset: SegmentationDataset, model: str, config: dict[str, An
     cfg = dict(config or {})
     for key in ("device", *EXECUTION_FIELDS):  # execution only, results unchanged
         cfg.pop(key, None)
-    if cfg.get("kmeans_backend") == "sklearn":  # the default: the records made before the field existed
-        cfg.pop("kmeans_backend")
+    for key, default in LATER_FIELDS.items():  # at its default: as the records made before the field existed
+        if key in cfg and cfg[key] == default:
+            cfg.pop(key)
     return {
         "data": str(Path(dataset.root if data is None else data).resolve()),
         "layout": dataset.name if layout is None else layout,

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from emerdiff.config import LATER_FIELDS
 from emerdiff.files import FileSet, check_output_dir, clean_stale_temps, write_atomic, write_atomic_bytes
 from emerdiff.method.measures import locality_scores, symmetry, token_labels
 from emerdiff.method.readout import readout_labels
@@ -143,6 +144,11 @@ def _checked(name: str, values: list[Any], kind: str) -> list[Any]:
 
 def _setting_name(layer: str, t: int, strength: float) -> str:
     return f"{layer}__t{int(t)}__lambda{float(strength)!r}"
+
+
+def _stored_config(cfg: Any) -> dict[str, Any]:
+    """The config as a sweep folder records it: later fields at their defaults left out (config.LATER_FIELDS)."""
+    return {k: v for k, v in cfg.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
 
 def _fingerprint(array: Any) -> str:
@@ -314,7 +320,7 @@ def sweep(
     injection = overrides.get("attention_injection", cfg.attention_injection)
     prepared = image if isinstance(image, PreparedImage) else None
     img = prepared.image if prepared is not None else load_image(image)
-    request = dict(format=FORMAT_VERSION, image=_fingerprint(img), model=ed.model.source, config=cfg.to_dict(),
+    request = dict(format=FORMAT_VERSION, image=_fingerprint(img), model=ed.model.source, config=_stored_config(cfg),
                    masks=None if masks is None else [int(i) for i in masks],
                    lowres_labels=None if lowres_labels is None else _fingerprint(lowres_labels),
                    prepared_segments=None if prepared is None else _fingerprint(prepared.segments.labels),
