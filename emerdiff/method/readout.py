@@ -144,27 +144,13 @@ def guided_filter_maps(maps: torch.Tensor, guide: torch.Tensor, filter_name: str
     :func:`joint_bilateral_upsample`): ``"guided_filter"`` (``config.guided_radius``, ``guided_eps``) or
     ``"joint_bilateral"`` (``config.bilateral_sigma_space``, ``bilateral_sigma_color``). Both are linear in
     the maps, so a common scale of the maps does not change the argmax."""
-    from kornia.filters import guided_blur, joint_bilateral_blur
-
-    size = tuple(maps.shape[-2:])
     x = maps.float()[None]
     g = guide.to(device=x.device, dtype=x.dtype)
     if filter_name == "guided_filter":
-        radius = config.guided_radius
-        if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
-            raise ValueError(f"guided_radius must be an integer >= 1 pixel, got {radius!r}")
-        _positive("guided_eps", config.guided_eps)
-        out = guided_blur(g, x, 2 * int(radius) + 1, float(config.guided_eps), border_type=_border(int(radius), size))
-    elif filter_name == "joint_bilateral":
-        _positive("bilateral_sigma_space", config.bilateral_sigma_space)
-        _positive("bilateral_sigma_color", config.bilateral_sigma_color)
-        sigma = float(config.bilateral_sigma_space)
-        radius = math.ceil(2 * sigma)
-        out = joint_bilateral_blur(x, g, 2 * radius + 1, float(config.bilateral_sigma_color), (sigma, sigma),
-                                   border_type=_border(radius, size), color_distance_type="l2")
-    else:
-        raise ValueError(f"readout_filter must be one of {list(READOUT_FILTERS)}, got {filter_name!r}")
-    return out[0]
+        return _guided_filter(x, g, config.guided_radius, config.guided_eps)[0]
+    if filter_name == "joint_bilateral":
+        return _joint_bilateral(x, g, config.bilateral_sigma_space, config.bilateral_sigma_color)[0]
+    raise ValueError(f"readout_filter must be one of {list(READOUT_FILTERS)}, got {filter_name!r}")
 
 
 def readout_labels(difference_maps: torch.Tensor, lowres_labels: np.ndarray | torch.Tensor, config: Any,
@@ -304,16 +290,9 @@ def guided_filter_upsample(features: np.ndarray, centroids: np.ndarray, grid: tu
 
     Returns ``(H, W)`` int64 cluster ids at the image's size.
     """
-    from kornia.filters import guided_blur
-
-    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
-        raise ValueError(f"guided filter radius must be an integer >= 1 pixel, got {radius!r}")
-    _positive("guided filter eps", eps)
     guide = guide_image(image)
-    size = tuple(guide.shape[-2:])
-    scores = cluster_score_maps(features, centroids, grid, size)
-    out = guided_blur(guide, scores, 2 * int(radius) + 1, float(eps), border_type=_border(int(radius), size))
-    return out[0].argmax(0).numpy().astype(np.int64)
+    scores = cluster_score_maps(features, centroids, grid, tuple(guide.shape[-2:]))
+    return _guided_filter(scores, guide, radius, eps)[0].argmax(0).numpy().astype(np.int64)
 
 
 def joint_bilateral_upsample(features: np.ndarray, centroids: np.ndarray, grid: tuple[int, int],
@@ -327,18 +306,34 @@ def joint_bilateral_upsample(features: np.ndarray, centroids: np.ndarray, grid: 
 
     Returns ``(H, W)`` int64 cluster ids at the image's size.
     """
+    guide = guide_image(image)
+    scores = cluster_score_maps(features, centroids, grid, tuple(guide.shape[-2:]))
+    return _joint_bilateral(scores, guide, sigma_space, sigma_color)[0].argmax(0).numpy().astype(np.int64)
+
+
+def _guided_filter(maps: torch.Tensor, guide: torch.Tensor, radius: int, eps: float) -> torch.Tensor:
+    """``(1, K, H, W)`` maps filtered guided by ``guide`` (``(1, C, H, W)``): the guided filter of the
+    baseline and of Step D's ``readout_filter``, its parameters checked here for both."""
+    from kornia.filters import guided_blur
+
+    if isinstance(radius, bool) or not isinstance(radius, (int, np.integer)) or radius < 1:
+        raise ValueError(f"guided filter radius (guided_radius) must be an integer >= 1 pixel, got {radius!r}")
+    _positive("guided filter eps (guided_eps)", eps)
+    return guided_blur(guide, maps, 2 * int(radius) + 1, float(eps),
+                       border_type=_border(int(radius), tuple(maps.shape[-2:])))
+
+
+def _joint_bilateral(maps: torch.Tensor, guide: torch.Tensor, sigma_space: float, sigma_color: float) -> torch.Tensor:
+    """``(1, K, H, W)`` maps averaged by joint bilateral weights of ``guide`` over a window of radius
+    ceil(2 sigma_space): the baseline's filter and Step D's ``readout_filter``, parameters checked here."""
     from kornia.filters import joint_bilateral_blur
 
-    _positive("joint bilateral sigma_space", sigma_space)
-    _positive("joint bilateral sigma_color", sigma_color)
-    guide = guide_image(image)
-    size = tuple(guide.shape[-2:])
-    scores = cluster_score_maps(features, centroids, grid, size)
+    _positive("joint bilateral sigma_space (bilateral_sigma_space)", sigma_space)
+    _positive("joint bilateral sigma_color (bilateral_sigma_color)", sigma_color)
     radius = math.ceil(2 * sigma_space)
-    out = joint_bilateral_blur(scores, guide, 2 * radius + 1,
-                               float(sigma_color), (float(sigma_space), float(sigma_space)),
-                               border_type=_border(radius, size), color_distance_type="l2")
-    return out[0].argmax(0).numpy().astype(np.int64)
+    return joint_bilateral_blur(maps, guide, 2 * radius + 1, float(sigma_color),
+                                (float(sigma_space), float(sigma_space)),
+                                border_type=_border(radius, tuple(maps.shape[-2:])), color_distance_type="l2")
 
 
 def locality(difference_maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
