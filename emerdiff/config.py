@@ -36,6 +36,11 @@ EXECUTION_FIELDS = ("max_batch", "decode_batch", "channels_last", "compile_unet"
 LATER_FIELDS: dict[str, Any] = {"kmeans_backend": "sklearn", "readout_filter": "none"}
 
 
+def without_later_defaults(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a dict) less the :data:`LATER_FIELDS` that hold their default: as a run stored before them."""
+    return {k: v for k, v in config.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
+
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -129,7 +134,8 @@ class EmerDiffConfig:
     readout_filter: str = "none"
     # image-guided upsampling baselines (Segmentation.guided_filter_labels / joint_bilateral_labels): the
     # per-cluster score maps of the bilinear baseline filtered guided by the image at `resolution`, pixels at
-    # `resolution`; with readout_filter set, Step D's filter of the difference maps reads the same fields. Chosen on the reference model's validation scenes at 128 px (concept mIoU, the best grid point
+    # `resolution`; with readout_filter set, Step D's filter of the difference maps reads the same fields.
+    # Chosen on the reference model's validation scenes at 128 px (concept mIoU, the best grid point
     # of each, on the grid's edge: docs/reference/guided_upsampling_validation.md); not validated at 512 px,
     # and not scaled up there: kornia's filters cost grows with the window's area.
     guided_radius: int = 24  # guided filter (He et al.): box radius, pixels

@@ -559,7 +559,8 @@ def test_run_signature_ignores_later_fields_at_their_default(tmp_path):
     from types import SimpleNamespace
 
     from emerdiff import EmerDiffConfig
-    from emerdiff.evaluation.signature import LATER_FIELDS, run_signature
+    from emerdiff.config import LATER_FIELDS
+    from emerdiff.evaluation.signature import run_signature
 
     data = SimpleNamespace(root=tmp_path, name="folder", split=None, ignore_index=255, num_classes=3)
     new = EmerDiffConfig().to_dict()

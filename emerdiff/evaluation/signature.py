@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from emerdiff.config import EXECUTION_FIELDS, LATER_FIELDS
+from emerdiff.config import EXECUTION_FIELDS, without_later_defaults
 from emerdiff.evaluation.datasets import SegmentationDataset
 from emerdiff.files import write_atomic_bytes
 
@@ -26,12 +26,9 @@ def run_signature(dataset: SegmentationDataset, model: str, config: dict[str, An
     ``data``, ``layout``, ``split``: how the dataset was named (default: its root, its layout
     name and its split); ``config``: the method config as a dict (None: an injected segmenter).
     """
-    cfg = dict(config or {})
+    cfg = without_later_defaults(dict(config or {}))  # as the records made before those fields existed
     for key in ("device", *EXECUTION_FIELDS):  # execution only, results unchanged
         cfg.pop(key, None)
-    for key, default in LATER_FIELDS.items():  # at its default: as the records made before the field existed
-        if key in cfg and cfg[key] == default:
-            cfg.pop(key)
     return {
         "data": str(Path(dataset.root if data is None else data).resolve()),
         "layout": dataset.name if layout is None else layout,

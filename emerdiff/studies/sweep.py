@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from emerdiff.config import LATER_FIELDS
+from emerdiff.config import without_later_defaults
 from emerdiff.files import FileSet, check_output_dir, clean_stale_temps, write_atomic, write_atomic_bytes
 from emerdiff.method.measures import locality_scores, symmetry, token_labels
 from emerdiff.method.readout import readout_labels
@@ -148,7 +148,7 @@ def _setting_name(layer: str, t: int, strength: float) -> str:
 
 def _stored_config(cfg: Any) -> dict[str, Any]:
     """The config as a sweep folder records it: later fields at their defaults left out (config.LATER_FIELDS)."""
-    return {k: v for k, v in cfg.to_dict().items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    return without_later_defaults(cfg.to_dict())
 
 
 def _fingerprint(array: Any) -> str:
